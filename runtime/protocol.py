@@ -1,0 +1,293 @@
+"""The runtime's wire format (docs/internals.md, "Runtime wire protocol") as msgspec Structs.
+
+`decode_generate` turns a raw `/generate` body into a checked `GenerateBody`; `build_request`
+turns that plus the prompt's token ids into an `EngineRequest`. The NDJSON events the server
+streams back are tagged Structs whose tag lands in the `"type"` field. No torch, no litestar:
+this module is plain data and checks, testable alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Literal
+
+import msgspec
+
+from runtime.types import (
+    AdapterRef,
+    EngineRequest,
+    FinishReason,
+    RequestOutput,
+    SamplingParams,
+)
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a 4 MiB body is far more prompt than any context holds
+MAX_ID_CHARS = 256
+ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+# PEFT names of the projections the model carries LoRA slots for (internals.md).
+LORA_TARGET_MODULES = frozenset(
+    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+)
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+class ProtocolError(ValueError):
+    """A request the runtime refuses with 400; `code` goes into the error body."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# --- request body ---------------------------------------------------------------------------
+
+
+class SamplingBody(msgspec.Struct, forbid_unknown_fields=True):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    logprobs: int | None = None
+    ignore_eos: bool = False
+
+
+class AdapterBody(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+    uri: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    use_rslora: bool = False
+    name: str = ""
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: str
+    content: str
+
+
+class GenerateBody(msgspec.Struct, forbid_unknown_fields=True):
+    request_id: str
+    tenant: str = ""
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    sampling: SamplingBody = msgspec.field(default_factory=SamplingBody)
+    adapter: AdapterBody | None = None
+
+
+def decode_generate(raw: bytes) -> GenerateBody:
+    """Parse and check the parts of a body that need no model: shape, ids, the prompt choice."""
+    try:
+        body = msgspec.json.decode(raw, type=GenerateBody)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid body: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"body is not valid JSON: {exc}") from exc
+    rid = body.request_id
+    if not rid or len(rid) > MAX_ID_CHARS or not rid.isprintable():
+        raise ProtocolError(f"request_id must be 1 to {MAX_ID_CHARS} printable characters")
+    if len(body.tenant) > MAX_ID_CHARS:
+        raise ProtocolError(f"tenant must be at most {MAX_ID_CHARS} characters")
+    given = [f for f in ("prompt", "prompt_token_ids", "messages") if getattr(body, f) is not None]
+    if len(given) != 1:
+        raise ProtocolError(
+            "exactly one of prompt, prompt_token_ids, messages is required"
+            + (f" (got {', '.join(given)})" if given else "")
+        )
+    if body.messages is not None:
+        if not body.messages:
+            raise ProtocolError("messages must not be empty")
+        for message in body.messages:
+            if message.role not in CHAT_ROLES:
+                raise ProtocolError(f"message role must be one of {sorted(CHAT_ROLES)}")
+    return body
+
+
+def sampling_params(body: SamplingBody, max_model_len: int) -> SamplingParams:
+    params = SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(body.stop),
+        logprobs=body.logprobs,
+        ignore_eos=body.ignore_eos,
+    )
+    if not (math.isfinite(params.temperature) and math.isfinite(params.top_p)):
+        raise ProtocolError("sampling: temperature and top_p must be finite numbers")
+    if params.seed is not None and not 0 <= params.seed < 2**63:
+        raise ProtocolError("sampling: seed must be between 0 and 2**63 - 1")
+    try:
+        params.validate(max_model_len)
+    except ValueError as exc:
+        raise ProtocolError(f"sampling: {exc}") from exc
+    return params
+
+
+def adapter_ref(body: AdapterBody, max_lora_rank: int) -> AdapterRef:
+    if not ADAPTER_KEY_RE.match(body.key):
+        raise ProtocolError("adapter.key must be a lowercase hex sha256 (64 characters)")
+    if not body.uri.startswith(("file:///", "s3://")):
+        raise ProtocolError("adapter.uri must be a file:/// or s3:// URI")
+    if not 1 <= body.rank <= max_lora_rank:
+        raise ProtocolError(f"adapter.rank must be between 1 and {max_lora_rank}")
+    if not (math.isfinite(body.alpha) and body.alpha > 0):
+        raise ProtocolError("adapter.alpha must be a positive finite number")
+    unknown = set(body.target_modules) - LORA_TARGET_MODULES
+    if not body.target_modules or unknown:
+        raise ProtocolError(
+            f"adapter.target_modules must be a non-empty subset of {sorted(LORA_TARGET_MODULES)}"
+        )
+    return AdapterRef(
+        key=body.key,
+        uri=body.uri,
+        rank=body.rank,
+        alpha=body.alpha,
+        target_modules=tuple(body.target_modules),
+        use_rslora=body.use_rslora,
+        name=body.name[:MAX_ID_CHARS],
+    )
+
+
+def build_request(
+    body: GenerateBody,
+    prompt_token_ids: list[int],
+    *,
+    max_model_len: int,
+    vocab_size: int,
+    max_lora_rank: int,
+) -> EngineRequest:
+    """Check everything that depends on the model and return the engine's request.
+
+    A prompt must leave room for at least one generated token; the engine stops a request
+    with finish reason "length" when prompt plus output reach `max_model_len`.
+    """
+    if not prompt_token_ids:
+        raise ProtocolError("the prompt is empty")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ProtocolError(
+            f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
+            f"{max_model_len}, so the prompt must be shorter",
+            code="prompt_too_long",
+        )
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ProtocolError(f"prompt_token_ids must be between 0 and {vocab_size - 1}")
+    return EngineRequest(
+        request_id=body.request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        sampling=sampling_params(body.sampling, max_model_len),
+        adapter=adapter_ref(body.adapter, max_lora_rank) if body.adapter is not None else None,
+        tenant=body.tenant,
+    )
+
+
+# --- NDJSON events --------------------------------------------------------------------------
+
+
+class TopLogprob(msgspec.Struct):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class LogprobEntry(msgspec.Struct):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TopLogprob]
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class StartEvent(msgspec.Struct, tag="start", tag_field="type"):
+    prompt_tokens: int
+
+
+class TokenEvent(msgspec.Struct, tag="token", tag_field="type"):
+    token_ids: list[int]
+    text: str
+    logprobs: list[LogprobEntry] | None
+
+
+class FinishEvent(msgspec.Struct, tag="finish", tag_field="type"):
+    finish_reason: Literal["stop", "length", "abort"]
+    usage: Usage
+
+
+class ErrorEvent(msgspec.Struct, tag="error", tag_field="type"):
+    code: str
+    message: str
+
+
+Event = StartEvent | TokenEvent | FinishEvent | ErrorEvent
+TokenText = Callable[[int], str]  # token id -> its text, for logprob entries
+_encoder = msgspec.json.Encoder()
+
+
+def encode_event(event: Event) -> bytes:
+    """One NDJSON line."""
+    return _encoder.encode(event) + b"\n"
+
+
+def decode_event(line: bytes) -> Event:
+    """The client side (gateway, tests): one NDJSON line back into its event."""
+    return msgspec.json.decode(line, type=Event)
+
+
+def error_code(message: str) -> str:
+    """The error event's code for an engine's error string.
+
+    The engine reports failures as text on `RequestOutput.error`; adapter failures are the
+    only kind the gateway treats differently (it may retry on another runtime), so they get
+    their own code. The engine's messages for them start with "adapter".
+    """
+    return "adapter_load_failed" if message.lower().startswith("adapter") else "internal_error"
+
+
+def output_events(
+    out: RequestOutput,
+    token_text: TokenText | None,
+    num_prompt_tokens: int,
+    num_completion_tokens: int,
+) -> list[Event]:
+    """The events for one engine output: a token event if it carries tokens, then the end.
+
+    `num_completion_tokens` is how many tokens the stream has carried so far, this output's
+    included; the engine's own counts win when it reports them.
+    """
+    events: list[Event] = []
+    if out.new_token_ids or out.text_delta:
+        logprobs = None
+        if out.new_logprobs is not None and token_text is not None:
+            logprobs = [
+                LogprobEntry(
+                    token_id=lp.token_id,
+                    token=token_text(lp.token_id),
+                    logprob=lp.logprob,
+                    top=[TopLogprob(t, token_text(t), p) for t, p in lp.top],
+                )
+                for lp in out.new_logprobs
+            ]
+        events.append(TokenEvent(list(out.new_token_ids), out.text_delta, logprobs))
+    if out.finished:
+        if out.finish_reason is FinishReason.ERROR or out.error is not None:
+            message = out.error or "the request failed"
+            events.append(ErrorEvent(error_code(message), message))
+        else:
+            reason = (out.finish_reason or FinishReason.STOP).value
+            usage = Usage(
+                out.num_prompt_tokens or num_prompt_tokens,
+                out.num_output_tokens or num_completion_tokens,
+            )
+            events.append(FinishEvent(reason, usage))  # type: ignore[arg-type]
+    return events
