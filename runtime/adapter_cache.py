@@ -1,0 +1,359 @@
+"""The tiered adapter cache: device slots over a host tier over the loader (disk, then store).
+
+Free of torch: the weights are opaque values here, the copy into a device slot is the
+injected `install(slot, weights)` (LoraManager.set_lora) and loads are the injected
+`loader.load(ref) -> Future[LoadResult]` (runtime/adapter_store.py). `AdapterCache` is the
+scheduler's AdapterProvider:
+
+    slot = cache.try_acquire(ref)   # pinned device slot, or None while the adapter loads
+    cache.release(ref.key)          # once per successful try_acquire, when the request ends
+
+Rules: a slot whose adapter a running request holds (refcount > 0) is never evicted; when
+every slot is held, a cold adapter waits (no thrashing) and the batch keeps running; many
+requests for one cold adapter cause one load; a failed load fails the requests of that
+adapter only, with the reason, and is retried by a later request after `failure_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from runtime.types import AdapterRef
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class AdapterUnavailable(Exception):
+    """The adapter cannot be served; the message says why and is safe to show the caller."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    key: str
+    weights: Any  # what the loader's parse returned (LoraWeights in the runtime)
+    source: str  # "disk" or "store": the tier the bytes came from
+    seconds: float
+    num_bytes: int
+
+
+class Loader(Protocol):
+    def load(self, ref: AdapterRef) -> Future[LoadResult]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEvent:
+    seq: int
+    kind: str  # acquire | release | install | evict | load_start | load_done | load_failed
+    key: str
+    tier: str  # device | host | disk | store
+    slot: int = -1
+
+
+class LruTier(Generic[K, V]):
+    """LRU over keys with a capacity in units (1 per entry, or bytes); pinned keys stay."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()  # oldest first
+        self._pins: dict[K, int] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[K]:
+        return list(self._entries)
+
+    def get(self, key: K) -> V | None:
+        """The value, marked most recently used; None when absent."""
+        if key not in self._entries:
+            return None
+        self._entries.move_to_end(key)
+        return self._entries[key][0]
+
+    def pin(self, key: K) -> None:
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, key: K) -> None:
+        count = self._pins.get(key, 0) - 1
+        if count > 0:
+            self._pins[key] = count
+        else:
+            self._pins.pop(key, None)
+
+    def pinned(self, key: K) -> bool:
+        return key in self._pins
+
+    def remove(self, key: K) -> V | None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return None
+        self.used -= entry[1]
+        return entry[0]
+
+    def put(
+        self, key: K, value: V, size: int = 1, prefer: Callable[[K], bool] | None = None
+    ) -> list[K]:
+        """Insert as most recent; evict unpinned LRU keys (those `prefer` picks first) to fit.
+
+        Returns the evicted keys. The new entry stays even when pinned entries keep the tier
+        over capacity: refusing it would only make its caller load it again.
+        """
+        self.remove(key)
+        evicted: list[K] = []
+        while self.used + size > self.capacity:
+            victim = self._victim(prefer)
+            if victim is None:
+                break
+            self.remove(victim)
+            evicted.append(victim)
+        self._entries[key] = (value, size)
+        self.used += size
+        return evicted
+
+    def _victim(self, prefer: Callable[[K], bool] | None) -> K | None:
+        fallback = None
+        for key in self._entries:  # oldest first
+            if key in self._pins:
+                continue
+            if prefer is None or prefer(key):
+                return key
+            if fallback is None:
+                fallback = key
+        return fallback
+
+
+class SlotTable:
+    """Which adapter key sits in which device slot, with refcounts and LRU among idle slots."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._key_of: list[str | None] = [None] * num_slots
+        self._slot_of: dict[str, int] = {}
+        self._refs: dict[str, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
+
+    def slot_of(self, key: str) -> int | None:
+        return self._slot_of.get(key)
+
+    def key_of(self, slot: int) -> str | None:
+        return self._key_of[slot]
+
+    def refcount(self, key: str) -> int:
+        return self._refs.get(key, 0)
+
+    def resident(self) -> list[str]:
+        return list(self._slot_of)
+
+    def acquire(self, key: str) -> int:
+        slot = self._slot_of[key]
+        self._refs[key] = self._refs.get(key, 0) + 1
+        self._idle.pop(slot, None)
+        return slot
+
+    def release(self, key: str) -> None:
+        count = self._refs.get(key, 0) - 1
+        if count < 0:
+            raise KeyError(f"release of an adapter that is not held: {key}")
+        if count == 0:
+            del self._refs[key]
+            self._idle[self._slot_of[key]] = None  # most recently used idle slot
+        else:
+            self._refs[key] = count
+
+    def victim(self) -> int | None:
+        """An empty slot, else the least recently used idle one; None when all are held."""
+        for slot in self._idle:
+            if self._key_of[slot] is None:
+                return slot
+        return next(iter(self._idle), None)
+
+    def assign(self, slot: int, key: str) -> str | None:
+        """Put `key` in an idle `slot`; returns the key it evicts."""
+        if slot not in self._idle:
+            raise ValueError(f"slot {slot} is held by a running request")
+        old = self._key_of[slot]
+        if old is not None:
+            del self._slot_of[old]
+        self._key_of[slot] = key
+        self._slot_of[key] = slot
+        return old
+
+
+class AdapterCache:
+    """AdapterProvider for the scheduler: device slots over a host LRU over async loads."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_host_adapters: int,
+        loader: Loader,
+        install: Callable[[int, Any], None],
+        *,
+        failure_ttl_s: float = 30.0,
+        max_events: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if num_slots < 1 or max_host_adapters < 1:
+            raise ValueError("num_slots and max_host_adapters must be at least 1")
+        self.slots = SlotTable(num_slots)
+        self.host: LruTier[str, Any] = LruTier(max_host_adapters)
+        self._loader = loader
+        self._install = install
+        self._failure_ttl_s = failure_ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._loading: dict[str, Future[LoadResult]] = {}
+        self._fresh: set[str] = set()  # loaded into host, not yet installed: not a host hit
+        self._failed: dict[str, tuple[str, float]] = {}  # key -> (reason, when)
+        self._seq = 0
+        self.events: deque[CacheEvent] = deque(maxlen=max_events)
+        self.hits = {"device": 0, "host": 0, "disk": 0, "store": 0}
+        self.evictions = {"device": 0, "host": 0}
+        self.num_loads = 0
+        self.num_load_failures = 0
+        self.load_seconds = [0] * (len(LOAD_SECONDS_BUCKETS) + 1)  # last: +Inf
+        self.load_seconds_sum = 0.0
+
+    # --- AdapterProvider -------------------------------------------------------------
+    def try_acquire(self, ref: AdapterRef) -> int | None:
+        """A pinned device slot holding `ref`, or None while it loads or every slot is held.
+
+        Raises AdapterUnavailable when the adapter failed to load (bad hash, unreachable
+        store, malformed weights) or its key is not a sha256.
+        """
+        key = ref.key
+        if not ADAPTER_KEY_RE.match(key):
+            raise AdapterUnavailable(f"adapter {ref.name or key!r}: key is not a sha256 hex")
+        with self._lock:
+            if self.slots.slot_of(key) is not None:
+                self.hits["device"] += 1
+                return self._acquire(key)
+            self._collect()
+            failure = self._failed.get(key)
+            if failure is not None:
+                if self._clock() - failure[1] < self._failure_ttl_s:
+                    name = ref.name or key
+                    raise AdapterUnavailable(f"adapter {name} failed to load: {failure[0]}")
+                del self._failed[key]
+            weights = self.host.get(key)
+            if weights is None:
+                self._start_load(ref)
+                return None
+            slot = self.slots.victim()
+            if slot is None:
+                return None  # every slot serves a running request: wait, never thrash
+            self._place(slot, key, weights)
+            return self._acquire(key)
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self.slots.release(key)
+            slot = self.slots.slot_of(key)
+            self._log("release", key, "device", -1 if slot is None else slot)
+
+    # --- internals (caller holds the lock) --------------------------------------------
+    def _acquire(self, key: str) -> int:
+        slot = self.slots.acquire(key)
+        self._log("acquire", key, "device", slot)
+        return slot
+
+    def _place(self, slot: int, key: str, weights: Any) -> None:
+        old = self.slots.key_of(slot)
+        if old is not None:
+            self.evictions["device"] += 1
+            self._log("evict", old, "device", slot)
+        self._install(slot, weights)
+        self.slots.assign(slot, key)
+        if key in self._fresh:
+            self._fresh.discard(key)
+        else:
+            self.hits["host"] += 1
+        self._log("install", key, "device", slot)
+
+    def _start_load(self, ref: AdapterRef) -> None:
+        if ref.key in self._loading:
+            return
+        # Loaded-but-not-installed entries must not push each other out of the host tier,
+        # or a flood of cold adapters would load, evict and reload forever.
+        if len(self._loading) + len(self._fresh) >= self.host.capacity:
+            return
+        self._loading[ref.key] = self._loader.load(ref)
+        self._log("load_start", ref.key, "store")
+
+    def _collect(self) -> None:
+        """Move finished loads into the host tier (or the failure table)."""
+        for key, future in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[key]
+            error = future.exception()
+            if error is not None:
+                self.num_load_failures += 1
+                self._failed[key] = (str(error) or type(error).__name__, self._clock())
+                self._log("load_failed", key, "store")
+                continue
+            result = future.result()
+            self.num_loads += 1
+            self.hits[result.source] += 1
+            self._observe(result.seconds)
+            self._fresh.add(key)
+            for victim in self.host.put(key, result.weights, prefer=self._on_device):
+                self._fresh.discard(victim)
+                self.evictions["host"] += 1
+                self._log("evict", victim, "host")
+            self._log("load_done", key, result.source)
+
+    def _on_device(self, key: str) -> bool:
+        # The host copy of an adapter already on the device is the cheapest to drop.
+        return self.slots.slot_of(key) is not None
+
+    def _observe(self, seconds: float) -> None:
+        self.load_seconds_sum += seconds
+        for i, bound in enumerate(LOAD_SECONDS_BUCKETS):
+            if seconds <= bound:
+                self.load_seconds[i] += 1
+                return
+        self.load_seconds[-1] += 1
+
+    def _log(self, kind: str, key: str, tier: str, slot: int = -1) -> None:
+        self._seq += 1
+        self.events.append(CacheEvent(self._seq, kind, key, tier, slot))
+
+    # --- figures ---------------------------------------------------------------------
+    def stats(self, disk_resident: int | None = None) -> dict[str, Any]:
+        """The `adapters` object of GET /stats (see docs/internals.md)."""
+        with self._lock:
+            counts, cumulative = {}, 0
+            for bound, n in zip(LOAD_SECONDS_BUCKETS, self.load_seconds, strict=False):
+                cumulative += n
+                counts[str(bound)] = cumulative
+            counts["+Inf"] = cumulative + self.load_seconds[-1]
+            return {
+                "resident": {
+                    "device": len(self.slots.resident()),
+                    "host": len(self.host),
+                    "disk": disk_resident,
+                },
+                "hits": dict(self.hits),
+                "loads": self.num_loads,
+                "load_failures": self.num_load_failures,
+                "loading": len(self._loading),
+                "evictions": dict(self.evictions),
+                "load_seconds": {"buckets": counts, "sum": self.load_seconds_sum,
+                                 "count": counts["+Inf"]},
+            }
