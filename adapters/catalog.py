@@ -1,0 +1,376 @@
+"""Catalog services for the gateway: tenants, keys, adapter versions, experiments, resolution.
+
+Every query is scoped by tenant name except the two key operations that are global by
+nature (revoke by key id, look up by key prefix). Store calls are blocking and run in worker
+threads. Upload order: validate -> put objects -> insert rows in one transaction; objects
+this upload created are removed again when the insert fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters import experiments as exp
+from adapters import queries as q
+from adapters.base_model import BaseModelSpec
+from adapters.errors import Conflict, InvalidArgument, NotFound, TooLarge
+from adapters.keys import generate_key
+from adapters.models import Adapter, AdapterVersion, ApiKey, Tenant, utcnow
+from adapters.storage import ArtifactStore
+from adapters.validation import ValidatedAdapter, validate_adapter
+from adapters.views import (
+    AdapterView,
+    ExperimentView,
+    KeyRecord,
+    KeyView,
+    Resolution,
+    ShadowSpec,
+    TenantView,
+    VariantSpec,
+    VersionView,
+)
+
+_RETRIES = 3  # unique-constraint races (first upload of a new adapter, key prefix clash)
+
+
+def _tenant_view(row: Tenant) -> TenantView:
+    return TenantView(row.name, row.requests_per_minute, row.tokens_per_minute, row.created_at)
+
+
+def _key_view(row: ApiKey, tenant: str) -> KeyView:
+    return KeyView(row.id, row.name, tenant, row.created_at, row.revoked_at is not None)
+
+
+def _limit(what: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**62:
+        raise InvalidArgument(f"{what} must be a positive integer")
+    return value
+
+
+class Catalog:
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        store: ArtifactStore,
+        base_model: BaseModelSpec,
+        max_rank: int = 64,
+        max_adapter_bytes: int | None = None,
+    ) -> None:
+        self._sessions = sessionmaker
+        self.store = store
+        self.base_model = base_model
+        self.max_rank = max_rank
+        self.max_adapter_bytes = max_adapter_bytes
+
+    # ------------------------------------------------------------------ tenants
+    async def create_tenant(
+        self,
+        name: str,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+    ) -> TenantView:
+        row = Tenant(
+            name=q.check_name("tenant", name),
+            requests_per_minute=_limit("requests_per_minute", requests_per_minute),
+            tokens_per_minute=_limit("tokens_per_minute", tokens_per_minute),
+        )
+        try:
+            async with self._sessions() as session, session.begin():
+                session.add(row)
+        except IntegrityError:
+            raise Conflict(f"tenant {name!r} already exists") from None
+        return _tenant_view(row)
+
+    async def list_tenants(self) -> list[TenantView]:
+        async with self._sessions() as session:
+            rows = await session.scalars(select(Tenant).order_by(Tenant.name))
+            return [_tenant_view(r) for r in rows]
+
+    async def get_tenant(self, name: str) -> TenantView:
+        async with self._sessions() as session:
+            return _tenant_view(await q.tenant_row(session, name))
+
+    # --------------------------------------------------------------------- keys
+    async def create_key(self, tenant: str, key_name: str) -> tuple[KeyView, str]:
+        """A new key; the plaintext is returned this once and never stored."""
+        if (
+            not isinstance(key_name, str)
+            or not 0 < len(key_name) <= 63
+            or not key_name.isprintable()
+        ):
+            raise InvalidArgument("key name must be 1 to 63 printable characters")
+        for attempt in range(_RETRIES):
+            generated = generate_key()
+            try:
+                async with self._sessions() as session, session.begin():
+                    owner = await q.tenant_row(session, tenant)
+                    row = ApiKey(
+                        id=f"key_{secrets.token_hex(8)}",
+                        tenant_id=owner.id,
+                        name=key_name,
+                        prefix=generated.prefix,
+                        secret_hash=generated.secret_hash,
+                    )
+                    session.add(row)
+                return _key_view(row, tenant), generated.plaintext
+            except IntegrityError:  # a 48-bit prefix or 64-bit id clash: draw again
+                if attempt == _RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def list_keys(self, tenant: str) -> list[KeyView]:
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            rows = await session.scalars(
+                select(ApiKey).where(ApiKey.tenant_id == owner.id).order_by(ApiKey.created_at)
+            )
+            return [_key_view(r, tenant) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> KeyView:
+        async with self._sessions() as session, session.begin():
+            found = (
+                await session.execute(
+                    select(ApiKey, Tenant.name)
+                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.id == key_id)
+                )
+            ).one_or_none()
+            if found is None:
+                raise NotFound(f"key {key_id!r} not found")
+            row, tenant = found
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return _key_view(row, tenant)
+
+    async def lookup_key(self, prefix: str) -> KeyRecord | None:
+        async with self._sessions() as session:
+            found = (
+                await session.execute(
+                    select(ApiKey, Tenant)
+                    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+                    .where(ApiKey.prefix == prefix)
+                )
+            ).one_or_none()
+        if found is None:
+            return None
+        key, owner = found
+        return KeyRecord(
+            key_id=key.id,
+            prefix=key.prefix,
+            secret_hash=key.secret_hash,
+            tenant=owner.name,
+            revoked=key.revoked_at is not None,
+            requests_per_minute=owner.requests_per_minute,
+            tokens_per_minute=owner.tokens_per_minute,
+        )
+
+    # ------------------------------------------------------- adapters, versions
+    async def upload_version(
+        self,
+        tenant: str,
+        adapter: str,
+        config_path: str | Path,
+        model_path: str | Path,
+        activate: bool | None = None,
+    ) -> VersionView:
+        """Validate, store and register a new version; on any failure nothing remains."""
+        q.check_name("adapter", adapter)
+        config_path, model_path = Path(config_path), Path(model_path)
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            if await q.experiment_named(session, owner.id, adapter):
+                raise Conflict(f"an experiment named {adapter!r} exists")
+        if self.max_adapter_bytes is not None:
+            size = model_path.stat().st_size + config_path.stat().st_size
+            if size > self.max_adapter_bytes:
+                raise TooLarge(f"adapter is over the {self.max_adapter_bytes} byte limit")
+        checked = await asyncio.to_thread(
+            validate_adapter, config_path, model_path, self.base_model, self.max_rank
+        )
+        objects = ((model_path, checked.sha256), (config_path, checked.config_sha256))
+        created: list[str] = []
+        try:
+            for path, sha in objects:
+                if await asyncio.to_thread(self.store.put_file, path, sha):
+                    created.append(sha)
+            view = await self._insert_version(tenant, adapter, checked, activate)
+        except BaseException:
+            await asyncio.shield(self._drop_unreferenced(created))
+            raise
+        # A concurrent delete of another version with the same bytes may have removed an
+        # object we found already present; put it back now that our row protects it.
+        for path, sha in objects:
+            if not await asyncio.to_thread(self.store.exists, sha):
+                await asyncio.to_thread(self.store.put_file, path, sha)
+        return view
+
+    async def _insert_version(
+        self, tenant: str, adapter: str, checked: ValidatedAdapter, activate: bool | None
+    ) -> VersionView:
+        for attempt in range(_RETRIES):
+            try:
+                async with self._sessions() as session, session.begin():
+                    owner = await q.tenant_row(session, tenant)
+                    row = await session.scalar(
+                        select(Adapter).where(
+                            Adapter.tenant_id == owner.id, Adapter.name == adapter
+                        )
+                    )
+                    if row is None:
+                        if await q.experiment_named(session, owner.id, adapter):
+                            raise Conflict(f"an experiment named {adapter!r} exists")
+                        row = Adapter(tenant_id=owner.id, name=adapter, next_version=1)
+                        session.add(row)
+                        await session.flush()
+                    # The counter bump is the lock that numbers concurrent uploads 1, 2, 3.
+                    await session.execute(
+                        update(Adapter)
+                        .where(Adapter.id == row.id)
+                        .values(next_version=Adapter.next_version + 1, updated_at=utcnow())
+                    )
+                    number = await session.scalar(
+                        select(Adapter.next_version).where(Adapter.id == row.id)
+                    )
+                    assert number is not None
+                    current = await q.active_version(session, row)
+                    version = AdapterVersion(
+                        adapter_id=row.id,
+                        number=number - 1,
+                        sha256=checked.sha256,
+                        config_sha256=checked.config_sha256,
+                        rank=checked.rank,
+                        alpha=checked.alpha,
+                        target_modules=list(checked.target_modules),
+                        use_rslora=checked.use_rslora,
+                        size_bytes=checked.size_bytes,
+                        is_active=False,
+                    )
+                    session.add(version)
+                    await session.flush()
+                    if current is None or activate:
+                        await q.set_active(session, row.id, version.id)
+                        version.is_active = True
+                    return q.version_view(adapter, version)
+            except IntegrityError:  # two first uploads raced to create the adapter row
+                if attempt == _RETRIES - 1:
+                    raise Conflict(f"adapter {adapter!r} changed concurrently; retry") from None
+        raise AssertionError("unreachable")
+
+    async def _drop_unreferenced(self, shas: list[str]) -> None:
+        for sha in shas:
+            async with self._sessions() as session:
+                if await q.object_referenced(session, sha):
+                    continue
+            await asyncio.to_thread(self.store.delete, sha)
+
+    async def list_adapters(self, tenant: str) -> list[AdapterView]:
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            adapters = list(
+                await session.scalars(
+                    select(Adapter).where(Adapter.tenant_id == owner.id).order_by(Adapter.name)
+                )
+            )
+            versions = await session.scalars(
+                select(AdapterVersion)
+                .where(AdapterVersion.adapter_id.in_([a.id for a in adapters]))
+                .order_by(AdapterVersion.number)
+            )
+            by_adapter: dict[int, list[AdapterVersion]] = {}
+            for v in versions:
+                by_adapter.setdefault(v.adapter_id, []).append(v)
+        return [self._adapter_view(a, by_adapter.get(a.id, [])) for a in adapters]
+
+    @staticmethod
+    def _adapter_view(adapter: Adapter, versions: list[AdapterVersion]) -> AdapterView:
+        active = next((v.number for v in versions if v.is_active), None)
+        views = tuple(q.version_view(adapter.name, v) for v in versions)
+        return AdapterView(adapter.name, active, views)
+
+    async def get_adapter(self, tenant: str, adapter: str) -> AdapterView:
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            row = await q.adapter_row(session, owner.id, adapter)
+            versions = list(
+                await session.scalars(
+                    select(AdapterVersion)
+                    .where(AdapterVersion.adapter_id == row.id)
+                    .order_by(AdapterVersion.number)
+                )
+            )
+            return self._adapter_view(row, versions)
+
+    async def activate(self, tenant: str, adapter: str, version: int) -> AdapterView:
+        """Promote or roll back: make `version` the one active version."""
+        async with self._sessions() as session, session.begin():
+            owner = await q.tenant_row(session, tenant)
+            row = await q.adapter_row(session, owner.id, adapter)
+            await q.lock_adapter(session, row.id)
+            target = await q.version_row(session, row, version)
+            await q.set_active(session, row.id, target.id)
+        return await self.get_adapter(tenant, adapter)
+
+    async def delete_version(self, tenant: str, adapter: str, version: int) -> None:
+        async with self._sessions() as session, session.begin():
+            owner = await q.tenant_row(session, tenant)
+            row = await q.adapter_row(session, owner.id, adapter)
+            await q.lock_adapter(session, row.id)
+            target = await q.version_row(session, row, version)
+            if target.is_active:
+                raise Conflict(f"version {version} of {adapter!r} is active")
+            if await q.version_in_experiment(session, target.id):
+                raise Conflict(f"version {version} of {adapter!r} is used by an experiment")
+            shas = [target.sha256, target.config_sha256]
+            await session.delete(target)
+        await self._drop_unreferenced(shas)
+
+    # -------------------------------------------------------------- experiments
+    async def put_experiment(
+        self,
+        tenant: str,
+        name: str,
+        variants: list[VariantSpec],
+        shadow: ShadowSpec | None = None,
+    ) -> ExperimentView:
+        return await exp.put_experiment(self._sessions, tenant, name, variants, shadow)
+
+    async def get_experiment(self, tenant: str, name: str) -> ExperimentView:
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            return await exp.experiment_view(session, owner.id, name)
+
+    async def list_experiments(self, tenant: str) -> list[ExperimentView]:
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            return await exp.experiment_views(session, owner.id)
+
+    async def delete_experiment(self, tenant: str, name: str) -> None:
+        await exp.delete_experiment(self._sessions, tenant, name)
+
+    # --------------------------------------------------------------- resolution
+    async def resolve(self, tenant: str, model: str) -> Resolution:
+        """Experiment, then adapter (active version), then `adapter@N`; NotFound otherwise."""
+        async with self._sessions() as session:
+            owner = await q.tenant_row(session, tenant)
+            resolver = exp.Resolver(session, self.store)
+            if await q.experiment_named(session, owner.id, model):
+                view = await exp.experiment_view(session, owner.id, model)
+                return Resolution(
+                    "experiment", experiment=await resolver.experiment(owner.id, view)
+                )
+            name, _, pinned = model.partition("@")
+            if pinned and not (pinned.isascii() and pinned.isdigit() and pinned[0] != "0"):
+                raise NotFound(f"model {model!r} not found")
+            try:
+                resolved = await resolver.adapter(owner.id, name, int(pinned) if pinned else None)
+            except NotFound:
+                raise NotFound(f"model {model!r} not found") from None
+            return Resolution("adapter", adapter=resolved)

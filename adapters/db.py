@@ -1,0 +1,124 @@
+"""Engines, sessions and schema migrations for the catalog (SQLite or PostgreSQL).
+
+`create_engine(url)` returns an AsyncEngine; on SQLite it turns on foreign keys, WAL and a
+busy timeout for every connection. Migrations run Alembic programmatically on the
+`migrations/` directory next to this package; they work from sync code and from inside a
+running event loop (the call then runs on a helper thread and blocks until done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+T = TypeVar("T")
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL
+    finally:
+        cursor.close()
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An AsyncEngine for `sqlite+aiosqlite:///...` or `postgresql+asyncpg://...`."""
+    if is_sqlite(url):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = _create_async_engine(url, **kwargs)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    kwargs.setdefault("pool_pre_ping", True)
+    return _create_async_engine(url, **kwargs)
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: views are built from rows after their transaction commits.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would eat a '%' in a password.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _off_the_loop(fn: Callable[[], T]) -> T:
+    """Run fn here, or on a helper thread when this thread already runs an event loop
+    (Alembic's env starts its own loop for the async driver)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(fn).result()
+
+
+def run_migrations(
+    url: str, direction: Literal["upgrade", "downgrade"] = "upgrade", revision: str = "head"
+) -> None:
+    """`alembic upgrade|downgrade <revision>` on the database at url."""
+    from alembic import command
+
+    if direction not in ("upgrade", "downgrade"):
+        raise ValueError("direction must be 'upgrade' or 'downgrade'")
+    config = _alembic_config(url)
+    step = command.upgrade if direction == "upgrade" else command.downgrade
+    _off_the_loop(lambda: step(config, revision))
+
+
+def upgrade_database(url: str) -> None:
+    """Bring the schema to the newest revision (embedded serve, `loragate migrate`)."""
+    if is_sqlite(url):
+        path = make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    run_migrations(url, "upgrade", "head")
+
+
+def current_revision(url: str) -> str | None:
+    """The revision the database is at, or None when it was never migrated."""
+
+    async def read() -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_revision()
+                )
+        finally:
+            await engine.dispose()
+
+    return _off_the_loop(lambda: asyncio.run(read()))
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
