@@ -186,9 +186,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     config = root / "s3.json"
     config.write_text(json.dumps(identities))
     config.chmod(0o600)
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin = (
-        _free_ports(9)
-    )
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin = _free_ports(9)
     data = root / "data"
     data.mkdir()
     command = [

@@ -10,9 +10,7 @@ async def test_postgres_url_is_an_empty_fresh_database(postgres_url: str) -> Non
     assert postgres_url.startswith("postgresql+asyncpg://")
     conn = await asyncpg.connect(postgres_url.replace("+asyncpg", "", 1))
     try:
-        tables = await conn.fetch(
-            "select tablename from pg_tables where schemaname = 'public'"
-        )
+        tables = await conn.fetch("select tablename from pg_tables where schemaname = 'public'")
         name = await conn.fetchval("select current_database()")
     finally:
         await conn.close()
