@@ -122,3 +122,21 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """`loragate migrate upgrade [REV]`: same as run_migrations(url, "upgrade", revision)."""
+    if revision == "head":
+        upgrade_database(url)
+    else:
+        run_migrations(url, "upgrade", revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    """`loragate migrate downgrade REV` (e.g. "base" or "-1")."""
+    run_migrations(url, "downgrade", revision)
+
+
+def current(url: str) -> str | None:
+    """`loragate migrate current`: alias of current_revision."""
+    return current_revision(url)
