@@ -1,0 +1,78 @@
+"""Catalog fixtures: a migrated database (SQLite per test, or the session's PostgreSQL
+database emptied per test), a LocalStore under tmp_path, and the Catalog over both."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from adapter_files import SPEC, count_rows, stored_objects
+from sqlalchemy import text
+
+from adapters.catalog import Catalog
+from adapters.db import create_engine, create_sessionmaker, upgrade_database
+from adapters.models import Base
+from adapters.storage import LocalStore
+
+MAX_RANK = 16
+_migrated: set[str] = set()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'catalog.db'}"
+    upgrade_database(url)
+    return url
+
+
+@pytest.fixture
+async def empty_postgres_url(postgres_url: str) -> str:
+    """The session database at head with every table emptied."""
+    upgrade_database(postgres_url)  # cheap when already at head; a migration test may move it
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    finally:
+        await engine.dispose()
+    return postgres_url
+
+
+def _catalog(url: str, root: Path) -> tuple[Catalog, LocalStore, object]:
+    engine = create_engine(url)
+    store = LocalStore(root / "artifacts")
+    return Catalog(create_sessionmaker(engine), store, SPEC, max_rank=MAX_RANK), store, engine
+
+
+@pytest.fixture
+async def catalog(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Catalog]:
+    cat, _, engine = _catalog(sqlite_url, tmp_path)
+    yield cat
+    await engine.dispose()
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)],
+)
+async def any_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Catalog]:
+    """The same Catalog over SQLite and over PostgreSQL."""
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+    else:
+        url = request.getfixturevalue("empty_postgres_url")
+    cat, _, engine = _catalog(url, tmp_path)
+    yield cat
+    await engine.dispose()
+
+
+@pytest.fixture
+def nothing_left(catalog: Catalog):
+    """Asserts that a refused upload left no catalog row and no stored object."""
+
+    async def check() -> None:
+        assert await count_rows(catalog) == (0, 0)
+        assert stored_objects(catalog.store) == []  # type: ignore[arg-type]
+
+    return check
