@@ -1,0 +1,70 @@
+"""The application factory: `create_app(settings)` builds the whole gateway.
+
+Nothing here reads the environment or runs at import: settings come in, services are
+built from them (or passed in by tests), and the lifespan opens and closes what they hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+
+from gateway import errors
+from gateway.routes import admin, ops
+from gateway.services import Services, build_services
+from gateway.settings import Settings
+
+API_VERSION = "1"
+
+
+def _provide_services(state: State) -> Services:
+    services: Services = state.services
+    return services
+
+
+def _openapi() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="loragate",
+        version=API_VERSION,
+        path="/schema",
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="the admin token, or a tenant key lg_<prefix>_<secret>",
+                )
+            }
+        ),
+    )
+
+
+def _wire_inference(services: Services) -> list[Any]:
+    """Inference parts: fill the Services slots and return their route handlers.
+
+    Owned by the inference engineer (OpenAI routes, router, rate limits, metrics, A/B).
+    """
+    return []
+
+
+def create_app(settings: Settings, services: Services | None = None) -> Litestar:
+    services = services if services is not None else build_services(settings)
+    route_handlers: list[Any] = [*ops.routes, *admin.routes]
+    route_handlers += _wire_inference(services)
+    return Litestar(
+        route_handlers=route_handlers,
+        state=State({"services": services}),
+        dependencies={"services": Provide(_provide_services, sync_to_thread=False)},
+        lifespan=[services.lifespan],
+        exception_handlers=errors.EXCEPTION_HANDLERS,
+        openapi_config=_openapi(),
+        request_max_body_size=settings.max_request_bytes,
+        # The CLI configures logging; an app must not reconfigure the process's loggers.
+        logging_config=None,
+        debug=False,
+    )

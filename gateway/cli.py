@@ -1,0 +1,171 @@
+"""The `loragate` command: serve, runtime, migrate, admin, bench (API.md "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.settings import Settings, SettingsError
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loragate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="gateway, plus one runtime unless --runtimes")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--data-dir", type=Path)
+    serve.add_argument("--base-model", type=Path, help="Hugging Face model directory")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    serve.add_argument("--runtimes", help="comma-separated runtime URLs")
+
+    runtime = sub.add_parser("runtime", help="one inference runtime")
+    runtime.add_argument("--base-model", type=Path, required=True)
+    runtime.add_argument("--host", default="127.0.0.1")
+    runtime.add_argument("--port", type=int, default=8100)
+    runtime.add_argument("--device")
+    runtime.add_argument("--max-gpu-adapters", type=int)
+    runtime.add_argument("--max-host-adapters", type=int)
+    runtime.add_argument("--max-batch-tokens", type=int)
+    runtime.add_argument("--max-running", type=int)
+    runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
+
+    migrate = sub.add_parser("migrate", help="alembic on LORAGATE_DATABASE_URL")
+    migrate.add_argument("action", nargs="?", default="upgrade",
+                         choices=["upgrade", "downgrade", "current"])
+    migrate.add_argument("revision", nargs="?", help="target of upgrade/downgrade")
+    migrate.add_argument("--data-dir", type=Path)
+
+    _admin_parser(sub.add_parser("admin", help="call the admin API"))
+
+    bench = sub.add_parser("bench", help="benchmarks (bench/README.md)")
+    bench.add_argument("name", help="a script of bench/, without .py")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _admin_parser(admin: argparse.ArgumentParser) -> None:
+    admin.add_argument("--url", help="gateway URL (default http://LORAGATE_HOST:LORAGATE_PORT)")
+    sub = admin.add_subparsers(dest="admin_command", required=True)
+    p = sub.add_parser("tenant-create")
+    p.add_argument("name")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    sub.add_parser("tenant-list")
+    p = sub.add_parser("key-create")
+    p.add_argument("tenant")
+    p.add_argument("--name", default="default")
+    p = sub.add_parser("key-revoke")
+    p.add_argument("key_id")
+    p = sub.add_parser("upload")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
+    p.add_argument("dir", help="directory with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--activate", action="store_true")
+    p = sub.add_parser("list")
+    p.add_argument("tenant")
+    p = sub.add_parser("activate")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
+    p.add_argument("version", type=int)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _runtime(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.server import serve as serve_runtime
+
+    from runtime.config import RuntimeConfig
+
+    device = args.device or settings.device or _default_device()
+    optional = {
+        "max_gpu_adapters": args.max_gpu_adapters,
+        "max_host_adapters": args.max_host_adapters,
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_running": args.max_running,
+    }
+    config = RuntimeConfig(
+        model_dir=args.base_model,
+        device=device,
+        max_lora_rank=settings.max_lora_rank,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    serve_runtime(config, args.host, args.port, settings.redis_url, public_url=args.public_url)
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters import db
+
+    if args.action == "current":
+        print(db.current_revision(settings.database_url) or "(empty database)")
+        return 0
+    if args.action == "downgrade" and not args.revision:
+        raise SystemExit("loragate migrate downgrade needs a revision (e.g. base or -1)")
+    db.run_migrations(settings.database_url, args.action, args.revision or "head")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    # Only scripts that exist in bench/ by that exact name: no path from the command line.
+    scripts = {p.stem: p for p in BENCH_DIR.glob("*.py") if not p.name.startswith("_")}
+    if args.name not in scripts:
+        available = ", ".join(sorted(scripts)) or "none"
+        raise SystemExit(f"no benchmark {args.name!r}; available: {available}")
+    command = [sys.executable, str(scripts[args.name]), *args.args]
+    return subprocess.call(command, cwd=BENCH_DIR.parent)  # noqa: S603 (fixed interpreter and script)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides: dict[str, object] = {}
+    if args.command == "serve":
+        overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir,
+                     "base_model_dir": args.base_model, "device": args.device,
+                     "runtimes": args.runtimes}
+    elif args.command == "migrate":
+        overrides = {"data_dir": args.data_dir}
+    try:
+        settings = Settings.from_env(**overrides)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "admin":
+        from gateway import admin_client
+
+        url = args.url or f"http://{settings.host}:{settings.port}"
+        return admin_client.run(args, url, settings.admin_token)
+    if args.command == "bench":
+        return _bench(args)
+    _configure_logging(settings)
+    if args.command == "serve":
+        from gateway.serve import serve
+
+        return serve(settings)
+    if args.command == "runtime":
+        return _runtime(args, settings)
+    return _migrate(args, settings)
+
+
+if __name__ == "__main__":
+    # `python -m gateway.cli ...`: how `serve` starts its runtime child.
+    sys.exit(main())

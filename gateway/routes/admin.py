@@ -1,0 +1,158 @@
+"""Admin API of API.md: tenants, keys, adapter versions, experiments. Admin token only.
+
+Thin handlers: parse with the Structs of gateway/schemas.py, call the catalog, convert its
+views. Every catalog error becomes an HTTP answer through gateway/errors.py's table.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, delete, get, post, put
+from litestar.di import NamedDependency
+from litestar.params import JSONBody, Parameter, PathParameter
+
+from adapters.views import ShadowSpec, VariantSpec
+from gateway.auth import require_admin
+from gateway.schemas import (
+    Adapter,
+    AdapterActivate,
+    Experiment,
+    ExperimentUpdate,
+    KeyCreate,
+    KeyCreated,
+    Tenant,
+    TenantCreate,
+    Version,
+    experiment_out,
+)
+from gateway.services import Services
+from gateway.uploads import receive_adapter_upload
+
+Svc = NamedDependency[Services]
+PathStr = Annotated[str, PathParameter()]
+PathInt = Annotated[int, PathParameter()]
+
+
+class AdminController(Controller):
+    path = "/admin"
+    guards = [require_admin]  # noqa: RUF012 (Litestar reads these as class attributes)
+    tags = ["admin"]  # noqa: RUF012
+    security = [{"bearer": []}]  # noqa: RUF012
+
+    # ------------------------------------------------------------------ tenants and keys
+
+    @post("/tenants", status_code=201)
+    async def create_tenant(self, data: JSONBody[TenantCreate], services: Svc) -> Tenant:
+        view = await services.catalog.create_tenant(
+            data.name,
+            requests_per_minute=data.requests_per_minute,
+            tokens_per_minute=data.tokens_per_minute,
+        )
+        return msgspec.convert(view.to_dict(), Tenant)
+
+    @get("/tenants")
+    async def list_tenants(self, services: Svc) -> list[Tenant]:
+        views = await services.catalog.list_tenants()
+        return [msgspec.convert(v.to_dict(), Tenant) for v in views]
+
+    @get("/tenants/{tenant:str}")
+    async def get_tenant(self, tenant: PathStr, services: Svc) -> Tenant:
+        view = await services.catalog.get_tenant(tenant)
+        return msgspec.convert(view.to_dict(), Tenant)
+
+    @post("/tenants/{tenant:str}/keys", status_code=201)
+    async def create_key(
+        self, tenant: PathStr, data: JSONBody[KeyCreate], services: Svc
+    ) -> KeyCreated:
+        view, plaintext = await services.catalog.create_key(tenant, data.name)
+        return msgspec.convert({**view.to_dict(), "key": plaintext}, KeyCreated)
+
+    @delete("/keys/{key_id:str}", status_code=204)
+    async def revoke_key(self, key_id: PathStr, services: Svc) -> None:
+        view = await services.catalog.revoke_key(key_id)
+        await services.auth.key_revoked()
+        await services.catalog_changed(view.tenant)
+
+    # ------------------------------------------------------------- adapters and versions
+
+    @post(
+        "/tenants/{tenant:str}/adapters/{adapter:str}/versions",
+        status_code=201,
+        request_max_body_size=None,  # gateway/uploads.py enforces LORAGATE_MAX_ADAPTER_BYTES
+    )
+    async def upload_version(
+        self,
+        request: Request[Any, Any, Any],
+        tenant: PathStr,
+        adapter: PathStr,
+        services: Svc,
+        activate: bool | None = Parameter(
+            default=None, description="make this version active (the first one always is)"
+        ),
+    ) -> Version:
+        """multipart/form-data with parts `adapter_config` (adapter_config.json) and
+        `adapter_model` (adapter_model.safetensors). Part filenames are ignored."""
+        await services.catalog.get_tenant(tenant)  # 404 before reading a large body
+        settings = services.settings
+        async with receive_adapter_upload(
+            request,
+            settings.data_dir / "uploads",
+            max_config_bytes=settings.max_adapter_config_bytes,
+            max_model_bytes=settings.max_adapter_bytes,
+        ) as upload:
+            view = await services.catalog.upload_version(
+                tenant, adapter, upload.config_path, upload.model_path, activate=activate
+            )
+        await services.catalog_changed(tenant)
+        return msgspec.convert(view.to_dict(), Version)
+
+    @get("/tenants/{tenant:str}/adapters")
+    async def list_adapters(self, tenant: PathStr, services: Svc) -> list[Adapter]:
+        views = await services.catalog.list_adapters(tenant)
+        return [msgspec.convert(v.to_dict(), Adapter) for v in views]
+
+    @post("/tenants/{tenant:str}/adapters/{adapter:str}/activate", status_code=200)
+    async def activate(
+        self, tenant: PathStr, adapter: PathStr, data: JSONBody[AdapterActivate], services: Svc
+    ) -> Adapter:
+        view = await services.catalog.activate(tenant, adapter, data.version)
+        await services.catalog_changed(tenant)
+        return msgspec.convert(view.to_dict(), Adapter)
+
+    @delete("/tenants/{tenant:str}/adapters/{adapter:str}/versions/{version:int}", status_code=204)
+    async def delete_version(
+        self, tenant: PathStr, adapter: PathStr, version: PathInt, services: Svc
+    ) -> None:
+        await services.catalog.delete_version(tenant, adapter, version)
+        await services.catalog_changed(tenant)
+
+    # ---------------------------------------------------------------------- experiments
+
+    @put("/tenants/{tenant:str}/experiments/{name:str}")
+    async def put_experiment(
+        self, tenant: PathStr, name: PathStr, data: JSONBody[ExperimentUpdate], services: Svc
+    ) -> Experiment:
+        variants = [VariantSpec(v.name, v.adapter, v.version, v.weight) for v in data.variants]
+        shadow = (
+            ShadowSpec(data.shadow.adapter, data.shadow.version, data.shadow.sample_rate)
+            if data.shadow is not None
+            else None
+        )
+        view = await services.catalog.put_experiment(tenant, name, variants, shadow)
+        await services.catalog_changed(tenant)
+        return experiment_out(view.to_dict(), services.experiment_figures(tenant, name))
+
+    @get("/tenants/{tenant:str}/experiments/{name:str}")
+    async def get_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> Experiment:
+        view = await services.catalog.get_experiment(tenant, name)
+        return experiment_out(view.to_dict(), services.experiment_figures(tenant, name))
+
+    @delete("/tenants/{tenant:str}/experiments/{name:str}", status_code=204)
+    async def delete_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> None:
+        await services.catalog.delete_experiment(tenant, name)
+        await services.catalog_changed(tenant)
+
+
+routes = [AdminController]

@@ -1,0 +1,115 @@
+"""msgspec Structs of the admin API: `XCreate`/`XUpdate` in, `X` out (shapes of API.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+Name = Annotated[str, Meta(pattern=NAME_PATTERN, description="^[a-z0-9][a-z0-9._-]{0,62}$")]
+PerMinute = Annotated[int, Meta(ge=1, le=1_000_000_000)]
+VersionNumber = Annotated[int, Meta(ge=1)]
+
+
+class TenantCreate(Struct, forbid_unknown_fields=True):
+    name: Name
+    requests_per_minute: PerMinute | None = None
+    tokens_per_minute: PerMinute | None = None
+
+
+class Tenant(Struct):
+    name: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    created_at: str
+
+
+class KeyCreate(Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100)] = "default"
+
+
+class KeyCreated(Struct):
+    id: str
+    name: str
+    key: str  # shown this once; only its hash is stored
+    tenant: str
+    created_at: str
+
+
+class Version(Struct):
+    adapter: str
+    version: int
+    sha256: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    created_at: str
+    active: bool
+
+
+class Adapter(Struct):
+    name: str
+    active_version: int | None
+    versions: list[Version]
+
+
+class AdapterActivate(Struct, forbid_unknown_fields=True):
+    version: VersionNumber
+
+
+class VariantCreate(Struct, forbid_unknown_fields=True):
+    name: Name
+    adapter: Name
+    weight: Annotated[float, Meta(ge=0)]
+    version: VersionNumber | None = None  # None: the active version at request time
+
+
+class ShadowCreate(Struct, forbid_unknown_fields=True):
+    adapter: Name
+    sample_rate: Annotated[float, Meta(ge=0, le=1)]
+    version: VersionNumber | None = None
+
+
+class ExperimentUpdate(Struct, forbid_unknown_fields=True):
+    variants: Annotated[list[VariantCreate], Meta(min_length=1, max_length=16)]
+    shadow: ShadowCreate | None = None
+
+
+class VariantFigures(Struct):
+    requests: int = 0
+    errors: int = 0
+    p50_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+    tokens: int = 0
+
+
+class Variant(Struct):
+    name: str
+    adapter: str
+    version: int | None
+    weight: float
+    figures: VariantFigures = msgspec.field(default_factory=VariantFigures)
+
+
+class Shadow(Struct):
+    adapter: str
+    version: int | None
+    sample_rate: float
+
+
+class Experiment(Struct):
+    name: str
+    variants: list[Variant]
+    shadow: Shadow | None
+
+
+def experiment_out(view_dict: dict[str, Any], figures: dict[str, dict[str, Any]]) -> Experiment:
+    """An experiment view with each variant's figures (zeros for a variant not yet served)."""
+    experiment = msgspec.convert(view_dict, Experiment)
+    for variant in experiment.variants:
+        if variant.name in figures:
+            variant.figures = msgspec.convert(figures[variant.name], VariantFigures)
+    return experiment

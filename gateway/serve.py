@@ -1,0 +1,140 @@
+"""`loragate serve`: one command gives a working system.
+
+Prepares the data dir (SQLite catalog migrated, built-in model generated, admin token made
+on first start), starts one runtime as a child process when no `--runtimes` are given, and
+runs the gateway with uvicorn until interrupted. The child is stopped when the gateway
+exits; if the child dies first, the gateway keeps running and `/readyz` answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.auth import ensure_admin_token
+from gateway.services import build_services
+from gateway.settings import Settings
+
+logger = logging.getLogger("loragate.serve")
+
+CHILD_STOP_TIMEOUT_S = 10.0
+CHILD_WATCH_INTERVAL_S = 1.0
+
+
+def prepare_data_dir(settings: Settings) -> str | None:
+    """Create the data dir, migrate an embedded SQLite catalog, generate the built-in model.
+
+    Returns a newly generated admin token (first start only), else None.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.database_url.startswith("sqlite"):
+        # Embedded mode owns its database; PostgreSQL is migrated by `loragate migrate`.
+        from adapters.db import upgrade_database
+
+        upgrade_database(settings.database_url)
+    if settings.base_model_dir is None:
+        from runtime.builtin import ensure_builtin_model
+
+        ensure_builtin_model(settings.builtin_model_dir)
+    elif not (settings.base_model_dir / "config.json").is_file():
+        raise SystemExit(f"--base-model {settings.base_model_dir}: no config.json there")
+    return ensure_admin_token(settings)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def start_runtime_child(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gateway.cli", "runtime",
+        "--base-model", str(settings.base_model_path.resolve()),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    if settings.device:
+        command += ["--device", settings.device]
+    # Same process group (API.md); stdout/stderr shared so its logs show with ours.
+    child = subprocess.Popen(command)  # noqa: S603 (our own interpreter and fixed arguments)
+    return child, f"http://127.0.0.1:{port}"
+
+
+def stop_child(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=CHILD_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, printing the URL once the socket is bound (not before, when it may fail)."""
+
+    def __init__(self, config: uvicorn.Config, url: str) -> None:
+        super().__init__(config)
+        self.url = url
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(f"loragate listening on {self.url}", flush=True)
+
+
+def _watch_child(child: subprocess.Popen[bytes]) -> Any:
+    async def watch() -> None:
+        # Polling: Popen has no awaitable exit, and a thread blocked in wait() would
+        # outlive a cancelled task.
+        while child.poll() is None:  # noqa: ASYNC110
+            await asyncio.sleep(CHILD_WATCH_INTERVAL_S)
+        logger.error("runtime child exited with code %s; /readyz now answers 503", child.returncode)
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(watch()))
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+
+    return start, stop
+
+
+def serve(settings: Settings) -> int:
+    token = prepare_data_dir(settings)
+    if token is not None:
+        print(f"admin token (shown once; only its hash is kept): {token}", flush=True)
+    child = None
+    if not settings.runtimes:
+        child, runtime_url = start_runtime_child(settings)
+        settings = replace(settings, runtimes=(runtime_url,))
+    try:
+        services = build_services(settings)
+        if child is not None:
+            start, stop = _watch_child(child)
+            services.on_startup.append(start)
+            services.on_shutdown.append(stop)
+        app = create_app(settings, services)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None
+        )
+        server = _Server(config, f"http://{settings.host}:{settings.port}")
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        if child is not None:
+            stop_child(child)

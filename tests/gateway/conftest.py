@@ -1,0 +1,49 @@
+"""Fixtures of the gateway tests: the built-in model, a real PEFT adapter, an app per test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gw_helpers import make_peft_adapter, make_settings
+from litestar.testing import AsyncTestClient
+
+from adapters.db import upgrade_database
+from gateway.app import create_app
+from gateway.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from runtime.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapters") / "support"
+    return make_peft_adapter(base_model_dir, out, rank=8, alpha=16,
+                             target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="session")
+def peft_adapter_v2(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapters") / "support-v2"
+    return make_peft_adapter(base_model_dir, out, rank=4, alpha=8,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                             "gate_proj", "up_proj", "down_proj"], seed=1)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, base_model_dir: Path) -> Settings:
+    return make_settings(tmp_path / "data", base_model_dir)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
+    upgrade_database(settings.database_url)
+    async with AsyncTestClient(create_app(settings)) as test_client:
+        yield test_client
