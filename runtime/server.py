@@ -53,7 +53,7 @@ class PromptTokenizer(Protocol):
     """The tokenizer work the server does itself; the engine detokenizes the output."""
 
     def encode(self, text: str) -> list[int]: ...  # add_special_tokens=True
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
     def token_text(self, token_id: int) -> str: ...
 
 
@@ -126,7 +126,8 @@ def _prompt_ids(body: GenerateBody, tokenizer: PromptTokenizer) -> list[int]:
     if body.prompt is not None:
         return tokenizer.encode(body.prompt)
     assert body.messages is not None  # decode_generate checked that exactly one is set
-    return tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in body.messages])
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    return tokenizer.apply_chat_template(messages)
 
 
 async def _events(state: RuntimeState, req: EngineRequest) -> AsyncIterator[bytes]:

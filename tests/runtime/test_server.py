@@ -40,7 +40,7 @@ class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return [1] + [b + 3 for b in text.encode()]
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))
 
     def token_text(self, token_id: int) -> str:
