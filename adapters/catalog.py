@@ -366,8 +366,8 @@ class Catalog:
                 return Resolution(
                     "experiment", experiment=await resolver.experiment(owner.id, view)
                 )
-            name, _, pinned = model.partition("@")
-            if pinned and not (pinned.isascii() and pinned.isdigit() and pinned[0] != "0"):
+            name, at, pinned = model.partition("@")
+            if at and not (pinned.isascii() and pinned.isdigit() and pinned[0] != "0"):
                 raise NotFound(f"model {model!r} not found")
             try:
                 resolved = await resolver.adapter(owner.id, name, int(pinned) if pinned else None)

@@ -132,9 +132,11 @@ async def delete_experiment(
 
 async def _names(session: AsyncSession, adapter_ids: set[int], version_ids: set[int]):
     adapters = dict(
-        (await session.execute(select(Adapter.id, Adapter.name).where(Adapter.id.in_(adapter_ids))))
-        .tuples()
-        .all()
+        (
+            await session.execute(
+                select(Adapter.id, Adapter.name).where(Adapter.id.in_(adapter_ids))
+            )
+        ).all()
     )
     numbers = dict(
         (
@@ -143,9 +145,7 @@ async def _names(session: AsyncSession, adapter_ids: set[int], version_ids: set[
                     AdapterVersion.id.in_(version_ids)
                 )
             )
-        )
-        .tuples()
-        .all()
+        ).all()
     )
     return adapters, numbers
 

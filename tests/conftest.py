@@ -16,6 +16,7 @@ skipping. Nothing else is registered here on purpose: area fixtures live next to
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import secrets
@@ -56,14 +57,20 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
-async def _pg_execute(url: str, statement: str) -> None:
+def _pg_execute(url: str, statement: str) -> None:
+    """Run one statement with asyncpg on a helper thread: the fixture may be first requested
+    from inside a running event loop (an async fixture or test)."""
     import asyncpg
 
-    conn = await asyncpg.connect(url, timeout=5)
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
+    async def run() -> None:
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, run()).result()
 
 
 @pytest.fixture(scope="session")
@@ -71,16 +78,18 @@ def postgres_url() -> Iterator[str]:
     """An asyncpg SQLAlchemy URL of a throwaway database, dropped when the session ends."""
     server = os.environ.get("LORAGATE_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
     name = f"loragate_test_{os.getpid()}_{secrets.token_hex(4)}"
+    import asyncpg
+
     try:
         # The name is ours (pid and hex), never user input, so it is safe to interpolate.
-        asyncio.run(_pg_execute(server, f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # asyncpg raises OSError, its own errors or timeouts
+        _pg_execute(server, f'CREATE DATABASE "{name}"')
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         _unavailable(f"PostgreSQL unreachable at {server}: {type(exc).__name__}: {exc}")
     try:
         url = _with_database(server, name)
         yield url.replace("postgresql://", "postgresql+asyncpg://", 1)
     finally:
-        asyncio.run(_pg_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _pg_execute(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --------------------------------------------------------------------------------- Redis

@@ -3,6 +3,7 @@ database emptied per test), a LocalStore under tmp_path, and the Catalog over bo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,17 +28,28 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def empty_postgres_url(postgres_url: str) -> str:
+def empty_postgres_url(postgres_url: str) -> str:
     """The session database at head with every table emptied."""
     upgrade_database(postgres_url)  # cheap when already at head; a migration test may move it
-    engine = create_engine(postgres_url)
-    try:
-        async with engine.begin() as conn:
-            tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
-            await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    finally:
-        await engine.dispose()
+
+    async def truncate() -> None:
+        engine = create_engine(postgres_url)
+        try:
+            async with engine.begin() as conn:
+                tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+                await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(truncate())  # sync fixture: no loop runs here
     return postgres_url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def any_db_url(request: pytest.FixtureRequest) -> str:
+    """A migrated, empty catalog database: SQLite, then PostgreSQL."""
+    name = "sqlite_url" if request.param == "sqlite" else "empty_postgres_url"
+    return request.getfixturevalue(name)
 
 
 def _catalog(url: str, root: Path) -> tuple[Catalog, LocalStore, object]:
@@ -53,16 +65,10 @@ async def catalog(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Catalog]:
     await engine.dispose()
 
 
-@pytest.fixture(
-    params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)],
-)
-async def any_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Catalog]:
+@pytest.fixture
+async def any_catalog(any_db_url: str, tmp_path: Path) -> AsyncIterator[Catalog]:
     """The same Catalog over SQLite and over PostgreSQL."""
-    if request.param == "sqlite":
-        url = request.getfixturevalue("sqlite_url")
-    else:
-        url = request.getfixturevalue("empty_postgres_url")
-    cat, _, engine = _catalog(url, tmp_path)
+    cat, _, engine = _catalog(any_db_url, tmp_path)
     yield cat
     await engine.dispose()
 
