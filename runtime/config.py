@@ -1,0 +1,54 @@
+"""Settings of one runtime process. Plain data; the gateway fills it, nothing reads env."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class RuntimeConfig:
+    model_dir: Path
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    # None: float32 on CPU, bfloat16 on CUDA; else "float32", "bfloat16" or "float16".
+    dtype: str | None = None
+
+    # Batching. A step runs at most max_running sequences and max_batch_tokens new tokens.
+    max_running: int = 64
+    max_batch_tokens: int = 2048
+    max_waiting: int = 1024  # beyond this, add_request refuses (the server answers 503)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    # Paged KV cache. kv_cache_bytes wins when set; else on CUDA a fraction of the memory
+    # left after loading the weights, on CPU enough for max_running full-length sequences
+    # capped at cpu_kv_cache_max_bytes.
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    gpu_memory_fraction: float = 0.8
+    cpu_kv_cache_max_bytes: int = 1 << 30
+
+    # A waiting request whose adapter is still loading lets others pass it for at most this
+    # many steps; then it blocks admission behind it until its adapter is resident.
+    max_adapter_wait_steps: int = 64
+
+    # Adapters (used by the adapter cache and LoRA layers).
+    max_gpu_adapters: int = 8
+    max_host_adapters: int = 64
+    adapter_disk_dir: Path | None = None
+    adapter_disk_bytes: int = 4 << 30
+    max_lora_rank: int = 64
+
+    # Artifact store passthrough; boto3 reads AWS credentials from its usual sources.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.max_running < 1 or self.max_batch_tokens < 1 or self.block_size < 1:
+            raise ValueError("max_running, max_batch_tokens and block_size must be positive")
+        if self.max_waiting < 0:
+            raise ValueError("max_waiting must not be negative")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")

@@ -1,0 +1,146 @@
+"""Paged KV cache: fixed-size blocks in one pool per layer, and attention over block tables.
+
+Layout: per layer, K and V are `[num_blocks * block_size, num_kv_heads, head_dim]`; token `p`
+of a sequence lives at row `block_table[p // block_size] * block_size + p % block_size`.
+Which blocks a sequence holds is decided by `block_manager.py` (torch-free); this module
+only stores and reads.
+
+Attention path (the same on CPU and CUDA): gather each sequence's K/V rows through its block
+table, then `F.scaled_dot_product_attention`. Decode tokens of all sequences run as one
+padded batch with a length mask; each prefill chunk runs on its own with a causal mask
+offset by the tokens already cached. On CUDA, SDPA picks its fused backend; there is no
+custom paged decode kernel yet, so the gather costs one copy of the context per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.weights import ModelArgs
+
+
+def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
+
+
+class KVCache:
+    def __init__(
+        self,
+        args: ModelArgs,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget does not fit a single block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (args.num_layers, num_blocks * block_size, args.num_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(
+        self,
+        layer: int,
+        slot_mapping: torch.Tensor,  # [num_tokens] int64 rows of the pool
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    ) -> None:
+        self.k[layer].index_copy_(0, slot_mapping, k)
+        self.v[layer].index_copy_(0, slot_mapping, v)
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of this chunk in the step's flattened tokens
+    num_tokens: int
+    gather: torch.Tensor  # [context_len] int64 pool rows of the whole context
+    mask: torch.Tensor | None  # [1, 1, num_tokens, context_len] bool; None: plain causal
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Built once per step, shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes
+    decode_rows: torch.Tensor | None  # [num_decode] int64 rows of the flattened tokens
+    decode_gather: torch.Tensor | None  # [num_decode, max_context] int64 pool rows (0-padded)
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] bool, True = attend
+    prefills: list[PrefillChunk]
+
+
+def build_metadata(
+    seqs: list[tuple[list[int], int, int]],  # (block_table, num_cached, num_new) in batch order
+    block_size: int,
+    device: torch.device | str,
+) -> AttentionMetadata:
+    """Index tensors for one step. A sequence with num_new == 1 counts as decode."""
+    slots: list[torch.Tensor] = []
+    decode: list[tuple[int, list[int], int]] = []
+    prefills: list[PrefillChunk] = []
+    offsets = torch.arange(block_size)
+    row = 0
+    for block_table, num_cached, num_new in seqs:
+        context = num_cached + num_new
+        table = torch.tensor(block_table[: (context + block_size - 1) // block_size])
+        rows = (table[:, None] * block_size + offsets).reshape(-1)[:context]
+        slots.append(rows[num_cached:])
+        if num_new == 1:
+            decode.append((row, block_table, context))
+        else:
+            mask = None
+            if num_cached:
+                q_pos = torch.arange(num_cached, context)[:, None]
+                mask = (torch.arange(context)[None, :] <= q_pos)[None, None]
+                mask = mask.to(device)
+            prefills.append(PrefillChunk(row, num_new, rows.to(device), mask))
+        row += num_new
+    meta = AttentionMetadata(torch.cat(slots).to(device), None, None, None, prefills)
+    if decode:
+        max_blocks = max((ctx + block_size - 1) // block_size for _, _, ctx in decode)
+        tables = torch.zeros(len(decode), max_blocks, dtype=torch.int64)
+        for i, (_, bt, ctx) in enumerate(decode):
+            n = (ctx + block_size - 1) // block_size
+            tables[i, :n] = torch.tensor(bt[:n])
+        gather = (tables[:, :, None] * block_size + offsets).reshape(len(decode), -1)
+        lengths = torch.tensor([ctx for _, _, ctx in decode])
+        mask = torch.arange(gather.shape[1])[None, :] < lengths[:, None]
+        meta.decode_rows = torch.tensor([r for r, _, _ in decode]).to(device)
+        meta.decode_gather = gather.to(device)
+        meta.decode_mask = mask[:, None, None, :].to(device)
+    return meta
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_pool: torch.Tensor,  # [pool_rows, num_kv_heads, head_dim] (this layer, new K written)
+    v_pool: torch.Tensor,  # [pool_rows, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None:
+        qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [B, heads, 1, dim]
+        k = k_pool[meta.decode_gather].transpose(1, 2)  # [B, kv_heads, ctx, dim]
+        v = v_pool[meta.decode_gather].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qd, k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out.index_copy_(0, meta.decode_rows, o.squeeze(2))
+    for chunk in meta.prefills:
+        end = chunk.start + chunk.num_tokens
+        qp = q[chunk.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
+        k = k_pool[chunk.gather].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, dim]
+        v = v_pool[chunk.gather].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            qp, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
+            enable_gqa=True,
+        )
+        out[chunk.start : end] = o[0].transpose(0, 1)
+    return out

@@ -1,0 +1,159 @@
+"""Llama-family decoder forward for serving: flattened tokens of many sequences, paged KV cache.
+
+Covers LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM: RMSNorm, rotary embeddings
+(default, linear and llama3 scaling), grouped-query attention, SwiGLU MLP, q/k/v bias, tied or
+untied embeddings. Numerics follow transformers (norms in float32, rotary in float32 tables).
+
+LoRA hook (docs/internals.md): after each of the four base projections a layer calls
+`lora.apply(layer_idx, name, x, y)` in place when a manager is attached and active.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from runtime.kv_cache import AttentionMetadata, KVCache, paged_attention
+from runtime.weights import ModelArgs, load_weights
+
+
+class LoraHook(Protocol):
+    active: bool
+
+    def apply(self, layer_idx: int, name: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:  # [head_dim // 2] float32
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling: dict[str, Any] = args.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:  # [..., head_dim]
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer:
+    def __init__(self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs) -> None:
+        self.idx = idx
+        self.args = args
+        self.input_norm = w[f"layers.{idx}.input_norm"]
+        self.post_norm = w[f"layers.{idx}.post_norm"]
+        self.qkv_proj = w[f"layers.{idx}.qkv_proj"]  # [q + 2 * kv, hidden]
+        self.qkv_bias = w.get(f"layers.{idx}.qkv_bias")  # [q + 2 * kv] or None
+        self.o_proj = w[f"layers.{idx}.o_proj"]  # [hidden, q]
+        self.gate_up_proj = w[f"layers.{idx}.gate_up_proj"]  # [2 * inter, hidden]
+        self.down_proj = w[f"layers.{idx}.down_proj"]  # [hidden, inter]
+        self.q_size = args.num_heads * args.head_dim
+        self.kv_size = args.num_kv_heads * args.head_dim
+        self.scale = args.head_dim**-0.5
+        self.lora: LoraHook | None = None
+
+    def _linear(self, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+        y = F.linear(x, w, b)
+        if self.lora is not None and self.lora.active:
+            self.lora.apply(self.idx, name, x, y)
+        return y
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [num_tokens, hidden] residual stream
+        cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+        sin: torch.Tensor,  # [num_tokens, 1, head_dim]
+        meta: AttentionMetadata,
+        kv: KVCache,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        a = self.args
+        x = rms_norm(h, self.input_norm, a.rms_norm_eps)
+        qkv = self._linear("qkv_proj", x, self.qkv_proj, self.qkv_bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, a.num_heads, a.head_dim)
+        k = k.view(-1, a.num_kv_heads, a.head_dim)
+        v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kv.write(self.idx, meta.slot_mapping, k, v)
+        attn = paged_attention(q, kv.k[self.idx], kv.v[self.idx], meta, self.scale)
+        h = h + self._linear("o_proj", attn.reshape(-1, self.q_size), self.o_proj)
+        x = rms_norm(h, self.post_norm, a.rms_norm_eps)
+        gate, up = self._linear("gate_up_proj", x, self.gate_up_proj).chunk(2, dim=-1)
+        return h + self._linear("down_proj", F.silu(gate) * up, self.down_proj)
+
+
+class LlamaModel:
+    def __init__(
+        self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int
+    ) -> None:
+        self.args = args
+        self.embed = weights["embed"]  # [vocab, hidden]
+        self.lm_head = weights["lm_head"]  # [vocab, hidden]
+        self.norm = weights["norm"]
+        self.layers = [DecoderLayer(i, weights, args) for i in range(args.num_layers)]
+        self.device = self.embed.device
+        self.dtype = self.embed.dtype
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(args))  # [max_positions, head_dim // 2]
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.device)
+        self.cos = emb.cos().to(self.dtype)  # [max_positions, head_dim]
+        self.sin = emb.sin().to(self.dtype)
+
+    @classmethod
+    def load(
+        cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None
+    ) -> LlamaModel:
+        args = ModelArgs.from_model_dir(model_dir)
+        weights = load_weights(model_dir, args, dtype, device)
+        return cls(args, weights, max_positions or args.max_position_embeddings)
+
+    def set_lora(self, lora: LoraHook | None) -> None:
+        for layer in self.layers:
+            layer.lora = lora
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+        meta: AttentionMetadata,
+        kv: KVCache,
+    ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
+        h = F.embedding(input_ids, self.embed)
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        for layer in self.layers:
+            h = layer.forward(h, cos, sin, meta, kv)
+        return rms_norm(h, self.norm, self.args.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,246 @@
+"""Which sequences run in the next step, and how many of their tokens. No torch.
+
+Per step: running sequences first (decodes before prefill chunks, so a long prompt cannot
+stall anyone's decode), each taking as many uncached tokens as the `max_batch_tokens` budget
+leaves (chunked prefill); blocks that run out are won back by preempting the latest running
+sequences (recompute: their blocks are freed and they re-prefill later). Then waiting
+sequences are admitted while `max_running`, the budget and free blocks allow (continuous
+batching). Preempted sequences come back first; otherwise the tenant that has been served
+the fewest weighted tokens goes next (virtual token counters, as in VTC: input tokens weigh
+1, output tokens `OUTPUT_TOKEN_WEIGHT`; a tenant that was idle is lifted to the lowest active
+counter so it cannot bank credit), FIFO within a tenant.
+
+Adapters: a sequence naming one is admitted only once `adapters.try_acquire` gives it a
+device slot; others pass it meanwhile, until it has waited `max_adapter_wait_steps`, after
+which nothing is admitted behind it until it gets its slot (so a cold adapter cannot starve).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from runtime.adapter_protocol import AdapterProvider, AdapterUnavailable
+from runtime.block_manager import BlockManager
+from runtime.sequence import Sequence, SequenceStatus
+from runtime.types import FinishReason
+
+OUTPUT_TOKEN_WEIGHT = 2.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_running: int,
+        max_batch_tokens: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+        max_adapter_wait_steps: int = 64,
+        adapters: AdapterProvider | None = None,
+    ) -> None:
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.max_running = max_running
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_adapter_wait_steps = max_adapter_wait_steps
+        self.adapters = adapters
+        self.waiting: dict[str, deque[Sequence]] = {}  # tenant -> FIFO; preempted ones first
+        self.running: list[Sequence] = []
+        self.counters: dict[str, float] = {}  # tenant -> weighted tokens served
+        self.num_waiting = 0
+        self.num_preemptions = 0
+        self._arrivals = 0
+        self._by_id: dict[str, Sequence] = {}
+
+    # -- queue management ---------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        if not self._is_active(seq.tenant):
+            # VTC lift: an idle tenant rejoins at the lowest active counter, no banked credit.
+            active = [c for t, c in self.counters.items() if self._is_active(t)]
+            floor = min(active) if active else 0.0
+            self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), floor)
+        seq.arrival = self._arrivals
+        self._arrivals += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.setdefault(seq.tenant, deque()).append(seq)
+        self.num_waiting += 1
+        self._by_id[seq.request_id] = seq
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._by_id)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish the request at once, freeing its blocks and slot; None if unknown or done."""
+        seq = self._by_id.get(request_id)
+        if seq is None:
+            return None
+        self.finish(seq, FinishReason.ABORT)
+        return seq
+
+    def finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.WAITING:
+            self.waiting[seq.tenant].remove(seq)
+            self.num_waiting -= 1
+        elif seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+        self._by_id.pop(seq.request_id, None)
+
+    def _is_active(self, tenant: str) -> bool:
+        return bool(self.waiting.get(tenant)) or any(s.tenant == tenant for s in self.running)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq.block_table)
+        seq.num_cached_tokens = 0
+        if seq.slot >= 0 and seq.adapter is not None and self.adapters is not None:
+            self.adapters.release(seq.adapter.key)
+        seq.slot = -1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting[seq.tenant].appendleft(seq)
+        self.num_waiting += 1
+
+    # -- one step -----------------------------------------------------------------------
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """Return ([(sequence, num_new_tokens)] to run now, sequences that failed here)."""
+        budget = self.max_batch_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        queue = deque(sorted(self.running, key=lambda s: (not s.is_decode, s.arrival)))
+        preempted = False
+        while queue and budget > 0:
+            seq = queue.popleft()
+            n = min(seq.num_uncached_tokens, budget)
+            total = seq.num_cached_tokens + n
+            while not self.block_manager.can_allocate(seq.block_table, total):
+                preempted = True
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.allocate(seq.block_table, total)
+                scheduled.append((seq, n))
+                budget -= n
+        failed: list[Sequence] = []
+        if not preempted:
+            budget = self._admit(budget, scheduled, failed)
+        for seq, n in scheduled:
+            cost = OUTPUT_TOKEN_WEIGHT if seq.is_decode else float(n)
+            self.counters[seq.tenant] = self.counters.get(seq.tenant, 0.0) + cost
+        return scheduled, failed
+
+    def _admit(
+        self, budget: int, scheduled: list[tuple[Sequence, int]], failed: list[Sequence]
+    ) -> int:
+        not_ready: set[str] = set()  # adapter keys found loading this step: ask once per step
+        passed: list[Sequence] = []  # waiting sequences skipped this step for their adapter
+        while budget > 0 and len(self.running) < self.max_running:
+            seq = self._next_candidate(not_ready, passed)
+            if seq is None:
+                break
+            n = min(seq.num_uncached_tokens, budget)
+            if not self.block_manager.can_allocate(seq.block_table, n):
+                break  # wait for blocks rather than let smaller requests overtake forever
+            if seq.adapter is not None and not self._acquire(seq, not_ready, failed):
+                if seq.is_finished:
+                    continue
+                passed.append(seq)
+                if seq.num_waiting_steps >= self.max_adapter_wait_steps:
+                    break  # head-of-line: admit nothing behind a starving request
+                continue
+            self.waiting[seq.tenant].remove(seq)
+            self.num_waiting -= 1
+            self.block_manager.allocate(seq.block_table, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        for seq in self._all_waiting():
+            if seq.adapter is not None:
+                seq.num_waiting_steps += 1
+        return budget
+
+    def _next_candidate(self, not_ready: set[str], passed: list[Sequence]) -> Sequence | None:
+        starving = [
+            s for s in passed if s.num_waiting_steps >= self.max_adapter_wait_steps
+        ]
+        if starving:
+            return None
+        best: Sequence | None = None
+        best_key: tuple[int, float, int] | None = None
+        for tenant, queue in self.waiting.items():
+            for seq in queue:
+                if seq in passed:
+                    continue
+                # Preempted sequences first, then the least-served tenant, then FIFO.
+                key = (0 if seq.num_preemptions else 1, self.counters.get(tenant, 0.0), seq.arrival)
+                if best_key is None or key < best_key:
+                    best, best_key = seq, key
+                break  # only the first not-yet-passed sequence of each tenant competes
+        return best
+
+    def _acquire(self, seq: Sequence, not_ready: set[str], failed: list[Sequence]) -> bool:
+        assert seq.adapter is not None and self.adapters is not None
+        if seq.adapter.key in not_ready:
+            return False
+        try:
+            slot = self.adapters.try_acquire(seq.adapter)
+        except AdapterUnavailable as exc:
+            self.finish(seq, FinishReason.ERROR, exc.message)
+            failed.append(seq)
+            return False
+        if slot is None:
+            not_ready.add(seq.adapter.key)
+            return False
+        seq.slot = slot
+        return True
+
+    def _all_waiting(self):
+        for queue in self.waiting.values():
+            yield from queue
+
+    def postprocess(self, sampled: list[tuple[Sequence, int]]) -> None:
+        """Record the step: `sampled` pairs each sequence that sampled with its new token.
+
+        Call after the forward with the scheduled list already applied through `advance`.
+        """
+        for seq, token in sampled:
+            seq.token_ids.append(token)
+            if token in self.eos_token_ids and not seq.sampling.ignore_eos:
+                self.finish(seq, FinishReason.STOP)
+            elif (
+                seq.num_output_tokens >= seq.sampling.max_tokens
+                or seq.num_tokens >= self.max_model_len
+            ):
+                self.finish(seq, FinishReason.LENGTH)
+
+    @staticmethod
+    def advance(scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Mark the step's tokens cached; return the sequences that now sample a token."""
+        sampling = []
+        for seq, n in scheduled:
+            seq.num_cached_tokens += n
+            if seq.num_cached_tokens == seq.num_tokens:
+                sampling.append(seq)
+        return sampling

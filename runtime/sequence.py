@@ -1,0 +1,63 @@
+"""One request inside the scheduler: its tokens, its KV blocks, its adapter slot. No torch."""
+
+from __future__ import annotations
+
+import enum
+
+from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, req: EngineRequest, arrival: int) -> None:
+        self.request_id: str = req.request_id
+        self.tenant: str = req.tenant
+        self.sampling: SamplingParams = req.sampling
+        self.adapter: AdapterRef | None = req.adapter
+        self.token_ids: list[int] = list(req.prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.arrival = arrival  # admission order: FIFO within a tenant
+        self.status = SequenceStatus.WAITING
+        self.num_cached_tokens = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.slot = -1  # device adapter slot while running; -1: base model or not acquired
+        self.num_waiting_steps = 0  # steps spent waiting on its adapter
+        self.num_preemptions = 0
+        self.finish_reason: FinishReason | None = None
+        self.error: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return len(self.token_ids) - self.num_cached_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """Only the last sampled token is missing from the cache."""
+        return self.num_output_tokens > 0 and self.num_uncached_tokens == 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"cached={self.num_cached_tokens})"
+        )
