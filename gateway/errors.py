@@ -136,7 +136,7 @@ def error_body(message: str, type_: str, code: str, param: str | None = None) ->
 
 
 def _message_and_param(exc: BaseException, spec: ErrorSpec) -> tuple[str, str | None]:
-    if spec.status >= 500 and not isinstance(exc, GatewayError | HTTPException):
+    if spec is _INTERNAL:
         return "internal server error", None
     if isinstance(exc, GatewayError):
         return exc.message, exc.param
@@ -144,7 +144,8 @@ def _message_and_param(exc: BaseException, spec: ErrorSpec) -> tuple[str, str | 
         return _validation_message(exc)
     if isinstance(exc, HTTPException):
         return str(exc.detail), None
-    return str(exc) or type(exc).__name__, getattr(exc, "param", None)
+    # Catalog errors carry messages written for the caller (adapters/errors.py).
+    return str(exc) or type(exc).__name__, None
 
 
 def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
