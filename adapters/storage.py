@@ -62,7 +62,7 @@ class ArtifactStore(Protocol):
         """`file:///...` or `s3://bucket/prefix/...`: where a runtime fetches it."""
 
 
-def _fetch_verified(write_body: Any, sha256: str, dest: Path) -> None:
+def _fetch_verified(write_body: Any, dest: Path) -> None:
     """Run write_body(file) into a temp file beside dest, verify, then rename into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".fetch-", dir=dest.parent)
@@ -108,7 +108,7 @@ class LocalStore:
         except FileNotFoundError:
             raise ArtifactMissing(f"object {sha256} is missing from the store") from None
         with src:
-            _fetch_verified(lambda out: _copy_verified(src, out, sha256), sha256, dest)
+            _fetch_verified(lambda out: _copy_verified(src, out, sha256), dest)
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
@@ -123,7 +123,7 @@ class LocalStore:
 class S3Store:
     """Objects in an S3 bucket under a prefix; large files go up as multipart uploads."""
 
-    MULTIPART_BYTES = 8 * 1024 * 1024
+    MULTIPART_BYTES = 8 * 1024 * 1024  # S3 parts are at least 5 MiB
 
     def __init__(
         self,
@@ -135,6 +135,7 @@ class S3Store:
         access_key: str | None = None,
         secret_key: str | None = None,
         region: str | None = None,
+        multipart_bytes: int = MULTIPART_BYTES,
     ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -152,8 +153,8 @@ class S3Store:
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
         )
         self._transfer = TransferConfig(
-            multipart_threshold=self.MULTIPART_BYTES,
-            multipart_chunksize=self.MULTIPART_BYTES,
+            multipart_threshold=multipart_bytes,
+            multipart_chunksize=multipart_bytes,
             max_concurrency=4,
         )
 
@@ -171,6 +172,9 @@ class S3Store:
 
         if self.exists(sha256):
             return False
+        # Hash the local file first: an object must never sit under a wrong address.
+        if sha256_file(Path(path)) != sha256:
+            raise ArtifactCorrupt(f"file does not match its sha256 {sha256}")
         try:
             with Path(path).open("rb") as src:
                 self._client.upload_fileobj(
@@ -196,7 +200,7 @@ class S3Store:
         except BotoCoreError as exc:
             raise self._unavailable("get", exc) from exc
         try:
-            _fetch_verified(lambda out: _copy_verified(body, out, sha256), sha256, dest)
+            _fetch_verified(lambda out: _copy_verified(body, out, sha256), dest)
         except (BotoCoreError, ClientError) as exc:
             raise self._unavailable("get", exc) from exc
         finally:

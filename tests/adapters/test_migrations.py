@@ -1,0 +1,170 @@
+"""The Alembic history upgrades and downgrades on SQLite and PostgreSQL, and its head is
+exactly the schema adapters/models.py declares."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from adapters.db import (
+    create_engine,
+    current_revision,
+    downgrade,
+    head_revision,
+    run_migrations,
+    upgrade_database,
+)
+from adapters.models import Base
+
+TABLES = {
+    "tenants",
+    "api_keys",
+    "adapters",
+    "adapter_versions",
+    "experiments",
+    "experiment_variants",
+}
+
+
+async def _tables_and_diff(url: str) -> tuple[set[str], list]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+
+            def inspect_sync(sync_conn):
+                names = set(inspect(sync_conn).get_table_names())
+                ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+                return names, compare_metadata(ctx, Base.metadata)
+
+            return await conn.run_sync(inspect_sync)
+    finally:
+        await engine.dispose()
+
+
+def _check_round_trip(url: str) -> None:
+    assert current_revision(url) is None
+    upgrade_database(url)
+    assert current_revision(url) == head_revision()
+    tables, diff = asyncio.run(_tables_and_diff(url))
+    assert TABLES <= tables
+    assert diff == []  # the migration builds exactly the models' schema
+    run_migrations(url, "downgrade", "base")
+    assert current_revision(url) is None
+    tables, _ = asyncio.run(_tables_and_diff(url))
+    assert not (TABLES & tables)
+    upgrade_database(url)  # and up again from base
+    assert current_revision(url) == head_revision()
+
+
+@pytest.mark.unit
+def test_sqlite_upgrades_and_downgrades(tmp_path: Path) -> None:
+    _check_round_trip(f"sqlite+aiosqlite:///{tmp_path / 'sub' / 'c.db'}")
+
+
+@pytest.mark.integration
+def test_postgres_upgrades_and_downgrades(postgres_url: str) -> None:
+    async def drop_all() -> None:
+        engine = create_engine(postgres_url)
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP SCHEMA public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
+        await engine.dispose()
+
+    asyncio.run(drop_all())  # other tests of the session may have migrated it already
+    try:
+        _check_round_trip(postgres_url)
+    finally:
+        upgrade_database(postgres_url)
+
+
+@pytest.mark.unit
+async def test_upgrade_works_from_inside_a_running_loop(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    upgrade_database(url)  # embedded serve calls it from its async startup
+    assert current_revision(url) == head_revision()
+    downgrade(url, "base")
+    assert current_revision(url) is None
+
+
+async def _insert(url: str, *statements: str) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
+SEED = (
+    "INSERT INTO tenants (id, name, created_at) VALUES (1, 't', CURRENT_TIMESTAMP)",
+    "INSERT INTO adapters (id, tenant_id, name, next_version, created_at, updated_at)"
+    " VALUES (1, 1, 'a', 3, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP),"
+    " (2, 1, 'b', 2, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+)
+
+
+def _version(id_: int, adapter: int, number: int, active: bool) -> str:
+    sha = f"{id_:064x}"
+    flag = "TRUE" if active else "FALSE"
+    return (
+        "INSERT INTO adapter_versions (id, adapter_id, number, sha256, config_sha256, rank,"
+        " alpha, target_modules, use_rslora, size_bytes, is_active, created_at) VALUES"
+        f" ({id_}, {adapter}, {number}, '{sha}', '{sha}', 4, 8.0, '[\"q_proj\"]', FALSE, 10,"
+        f" {flag}, CURRENT_TIMESTAMP)"
+    )
+
+
+BAD_STATES = {
+    "two_active_versions": [_version(1, 1, 1, True), _version(2, 1, 2, True)],
+    "repeated_version_number": [_version(1, 1, 1, True), _version(2, 1, 1, False)],
+    "duplicate_adapter_name": [
+        "INSERT INTO adapters (tenant_id, name, next_version, created_at, updated_at)"
+        " VALUES (1, 'a', 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    ],
+    "negative_weight": [
+        _version(1, 1, 1, True),
+        "INSERT INTO experiments (id, tenant_id, name, created_at, updated_at)"
+        " VALUES (1, 1, 'e', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        "INSERT INTO experiment_variants (experiment_id, position, name, adapter_id, weight)"
+        " VALUES (1, 0, 'v', 1, -1)",
+    ],
+    "variant_pins_a_version_of_another_adapter": [
+        _version(1, 1, 1, True),
+        _version(2, 2, 1, True),
+        "INSERT INTO experiments (id, tenant_id, name, created_at, updated_at)"
+        " VALUES (1, 1, 'e', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        "INSERT INTO experiment_variants (experiment_id, position, name, adapter_id,"
+        " version_id, weight) VALUES (1, 0, 'v', 1, 2, 1)",
+    ],
+    "shadow_rate_above_one": [
+        "INSERT INTO experiments (tenant_id, name, shadow_adapter_id, shadow_sample_rate,"
+        " created_at, updated_at) VALUES (1, 'e', 1, 1.5, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    ],
+    "rank_zero": [_version(1, 1, 1, True).replace(" 4, 8.0,", " 0, 8.0,")],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_STATES))
+async def test_schema_refuses_bad_states(case: str, any_db_url: str) -> None:
+    await _insert(any_db_url, *SEED)
+    with pytest.raises(IntegrityError):
+        await _insert(any_db_url, *BAD_STATES[case])
+
+
+async def test_schema_accepts_the_good_state_the_bad_ones_differ_from(any_db_url: str) -> None:
+    await _insert(any_db_url, *SEED, _version(1, 1, 1, True), _version(2, 1, 2, False))
+    await _insert(
+        any_db_url,
+        "INSERT INTO experiments (id, tenant_id, name, shadow_adapter_id, shadow_version_id,"
+        " shadow_sample_rate, created_at, updated_at)"
+        " VALUES (1, 1, 'e', 1, 2, 1.0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        "INSERT INTO experiment_variants (experiment_id, position, name, adapter_id,"
+        " version_id, weight) VALUES (1, 0, 'v', 1, 2, 0)",
+    )
