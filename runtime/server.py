@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
@@ -32,6 +32,9 @@ from runtime.protocol import (
     output_events,
 )
 from runtime.types import EngineRequest, RequestOutput
+
+if TYPE_CHECKING:
+    from runtime.config import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -278,3 +281,21 @@ def create_runtime_app(
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,
     )
+
+
+def serve(
+    config: RuntimeConfig,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    public_url: str | None = None,
+) -> None:
+    """Run one runtime until SIGTERM/SIGINT (blocking); see runtime/serving.py for the order.
+
+    `public_url` is what the registry advertises (default: http://host:port). Raises
+    RuntimeError when the engine or the registry fails to start.
+    """
+    # Imported here: the app factory above must not pull in torch and uvicorn's server.
+    from runtime.serving import run
+
+    run(config, host, port, redis_url, public_url)

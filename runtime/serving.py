@@ -1,0 +1,171 @@
+"""One runtime process: load the engine, serve HTTP with uvicorn, register, drain on SIGTERM.
+
+Reached through `runtime.server.serve` (what `loragate runtime` calls). The order of a
+shutdown: the first SIGTERM or SIGINT stops admitting (/generate and /health answer 503)
+and removes the registry key so gateways stop picking this runtime; running streams finish
+(up to `DRAIN_TIMEOUT_S`, then they are aborted); uvicorn stops; the engine shuts down; the
+process returns normally, so it exits 0. A second signal forces an immediate exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from runtime.config import RuntimeConfig
+from runtime.registry import RuntimeRegistry
+from runtime.server import RuntimeInfo, RuntimeState, create_runtime_app
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 300.0  # a long generation on a slow CPU; then what is left is aborted
+
+
+def public_url_for(host: str, port: int) -> str:
+    """The URL gateways use when none is given: a wildcard bind is not an address."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
+        host = socket.getfqdn()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except the first exit signal drains instead of closing the listener at once.
+
+    uvicorn's own handler would stop accepting connections straight away (clients would see
+    connection refused, not 503) and re-raise the signal after shutdown (exit status 143).
+    """
+
+    def __init__(self, config: uvicorn.Config, on_drain: Any) -> None:
+        super().__init__(config)
+        self._on_drain = on_drain
+        self._drain_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_requested or self._loop is None:
+            logger.warning("second signal %s: exiting without draining", sig)
+            self.should_exit = self.force_exit = True
+            return
+        self._drain_requested = True
+        logger.info("signal %s: draining", signal.Signals(sig).name)
+        # Runs in the signal handler, on the loop's thread between bytecodes: only schedule.
+        self._loop.call_soon_threadsafe(self._on_drain)
+
+
+def build_front(config: RuntimeConfig) -> tuple[Any, Any, RuntimeInfo]:
+    """Load the engine (blocking: weights, tokenizer, KV cache) and describe it."""
+    from runtime.async_engine import AsyncLLMEngine
+    from runtime.engine import LLMEngine
+
+    engine = LLMEngine(config)
+    info = RuntimeInfo(
+        model=config.model_dir.resolve().name,
+        device=str(config.device),
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.model.args.vocab_size,
+        max_running=config.max_running,
+        max_waiting=config.max_waiting,
+        max_gpu_adapters=config.max_gpu_adapters if engine.adapters is not None else 0,
+        max_lora_rank=config.max_lora_rank,
+    )
+    return AsyncLLMEngine(engine), engine.tokenizer, info
+
+
+class RuntimeProcess:
+    """The async side of `serve()`: the pieces whose lifetimes it orders."""
+
+    def __init__(
+        self, config: RuntimeConfig, host: str, port: int, redis_url: str | None, url: str
+    ) -> None:
+        self.config, self.redis_url, self.url = config, redis_url, url
+        self.state = RuntimeState()
+        self.registry: RuntimeRegistry | None = None
+        self.load_error: BaseException | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        app = create_runtime_app(
+            state=self.state, on_startup=[self._start_loading], on_shutdown=[self._shutdown]
+        )
+        uv_config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", access_log=False, lifespan="on",
+            timeout_graceful_shutdown=30,
+        )  # fmt: skip
+        self.server = _DrainingServer(uv_config, self._request_drain)
+
+    async def run(self) -> None:
+        await self.server.serve()
+        if self.load_error is not None:
+            raise RuntimeError(f"the runtime failed to start: {self.load_error}") from (
+                self.load_error
+            )
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_loading(self) -> None:
+        # Loading runs while uvicorn already answers: /health says 503 "loading" meanwhile.
+        self._spawn(self._load())
+
+    async def _load(self) -> None:
+        try:
+            front, tokenizer, info = await asyncio.to_thread(build_front, self.config)
+            await front.start()
+            self.state.attach(front, tokenizer, info)
+            if self.redis_url:
+                self.registry = RuntimeRegistry(self.redis_url, {
+                    "url": self.url, "device": info.device, "model": info.model,
+                    "max_running": info.max_running, "max_gpu_adapters": info.max_gpu_adapters,
+                })  # fmt: skip
+                await self.registry.start()
+            logger.info("runtime ready at %s (model %s on %s)", self.url, info.model, info.device)
+        except Exception as exc:
+            logger.exception("runtime failed to start")
+            self.load_error = exc
+            self.server.should_exit = True
+
+    def _request_drain(self) -> None:
+        self.state.draining = True
+        self._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        if self.registry is not None:
+            await self.registry.stop()
+        try:
+            await asyncio.wait_for(self.state.wait_idle(), timeout=DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("drain timed out; aborting %d requests", len(self.state.streams))
+            if self.state.front is not None:
+                for request_id in list(self.state.streams):
+                    self.state.front.abort(request_id)
+        logger.info("drained; stopping")
+        self.server.should_exit = True
+
+    async def _shutdown(self) -> None:
+        self.state.draining = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.registry is not None:
+            await self.registry.stop()
+        if self.state.front is not None:
+            await self.state.front.shutdown(drain=False)
+
+
+def run(
+    config: RuntimeConfig, host: str, port: int, redis_url: str | None, public_url: str | None
+) -> None:
+    url = public_url or public_url_for(host, port)
+    process = RuntimeProcess(config, host, port, redis_url, url)
+    asyncio.run(process.run())
