@@ -25,17 +25,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from runtime.adapter_protocol import AdapterUnavailable
 from runtime.types import AdapterRef
+
+__all__ = ["AdapterCache", "AdapterUnavailable", "CacheEvent", "LoadResult", "LruTier", "SlotTable"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class AdapterUnavailable(Exception):
-    """The adapter cannot be served; the message says why and is safe to show the caller."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +48,10 @@ class LoadResult:
 
 class Loader(Protocol):
     def load(self, ref: AdapterRef) -> Future[LoadResult]: ...
+
+    def num_disk_entries(self) -> int | None: ...
+
+    def shutdown(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,8 +338,13 @@ class AdapterCache:
         self.events.append(CacheEvent(self._seq, kind, key, tier, slot))
 
     # --- figures ---------------------------------------------------------------------
-    def stats(self, disk_resident: int | None = None) -> dict[str, Any]:
+    def close(self) -> None:
+        """Stop the loader's threads (loads in flight finish, queued ones are dropped)."""
+        self._loader.shutdown()
+
+    def stats(self) -> dict[str, Any]:
         """The `adapters` object of GET /stats (see docs/internals.md)."""
+        disk_resident = self._loader.num_disk_entries()
         with self._lock:
             counts, cumulative = {}, 0
             for bound, n in zip(LOAD_SECONDS_BUCKETS, self.load_seconds, strict=False):

@@ -46,6 +46,7 @@ class ArtifactFetcher:
         self,
         s3_endpoint_url: str | None = None,
         *,
+        s3_region: str | None = None,
         max_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
         attempts: int = 4,
         backoff_s: float = 0.2,
@@ -53,6 +54,7 @@ class ArtifactFetcher:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._endpoint = s3_endpoint_url
+        self._region = s3_region
         self._max_bytes = max_bytes
         self._attempts = max(1, attempts)
         self._backoff_s = backoff_s
@@ -136,6 +138,7 @@ class ArtifactFetcher:
                 self._s3 = boto3.client(
                     "s3",
                     endpoint_url=self._endpoint,
+                    region_name=self._region,
                     config=Config(
                         s3={"addressing_style": "path"},
                         connect_timeout=3,
@@ -250,8 +253,8 @@ class AdapterLoader:
         future.add_done_callback(lambda f, k=ref.key: self._done(k, f))
         return future
 
-    def load_sync(self, ref: AdapterRef) -> LoadResult:
-        return self._load(ref)
+    def num_disk_entries(self) -> int | None:
+        return len(self.disk) if self.disk is not None else None
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -26,6 +26,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import kernels
+from runtime.adapter_cache import AdapterCache
+from runtime.adapter_store import AdapterLoader, ArtifactFetcher, DiskCache
+from runtime.config import RuntimeConfig
 from runtime.types import AdapterRef
 from runtime.weights import ModelArgs
 
@@ -222,3 +225,25 @@ class LoraManager:
             y, x, self.lora_a[projection][layer_idx], self.lora_b[projection][layer_idx],
             self.scales, self.meta, slice_sizes=self._slice_sizes[projection],
         )
+
+
+def build_lora_runtime(
+    config: RuntimeConfig, args: ModelArgs, dtype: torch.dtype
+) -> tuple[LoraManager, AdapterCache]:
+    """The LoRA manager to attach to the model and the cache to give the scheduler.
+
+    Device slots: `max_gpu_adapters`; host tier: `max_host_adapters`; disk tier under
+    `adapter_disk_dir` within `adapter_disk_bytes` (none when the dir is unset).
+    """
+    manager = LoraManager.for_model(
+        args, config.max_gpu_adapters, config.max_lora_rank, config.device, dtype
+    )
+    disk = (
+        DiskCache(config.adapter_disk_dir, config.adapter_disk_bytes)
+        if config.adapter_disk_dir is not None else None
+    )
+    fetcher = ArtifactFetcher(config.s3_endpoint_url, s3_region=config.s3_region)
+    loader = AdapterLoader(fetcher, manager.parse, disk)
+    cache = AdapterCache(config.max_gpu_adapters, config.max_host_adapters, loader,
+                         manager.set_lora)
+    return manager, cache

@@ -36,6 +36,12 @@ class FakeLoader:
     def finish(self, r: AdapterRef, source: str = "store") -> None:
         self.pending.pop(r.key).set_result(LoadResult(r.key, f"w:{r.key}", source, 0.02, 100))
 
+    def num_disk_entries(self) -> int | None:
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
     def fail(self, r: AdapterRef, message: str) -> None:
         self.pending.pop(r.key).set_exception(RuntimeError(message))
 
