@@ -293,3 +293,25 @@ async def test_good_adapter_is_stored_with_its_facts(
     )
     expected = sorted(f"sha256/{s[:2]}/{s}" for s in (view.sha256, config_sha))
     assert stored == expected
+
+
+async def test_a_failed_insert_removes_only_the_objects_it_created(
+    catalog: Catalog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await catalog.create_tenant("acme")
+    kept = await catalog.upload_version("acme", "a", *write_adapter(tmp_path / "one"))
+
+    async def broken_insert(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(catalog, "_insert_version", broken_insert)
+    # Same safetensors as version 1 (already stored, referenced) with a new config object.
+    again = write_adapter(tmp_path / "two", config=lora_config(lora_dropout=0.1))
+    with pytest.raises(RuntimeError):
+        await catalog.upload_version("acme", "a", *again)
+    fresh = write_adapter(tmp_path / "three", model=lora_tensors(seed=5))
+    with pytest.raises(RuntimeError):
+        await catalog.upload_version("acme", "b", *fresh)
+    names = {p.name for p in stored_objects(catalog.store)}  # type: ignore[arg-type]
+    assert len(names) == 2 and kept.sha256 in names  # version 1's model and config only
+    assert await count_rows(catalog) == (1, 1)
