@@ -54,6 +54,10 @@ class LLMEngine:
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        if lora is None and adapters is None and config.max_gpu_adapters > 0:
+            from runtime.lora_layers import build_lora_runtime
+
+            lora, adapters = build_lora_runtime(config, args, self.dtype)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -144,7 +148,8 @@ class LLMEngine:
             self.device,
         )
         if self.lora is not None:
-            self.lora.prepare(torch.tensor(token_to_slot, dtype=torch.int32, device=self.device))
+            # A host tensor: the manager decides "no adapter this step" without a device sync.
+            self.lora.prepare(torch.tensor(token_to_slot, dtype=torch.int32))
         hidden = self.model.forward(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -199,7 +204,7 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
         )
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         bm = self.scheduler.block_manager
         return {
             "num_running": len(self.scheduler.running),
@@ -207,4 +212,5 @@ class LLMEngine:
             "kv_blocks_free": bm.num_free_blocks,
             "kv_blocks_total": bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            **({"adapters": self.adapters.stats()} if hasattr(self.adapters, "stats") else {}),
         }
