@@ -126,6 +126,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request in flight with an error (a step raised); the engine stays usable."""
+        outputs, self._pending = self._pending, []
+        for seq in self.scheduler.unfinished():
+            self.scheduler.finish(seq, FinishReason.ERROR, message)
+            outputs.append(self._final(seq, "", None))
+        return outputs
+
     # -- one step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

@@ -78,6 +78,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self._by_id)
 
+    def unfinished(self) -> list[Sequence]:
+        return list(self._by_id.values())
+
     def abort(self, request_id: str) -> Sequence | None:
         """Finish the request at once, freeing its blocks and slot; None if unknown or done."""
         seq = self._by_id.get(request_id)
