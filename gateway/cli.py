@@ -82,12 +82,13 @@ def _configure_logging(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Alembic announces each of its plugins at INFO on every start; keep its real news only.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _runtime(args: argparse.Namespace, settings: Settings) -> int:
-    from runtime.server import serve as serve_runtime
-
     from runtime.config import RuntimeConfig
+    from runtime.server import serve as serve_runtime
 
     device = args.device or settings.device or _default_device()
     optional = {
