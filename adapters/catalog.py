@@ -12,18 +12,19 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters import experiments as exp
 from adapters import queries as q
+from adapters import versions
 from adapters.base_model import BaseModelSpec
 from adapters.errors import Conflict, InvalidArgument, NotFound, TooLarge
 from adapters.keys import generate_key
 from adapters.models import Adapter, AdapterVersion, ApiKey, Tenant, utcnow
 from adapters.storage import ArtifactStore
-from adapters.validation import ValidatedAdapter, validate_adapter
+from adapters.validation import validate_adapter
 from adapters.views import (
     AdapterView,
     ExperimentView,
@@ -36,7 +37,7 @@ from adapters.views import (
     VersionView,
 )
 
-_RETRIES = 3  # unique-constraint races (first upload of a new adapter, key prefix clash)
+_RETRIES = 3  # a 48-bit key prefix clash: draw again
 
 
 def _tenant_view(row: Tenant) -> TenantView:
@@ -201,9 +202,9 @@ class Catalog:
             for path, sha in objects:
                 if await asyncio.to_thread(self.store.put_file, path, sha):
                     created.append(sha)
-            view = await self._insert_version(tenant, adapter, checked, activate)
+            view = await versions.insert_version(self._sessions, tenant, adapter, checked, activate)
         except BaseException:
-            await asyncio.shield(self._drop_unreferenced(created))
+            await asyncio.shield(versions.drop_unreferenced(self._sessions, self.store, created))
             raise
         # A concurrent delete of another version with the same bytes may have removed an
         # object we found already present; put it back now that our row protects it.
@@ -211,65 +212,6 @@ class Catalog:
             if not await asyncio.to_thread(self.store.exists, sha):
                 await asyncio.to_thread(self.store.put_file, path, sha)
         return view
-
-    async def _insert_version(
-        self, tenant: str, adapter: str, checked: ValidatedAdapter, activate: bool | None
-    ) -> VersionView:
-        for attempt in range(_RETRIES):
-            try:
-                async with self._sessions() as session, session.begin():
-                    owner = await q.tenant_row(session, tenant)
-                    row = await session.scalar(
-                        select(Adapter).where(
-                            Adapter.tenant_id == owner.id, Adapter.name == adapter
-                        )
-                    )
-                    if row is None:
-                        if await q.experiment_named(session, owner.id, adapter):
-                            raise Conflict(f"an experiment named {adapter!r} exists")
-                        row = Adapter(tenant_id=owner.id, name=adapter, next_version=1)
-                        session.add(row)
-                        await session.flush()
-                    # The counter bump is the lock that numbers concurrent uploads 1, 2, 3.
-                    await session.execute(
-                        update(Adapter)
-                        .where(Adapter.id == row.id)
-                        .values(next_version=Adapter.next_version + 1, updated_at=utcnow())
-                    )
-                    number = await session.scalar(
-                        select(Adapter.next_version).where(Adapter.id == row.id)
-                    )
-                    assert number is not None
-                    current = await q.active_version(session, row)
-                    version = AdapterVersion(
-                        adapter_id=row.id,
-                        number=number - 1,
-                        sha256=checked.sha256,
-                        config_sha256=checked.config_sha256,
-                        rank=checked.rank,
-                        alpha=checked.alpha,
-                        target_modules=list(checked.target_modules),
-                        use_rslora=checked.use_rslora,
-                        size_bytes=checked.size_bytes,
-                        is_active=False,
-                    )
-                    session.add(version)
-                    await session.flush()
-                    if current is None or activate:
-                        await q.set_active(session, row.id, version.id)
-                        version.is_active = True
-                    return q.version_view(adapter, version)
-            except IntegrityError:  # two first uploads raced to create the adapter row
-                if attempt == _RETRIES - 1:
-                    raise Conflict(f"adapter {adapter!r} changed concurrently; retry") from None
-        raise AssertionError("unreachable")
-
-    async def _drop_unreferenced(self, shas: list[str]) -> None:
-        for sha in shas:
-            async with self._sessions() as session:
-                if await q.object_referenced(session, sha):
-                    continue
-            await asyncio.to_thread(self.store.delete, sha)
 
     async def list_adapters(self, tenant: str) -> list[AdapterView]:
         async with self._sessions() as session:
@@ -319,18 +261,22 @@ class Catalog:
         return await self.get_adapter(tenant, adapter)
 
     async def delete_version(self, tenant: str, adapter: str, version: int) -> None:
-        async with self._sessions() as session, session.begin():
-            owner = await q.tenant_row(session, tenant)
-            row = await q.adapter_row(session, owner.id, adapter)
-            await q.lock_adapter(session, row.id)
-            target = await q.version_row(session, row, version)
-            if target.is_active:
-                raise Conflict(f"version {version} of {adapter!r} is active")
-            if await q.version_in_experiment(session, target.id):
-                raise Conflict(f"version {version} of {adapter!r} is used by an experiment")
-            shas = [target.sha256, target.config_sha256]
-            await session.delete(target)
-        await self._drop_unreferenced(shas)
+        in_use = Conflict(f"version {version} of {adapter!r} is used by an experiment")
+        try:
+            async with self._sessions() as session, session.begin():
+                owner = await q.tenant_row(session, tenant)
+                row = await q.adapter_row(session, owner.id, adapter)
+                await q.lock_adapter(session, row.id)
+                target = await q.version_row(session, row, version)
+                if target.is_active:
+                    raise Conflict(f"version {version} of {adapter!r} is active")
+                if await q.version_in_experiment(session, target.id):
+                    raise in_use
+                shas = [target.sha256, target.config_sha256]
+                await session.delete(target)
+        except IntegrityError:  # an experiment pinned it between our check and the delete
+            raise in_use from None
+        await versions.drop_unreferenced(self._sessions, self.store, shas)
 
     # -------------------------------------------------------------- experiments
     async def put_experiment(

@@ -88,8 +88,11 @@ class LocalStore:
         target = self._path(sha256)
         if target.exists():
             return False
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".put-", dir=target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".put-", dir=target.parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"local store not writable: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "wb") as out, Path(path).open("rb") as src:
                 _copy_verified(src, out, sha256)
@@ -97,8 +100,10 @@ class LocalStore:
                 os.fsync(out.fileno())
             # Atomic: a reader sees either no object or the whole verified one.
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):  # disk full, permissions: the store, not the caller
+                raise StorageUnavailable(f"local store write failed: {exc.strerror}") from exc
             raise
         return True
 

@@ -304,7 +304,7 @@ async def test_a_failed_insert_removes_only_the_objects_it_created(
     async def broken_insert(*args, **kwargs):
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(catalog, "_insert_version", broken_insert)
+    monkeypatch.setattr("adapters.versions.insert_version", broken_insert)
     # Same safetensors as version 1 (already stored, referenced) with a new config object.
     again = write_adapter(tmp_path / "two", config=lora_config(lora_dropout=0.1))
     with pytest.raises(RuntimeError):
