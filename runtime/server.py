@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains in about a second of decode steps
 DRAINING_RETRY_AFTER_S = 5  # enough for a gateway to pick another runtime
+# The engine's "try again later" refusals (runtime.engine.QueueFull, async_engine's
+# EngineDraining), matched by name so this module stays free of torch.
+_RETRYABLE = frozenset({"QueueFull", "EngineDraining"})
 
 
 class Front(Protocol):
@@ -83,6 +86,8 @@ class RuntimeState:
     info: RuntimeInfo | None = None
     draining: bool = False
     streams: set[str] = field(default_factory=set)  # request ids with an open stream
+    # More objects for /stats, by name, e.g. "adapters" -> the adapter cache's figures.
+    extra_stats: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -156,9 +161,14 @@ async def _events(state: RuntimeState, req: EngineRequest) -> AsyncIterator[byte
         # and the message says why.
         finished = True
         yield encode_event(ErrorEvent(code="invalid_request", message=str(exc)))
-    except Exception:
-        logger.exception("request %s failed", req.request_id)
-        yield encode_event(ErrorEvent(code="internal_error", message="the runtime failed"))
+    except Exception as exc:
+        if type(exc).__name__ in _RETRYABLE:
+            # Lost a race with the handler's 503 checks after the stream had begun.
+            finished = True
+            yield encode_event(ErrorEvent(code="overloaded", message=str(exc)))
+        else:
+            logger.exception("request %s failed", req.request_id)
+            yield encode_event(ErrorEvent(code="internal_error", message="the runtime failed"))
     finally:
         # Runs on client disconnect too: the stream task is cancelled at an await in here.
         _finish(state, req.request_id, finished)
@@ -260,6 +270,8 @@ def create_runtime_app(
         if state.front is None or state.info is None:
             return Response({"status": "loading"}, status_code=503)
         body = dict(state.front.stats())
+        for name, figures in state.extra_stats.items():
+            body.setdefault(name, figures())
         body["num_streams"] = len(state.streams)
         body["draining"] = state.draining
         body["limits"] = asdict(state.info)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -64,12 +65,29 @@ class _DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._on_drain)
 
 
-def build_front(config: RuntimeConfig) -> tuple[Any, Any, RuntimeInfo]:
-    """Load the engine (blocking: weights, tokenizer, KV cache) and describe it."""
+@dataclass
+class Loaded:
+    """A loaded engine as the process needs it."""
+
+    front: Any  # AsyncLLMEngine
+    tokenizer: Any  # runtime.tokenizer.Tokenizer
+    info: RuntimeInfo
+    adapters: Any  # AdapterCache: its figures go into /stats, its threads stop at shutdown
+
+
+def build_front(config: RuntimeConfig) -> Loaded:
+    """Load the engine with its LoRA layers and adapter cache (blocking) and describe it."""
+    import torch
+
     from runtime.async_engine import AsyncLLMEngine
     from runtime.engine import LLMEngine
+    from runtime.lora_layers import build_lora_runtime
+    from runtime.weights import ModelArgs
 
-    engine = LLMEngine(config)
+    on_cuda = torch.device(config.device).type == "cuda"
+    dtype = getattr(torch, config.dtype or ("bfloat16" if on_cuda else "float32"))
+    lora, adapters = build_lora_runtime(config, ModelArgs.from_model_dir(config.model_dir), dtype)
+    engine = LLMEngine(config, lora=lora, adapters=adapters)
     info = RuntimeInfo(
         model=config.model_dir.resolve().name,
         device=str(config.device),
@@ -77,10 +95,10 @@ def build_front(config: RuntimeConfig) -> tuple[Any, Any, RuntimeInfo]:
         vocab_size=engine.model.args.vocab_size,
         max_running=config.max_running,
         max_waiting=config.max_waiting,
-        max_gpu_adapters=config.max_gpu_adapters if engine.adapters is not None else 0,
+        max_gpu_adapters=config.max_gpu_adapters,
         max_lora_rank=config.max_lora_rank,
     )
-    return AsyncLLMEngine(engine), engine.tokenizer, info
+    return Loaded(AsyncLLMEngine(engine), engine.tokenizer, info, adapters)
 
 
 class RuntimeProcess:
@@ -93,6 +111,7 @@ class RuntimeProcess:
         self.state = RuntimeState()
         self.registry: RuntimeRegistry | None = None
         self.load_error: BaseException | None = None
+        self.loaded: Loaded | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         app = create_runtime_app(
             state=self.state, on_startup=[self._start_loading], on_shutdown=[self._shutdown]
@@ -121,9 +140,11 @@ class RuntimeProcess:
 
     async def _load(self) -> None:
         try:
-            front, tokenizer, info = await asyncio.to_thread(build_front, self.config)
-            await front.start()
-            self.state.attach(front, tokenizer, info)
+            self.loaded = await asyncio.to_thread(build_front, self.config)
+            info = self.loaded.info
+            await self.loaded.front.start()
+            self.state.attach(self.loaded.front, self.loaded.tokenizer, info)
+            self.state.extra_stats["adapters"] = self.loaded.adapters.stats
             if self.redis_url:
                 self.registry = RuntimeRegistry(self.redis_url, {
                     "url": self.url, "device": info.device, "model": info.model,
@@ -161,6 +182,8 @@ class RuntimeProcess:
             await self.registry.stop()
         if self.state.front is not None:
             await self.state.front.shutdown(drain=False)
+        if self.loaded is not None:
+            self.loaded.adapters.close()
 
 
 def run(
