@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gateway.settings import Settings, SettingsError
 
@@ -138,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if args.command == "serve":
         overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir,
                      "base_model_dir": args.base_model, "device": args.device,

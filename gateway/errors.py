@@ -176,14 +176,13 @@ def to_response(exc: BaseException) -> Response[dict[str, Any]]:
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    response = to_response(exc)
-    if response.status_code >= 500:
+    if spec_for(exc).status >= 500:
         # The trace goes to the log only; the body above says nothing about the fault.
         logger.error(
             "%s %s failed with %s", request.method, request.url.path, type(exc).__name__,
             exc_info=exc,
         )
-    return response
+    return to_response(exc)
 
 
 EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {Exception: handle_exception}
