@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -40,6 +41,18 @@ def save_random_model(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((builtin / name).read_bytes())
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Intra-op threads for a block: on a shared 2-core box, 2 threads spin against other
+    processes and small ops get 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def builtin_model_dir(path: Path) -> Path:

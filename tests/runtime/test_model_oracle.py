@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import builtin_model_dir, hf_model, save_random_model
+from hf_models import builtin_model_dir, hf_model, save_random_model, torch_threads
 
 from runtime.kv_cache import KVCache, build_metadata
 from runtime.model import LlamaModel
@@ -28,6 +28,12 @@ CASES = {
                   "tie_word_embeddings": True, "num_key_value_heads": 4}),
     "mistral-sharded": ("mistral", {"sliding_window": None, "head_dim": 32}),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 def _model_dir(tmp_path: Path, case: str) -> Path:
