@@ -85,6 +85,8 @@ def _configure_logging(settings: Settings) -> None:
     )
     # Alembic announces each of its plugins at INFO on every start; keep its real news only.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # httpx logs every outbound call at INFO, readiness probes included.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _runtime(args: argparse.Namespace, settings: Settings) -> int:

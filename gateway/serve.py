@@ -81,6 +81,14 @@ def stop_child(child: subprocess.Popen[bytes]) -> None:
         child.wait()
 
 
+class _Shutdown(Exception):
+    """SIGTERM, turned into an exception so that `finally` blocks (stopping the child) run."""
+
+
+def _raise_shutdown(signum: int, _frame: Any) -> None:
+    raise _Shutdown(signal.Signals(signum).name)
+
+
 class _Server(uvicorn.Server):
     """uvicorn, printing the URL once the socket is bound (not before, when it may fail)."""
 
@@ -133,7 +141,14 @@ def serve(settings: Settings) -> int:
             app, host=settings.host, port=settings.port, log_config=None
         )
         server = _Server(config, f"http://{settings.host}:{settings.port}")
-        server.run()
+        # uvicorn shuts down gracefully, then re-raises the signal under the handler that was
+        # installed before it: ours, so SIGTERM ends here instead of killing the process
+        # before the child is stopped.
+        signal.signal(signal.SIGTERM, _raise_shutdown)
+        try:
+            server.run()
+        except (KeyboardInterrupt, _Shutdown):
+            pass
         return 0 if server.started else 1
     finally:
         if child is not None:

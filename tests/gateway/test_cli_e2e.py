@@ -140,3 +140,39 @@ def test_serve_and_admin_upload_end_to_end(tmp_path: Path, peft_adapter: Path) -
 
     logged = log.read_text()
     assert token not in logged and key["key"] not in logged
+
+
+def port_open(url: str) -> bool:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(tmp_path: Path) -> None:
+    data_dir, port, log = tmp_path / "data", free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with log.open("a") as log_file:
+        proc = subprocess.Popen(
+            loragate("serve", "--data-dir", str(data_dir), "--port", str(port),
+                     "--device", "cpu"),
+            stdout=subprocess.PIPE, stderr=log_file, text=True, env=clean_env(), cwd=ROOT,
+        )
+    try:
+        assert proc.stdout is not None
+        read_until(proc.stdout, "listening on", proc)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        ready = httpx.get(f"{url}/readyz")
+        while ready.status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)  # polling readiness until the deadline, not a timing assertion
+            ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 200, log.read_text()[-3000:]
+        runtime_url = ready.json()["runtimes"][0]["url"]
+        assert port_open(runtime_url)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert not port_open(runtime_url), "the runtime child outlived serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
