@@ -86,8 +86,6 @@ class RuntimeState:
     info: RuntimeInfo | None = None
     draining: bool = False
     streams: set[str] = field(default_factory=set)  # request ids with an open stream
-    # More objects for /stats, by name, e.g. "adapters" -> the adapter cache's figures.
-    extra_stats: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -270,8 +268,6 @@ def create_runtime_app(
         if state.front is None or state.info is None:
             return Response({"status": "loading"}, status_code=503)
         body = dict(state.front.stats())
-        for name, figures in state.extra_stats.items():
-            body.setdefault(name, figures())
         body["num_streams"] = len(state.streams)
         body["draining"] = state.draining
         body["limits"] = asdict(state.info)

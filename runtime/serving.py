@@ -72,7 +72,7 @@ class Loaded:
     front: Any  # AsyncLLMEngine
     tokenizer: Any  # runtime.tokenizer.Tokenizer
     info: RuntimeInfo
-    adapters: Any  # AdapterCache: its figures go into /stats, its threads stop at shutdown
+    adapters: Any  # AdapterCache: its loader threads stop at shutdown
 
 
 def build_front(config: RuntimeConfig) -> Loaded:
@@ -144,7 +144,6 @@ class RuntimeProcess:
             info = self.loaded.info
             await self.loaded.front.start()
             self.state.attach(self.loaded.front, self.loaded.tokenizer, info)
-            self.state.extra_stats["adapters"] = self.loaded.adapters.stats
             if self.redis_url:
                 self.registry = RuntimeRegistry(self.redis_url, {
                     "url": self.url, "device": info.device, "model": info.model,
