@@ -57,10 +57,10 @@ class AsyncLLMEngine:
         Raises ValueError (bad request), QueueFull or EngineDraining before the first output.
         Leaving the iteration early (client gone) aborts the request.
         """
-        if self._thread is None:
-            raise RuntimeError("call start() first")
         if not self._admitting:
             raise EngineDraining("the runtime is draining")
+        if self._thread is None:
+            raise RuntimeError("call start() first")
         self.engine.check_request(req)  # pure: safe outside the worker thread
         if self._stats["num_waiting"] + len(self._new) >= self.engine.config.max_waiting:
             raise QueueFull("the waiting queue is full")
