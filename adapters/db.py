@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -67,6 +68,11 @@ def _alembic_config(url: str) -> Any:
     return config
 
 
+# Alembic keeps its migration context in module globals: one command per process at a time.
+# Across processes (replicas) migrations/env.py takes a PostgreSQL advisory lock.
+_ALEMBIC_LOCK = threading.Lock()
+
+
 def _off_the_loop(fn: Callable[[], T]) -> T:
     """Run fn here, or on a helper thread when this thread already runs an event loop
     (Alembic's env starts its own loop for the async driver)."""
@@ -88,7 +94,12 @@ def run_migrations(
         raise ValueError("direction must be 'upgrade' or 'downgrade'")
     config = _alembic_config(url)
     step = command.upgrade if direction == "upgrade" else command.downgrade
-    _off_the_loop(lambda: step(config, revision))
+
+    def locked() -> None:
+        with _ALEMBIC_LOCK:
+            step(config, revision)
+
+    _off_the_loop(locked)
 
 
 def upgrade_database(url: str) -> None:

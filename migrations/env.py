@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 
 from adapters.db import create_engine, is_sqlite
@@ -34,10 +34,21 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any constant shared by every replica: two gateways starting at once must not both migrate.
+_PG_MIGRATION_LOCK = 0x6C6F7261  # "lora"
+
+
 def _run_sync(connection: Connection) -> None:
-    _configure(connection=connection)
-    with context.begin_transaction():
-        context.run_migrations()
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+    try:
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    finally:
+        if postgres:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_MIGRATION_LOCK})
 
 
 async def run_migrations_online() -> None:

@@ -45,7 +45,12 @@ def empty_postgres_url(postgres_url: str) -> str:
     return postgres_url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", marks=pytest.mark.unit),
+        pytest.param("postgres", marks=pytest.mark.integration),
+    ]
+)
 def any_db_url(request: pytest.FixtureRequest) -> str:
     """A migrated, empty catalog database: SQLite, then PostgreSQL."""
     name = "sqlite_url" if request.param == "sqlite" else "empty_postgres_url"

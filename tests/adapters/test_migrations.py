@@ -4,6 +4,8 @@ exactly the schema adapters/models.py declares."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,16 +69,38 @@ def test_sqlite_upgrades_and_downgrades(tmp_path: Path) -> None:
     _check_round_trip(f"sqlite+aiosqlite:///{tmp_path / 'sub' / 'c.db'}")
 
 
-@pytest.mark.integration
-def test_postgres_upgrades_and_downgrades(postgres_url: str) -> None:
+def _reset_postgres(url: str) -> None:
     async def drop_all() -> None:
-        engine = create_engine(postgres_url)
+        engine = create_engine(url)
         async with engine.begin() as conn:
             await conn.execute(text("DROP SCHEMA public CASCADE"))
             await conn.execute(text("CREATE SCHEMA public"))
         await engine.dispose()
 
     asyncio.run(drop_all())  # other tests of the session may have migrated it already
+
+
+@pytest.mark.integration
+def test_concurrent_upgrades_on_postgres_both_succeed(postgres_url: str) -> None:
+    # Two replicas starting at once: the advisory lock in migrations/env.py serializes them.
+    _reset_postgres(postgres_url)
+    code = "import sys; from adapters.db import upgrade_database; upgrade_database(sys.argv[1])"
+    root = Path(__file__).resolve().parents[2]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, postgres_url], cwd=root, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    assert current_revision(postgres_url) == head_revision()
+
+
+@pytest.mark.integration
+def test_postgres_upgrades_and_downgrades(postgres_url: str) -> None:
+    _reset_postgres(postgres_url)
     try:
         _check_round_trip(postgres_url)
     finally:

@@ -28,7 +28,12 @@ def _s3_store(s3_server, prefix: str, **kw) -> S3Store:
     )
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=[
+        pytest.param("local", marks=pytest.mark.unit),
+        pytest.param("s3", marks=pytest.mark.integration),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
