@@ -6,6 +6,7 @@ views. Every catalog error becomes an HTTP answer through gateway/errors.py's ta
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -15,7 +16,9 @@ from litestar.params import JSONBody, Parameter, PathParameter
 
 from adapters.views import ShadowSpec, VariantSpec
 from gateway.auth import require_admin
+from gateway.errors import BadRequest
 from gateway.schemas import (
+    NAME_PATTERN,
     Adapter,
     AdapterActivate,
     Experiment,
@@ -30,6 +33,7 @@ from gateway.schemas import (
 from gateway.services import Services
 from gateway.uploads import receive_adapter_upload
 
+NAME_RE = re.compile(NAME_PATTERN)
 Svc = NamedDependency[Services]
 PathStr = Annotated[str, PathParameter()]
 PathInt = Annotated[int, PathParameter()]
@@ -94,7 +98,10 @@ class AdminController(Controller):
     ) -> Version:
         """multipart/form-data with parts `adapter_config` (adapter_config.json) and
         `adapter_model` (adapter_model.safetensors). Part filenames are ignored."""
-        await services.catalog.get_tenant(tenant)  # 404 before reading a large body
+        # Refuse what the catalog would refuse before reading a body of up to 512 MiB.
+        if NAME_RE.fullmatch(adapter) is None:
+            raise BadRequest(f"adapter name must match {NAME_PATTERN}", param="adapter")
+        await services.catalog.get_tenant(tenant)
         settings = services.settings
         async with receive_adapter_upload(
             request,

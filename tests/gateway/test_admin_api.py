@@ -12,6 +12,7 @@ from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
+from gateway.settings import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +73,7 @@ async def test_key_is_shown_once_and_works(client: AsyncTestClient[Any]) -> None
 
 
 async def test_upload_real_peft_adapter_is_listed_with_its_metadata(
-    client: AsyncTestClient[Any], peft_adapter: Path
+    client: AsyncTestClient[Any], peft_adapter: Path, settings: Settings
 ) -> None:
     await create_tenant(client, "acme")
     response = await upload(client, "acme", "support", peft_adapter)
@@ -101,6 +102,7 @@ async def test_upload_real_peft_adapter_is_listed_with_its_metadata(
     assert listed[0]["name"] == "support" and listed[0]["active_version"] == 1
     assert listed[0]["versions"][0]["sha256"] == expected["sha256"]
     assert listed[0]["versions"][0]["size_bytes"] == len(model_bytes)
+    assert not any((settings.data_dir / "uploads").iterdir()), "temporary files left behind"
 
 
 async def test_activate_rollback_and_delete_rules(
@@ -244,3 +246,15 @@ async def test_openapi_document_lists_the_admin_api(client: AsyncTestClient[Any]
                  "/admin/tenants/{tenant}/adapters/{adapter}/versions",
                  "/admin/tenants/{tenant}/experiments/{name}", "/healthz", "/readyz"):
         assert path in paths, path
+
+
+async def test_upload_to_a_bad_name_or_unknown_tenant_is_refused_before_the_body(
+    client: AsyncTestClient[Any], peft_adapter: Path
+) -> None:
+    await create_tenant(client, "acme")
+    bad_name = await upload(client, "acme", "Bad.Name", peft_adapter)
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "adapter"
+    unknown = await upload(client, "ghost", "support", peft_adapter)
+    assert unknown.status_code == 404
+    listed = await client.get("/admin/tenants/acme/adapters", headers=admin())
+    assert listed.json() == []
