@@ -108,11 +108,9 @@ class Services:
 
     @asynccontextmanager
     async def lifespan(self, _app: Any) -> AsyncIterator[None]:
-        started: list[Hook] = []
         try:
             for hook in self.on_startup:
                 await hook()
-                started.append(hook)
             yield
         finally:
             for hook in reversed(self.on_shutdown):
