@@ -81,19 +81,22 @@ def build_metadata(
     device: torch.device | str,
 ) -> AttentionMetadata:
     """Index tensors for one step. A sequence with num_new == 1 counts as decode."""
-    slots: list[torch.Tensor] = []
+    # Plain Python for the per-token indexes: for a step's few hundred tokens it is cheaper
+    # than building many small tensors.
+    slots: list[int] = []
     decode: list[tuple[int, list[int], int]] = []
     prefills: list[PrefillChunk] = []
     offsets = torch.arange(block_size)
     row = 0
     for block_table, num_cached, num_new in seqs:
         context = num_cached + num_new
-        table = torch.tensor(block_table[: (context + block_size - 1) // block_size])
-        rows = (table[:, None] * block_size + offsets).reshape(-1)[:context]
-        slots.append(rows[num_cached:])
+        slots += [block_table[p // block_size] * block_size + p % block_size
+                  for p in range(num_cached, context)]
         if num_new == 1:
             decode.append((row, block_table, context))
         else:
+            table = torch.tensor(block_table[: (context + block_size - 1) // block_size])
+            rows = (table[:, None] * block_size + offsets).reshape(-1)[:context]
             mask = None
             if num_cached:
                 q_pos = torch.arange(num_cached, context)[:, None]
@@ -101,13 +104,14 @@ def build_metadata(
                 mask = mask.to(device)
             prefills.append(PrefillChunk(row, num_new, rows.to(device), mask))
         row += num_new
-    meta = AttentionMetadata(torch.cat(slots).to(device), None, None, None, prefills)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    meta = AttentionMetadata(slot_mapping, None, None, None, prefills)
     if decode:
         max_blocks = max((ctx + block_size - 1) // block_size for _, _, ctx in decode)
-        tables = torch.zeros(len(decode), max_blocks, dtype=torch.int64)
-        for i, (_, bt, ctx) in enumerate(decode):
-            n = (ctx + block_size - 1) // block_size
-            tables[i, :n] = torch.tensor(bt[:n])
+        tables = torch.tensor([
+            (bt[: (ctx + block_size - 1) // block_size] + [0] * max_blocks)[:max_blocks]
+            for _, bt, ctx in decode
+        ])
         gather = (tables[:, :, None] * block_size + offsets).reshape(len(decode), -1)
         lengths = torch.tensor([ctx for _, _, ctx in decode])
         mask = torch.arange(gather.shape[1])[None, :] < lengths[:, None]
@@ -127,8 +131,11 @@ def paged_attention(
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
         qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [B, heads, 1, dim]
-        k = k_pool[meta.decode_gather].transpose(1, 2)  # [B, kv_heads, ctx, dim]
-        v = v_pool[meta.decode_gather].transpose(1, 2)
+        batch, ctx = meta.decode_gather.shape
+        flat = meta.decode_gather.view(-1)
+        # index_select on the flattened rows is several times faster than 2-D fancy indexing.
+        k = k_pool.index_select(0, flat).view(batch, ctx, *k_pool.shape[1:]).transpose(1, 2)
+        v = v_pool.index_select(0, flat).view(batch, ctx, *v_pool.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qd, k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
         )
@@ -136,8 +143,8 @@ def paged_attention(
     for chunk in meta.prefills:
         end = chunk.start + chunk.num_tokens
         qp = q[chunk.start : end].transpose(0, 1).unsqueeze(0)  # [1, heads, n, dim]
-        k = k_pool[chunk.gather].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, ctx, dim]
-        v = v_pool[chunk.gather].transpose(0, 1).unsqueeze(0)
+        k = k_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)  # [1, kvh, ctx, dim]
+        v = v_pool.index_select(0, chunk.gather).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             qp, k, v, attn_mask=chunk.mask, is_causal=chunk.mask is None, scale=scale,
             enable_gqa=True,

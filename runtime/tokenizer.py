@@ -24,6 +24,9 @@ _CONTEXT_TOKENS = 6
 class Tokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
+        # The Rust tokenizer under a fast HF tokenizer: decoding through it skips the Python
+        # wrapper's per-call conversions, which dominate for the few ids a stream decodes.
+        self._fast = getattr(hf_tokenizer, "_tokenizer", None)
         self.vocab_size = len(hf_tokenizer)
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
 
@@ -46,6 +49,8 @@ class Tokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:
+        if self._fast is not None and not getattr(self.hf, "clean_up_tokenization_spaces", False):
+            return self._fast.decode(token_ids, skip_special_tokens=True)
         return self.hf.decode(token_ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
