@@ -52,6 +52,9 @@ class TenantPrincipal:
 
     tenant: str
     key_id: str
+    # The tenant's limits as of the key lookup (cached with it), for the rate limiter.
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 @dataclass(slots=True)
@@ -100,7 +103,12 @@ class Authenticator:
             raise Unauthorized("invalid API key")
         if record.revoked:
             raise Unauthorized("this API key has been revoked")
-        return TenantPrincipal(tenant=record.tenant, key_id=str(record.key_id))
+        return TenantPrincipal(
+            tenant=record.tenant,
+            key_id=str(record.key_id),
+            requests_per_minute=record.requests_per_minute,
+            tokens_per_minute=record.tokens_per_minute,
+        )
 
     async def key_revoked(self) -> None:
         """Call after the catalog revoked a key: forget cached keys here and everywhere."""

@@ -105,13 +105,15 @@ async def test_cached_key_expires_without_redis_so_other_replicas_revocations_la
     services = build_services(settings)
     try:
         catalog = services.catalog
-        await catalog.create_tenant("acme")
+        await catalog.create_tenant("acme", requests_per_minute=60, tokens_per_minute=5000)
         view, key = await catalog.create_key("acme", "ci")
         now = [1000.0]
         auth = Authenticator(catalog, None, None,
                              cache_ttl_s=settings.effective_key_cache_ttl_s,
                              revocation_check_s=1.0, clock=lambda: now[0])
-        assert (await auth.authenticate_tenant(key)).tenant == "acme"
+        principal = await auth.authenticate_tenant(key)
+        assert (principal.tenant, principal.key_id) == ("acme", view.id)
+        assert (principal.requests_per_minute, principal.tokens_per_minute) == (60, 5000)
         await catalog.revoke_key(view.id)
         now[0] += 1.0
         assert (await auth.authenticate_tenant(key)).tenant == "acme"  # served from cache
