@@ -35,12 +35,19 @@ def prepare_data_dir(settings: Settings) -> str | None:
 
     Returns a newly generated admin token (first start only), else None.
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.database_url.startswith("sqlite"):
-        # Embedded mode owns its database; PostgreSQL is migrated by `loragate migrate`.
-        from adapters.db import upgrade_database
+    from adapters.db import current_revision, head_revision, is_sqlite, upgrade_database
 
-        upgrade_database(settings.database_url)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if is_sqlite(settings.database_url):
+        upgrade_database(settings.database_url)  # embedded mode owns its database
+    else:
+        # A shared database is migrated once, on purpose, by `loragate migrate`.
+        current, head = current_revision(settings.database_url), head_revision()
+        if current != head:
+            raise SystemExit(
+                f"catalog schema is at {current or 'no revision'}, this version needs {head}: "
+                "run `loragate migrate upgrade` first"
+            )
     if settings.base_model_dir is None:
         from runtime.builtin import ensure_builtin_model
 

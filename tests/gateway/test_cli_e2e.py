@@ -19,7 +19,7 @@ import httpx
 import pytest
 from gw_helpers import read_adapter_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.unit]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0

@@ -48,3 +48,20 @@ async def test_upload_lands_in_s3_and_postgres(
                                            Key=f"{prefix}/{object_key(sha)}")
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == sha
     assert not (settings.data_dir / "artifacts").exists(), "S3 mode must not write locally"
+
+
+def test_serve_refuses_an_unmigrated_shared_database(
+    tmp_path: Path, base_model_dir: Path, postgres_url: str
+) -> None:
+    from adapters.db import run_migrations
+    from gateway.serve import prepare_data_dir
+
+    settings = make_settings(tmp_path / "data", base_model_dir, database_url=postgres_url)
+    upgrade_database(postgres_url)
+    prepare_data_dir(settings)  # at head: starts
+    run_migrations(postgres_url, "downgrade", "base")
+    try:
+        with pytest.raises(SystemExit, match="loragate migrate upgrade"):
+            prepare_data_dir(settings)
+    finally:
+        upgrade_database(postgres_url)  # the session's database is shared with other tests
