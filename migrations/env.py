@@ -41,14 +41,21 @@ _PG_MIGRATION_LOCK = 0x6C6F7261  # "lora"
 def _run_sync(connection: Connection) -> None:
     postgres = connection.dialect.name == "postgresql"
     if postgres:
+        # A session-level lock, taken and committed on its own, so the migration below runs
+        # and commits in its own transaction before the lock is released: the next replica
+        # then sees the new revision instead of migrating again.
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        connection.commit()
     try:
         _configure(connection=connection)
         with context.begin_transaction():
             context.run_migrations()
+        connection.commit()
     finally:
         if postgres:
+            connection.rollback()  # leave a failed migration's transaction before unlocking
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            connection.commit()
 
 
 async def run_migrations_online() -> None:
