@@ -221,13 +221,13 @@ class Catalog:
                     select(Adapter).where(Adapter.tenant_id == owner.id).order_by(Adapter.name)
                 )
             )
-            versions = await session.scalars(
+            version_rows = await session.scalars(
                 select(AdapterVersion)
                 .where(AdapterVersion.adapter_id.in_([a.id for a in adapters]))
                 .order_by(AdapterVersion.number)
             )
             by_adapter: dict[int, list[AdapterVersion]] = {}
-            for v in versions:
+            for v in version_rows:
                 by_adapter.setdefault(v.adapter_id, []).append(v)
         return [self._adapter_view(a, by_adapter.get(a.id, [])) for a in adapters]
 
@@ -241,14 +241,14 @@ class Catalog:
         async with self._sessions() as session:
             owner = await q.tenant_row(session, tenant)
             row = await q.adapter_row(session, owner.id, adapter)
-            versions = list(
+            version_rows = list(
                 await session.scalars(
                     select(AdapterVersion)
                     .where(AdapterVersion.adapter_id == row.id)
                     .order_by(AdapterVersion.number)
                 )
             )
-            return self._adapter_view(row, versions)
+            return self._adapter_view(row, version_rows)
 
     async def activate(self, tenant: str, adapter: str, version: int) -> AdapterView:
         """Promote or roll back: make `version` the one active version."""
