@@ -43,13 +43,11 @@ def free_port() -> int:
 
 
 def build_app(model_dir: Path):
-    from runtime.server import RuntimeState, create_runtime_app
+    from runtime.server import create_runtime_app
     from runtime.serving import build_front  # the same wiring as serve()
 
     loaded = build_front(RuntimeConfig(model_dir=model_dir, max_running=4))
-    state = RuntimeState(extra_stats={"adapters": loaded.adapters.stats})
-    app = create_runtime_app(loaded.front, tokenizer=loaded.tokenizer, info=loaded.info,
-                             state=state)
+    app = create_runtime_app(loaded.front, tokenizer=loaded.tokenizer, info=loaded.info)
     return loaded.front, app
 
 
@@ -172,7 +170,7 @@ def test_sigterm_drains_deregisters_and_exits_zero(
             assert json.loads(store.get(key))["url"] == url
 
             body = {"request_id": "long", "prompt_token_ids": [1, 50, 51],
-                    "sampling": {"max_tokens": 1500, "ignore_eos": True}}
+                    "sampling": {"max_tokens": 1000, "ignore_eos": True}}
             with http.stream("POST", "/generate", json=body) as resp:
                 lines = resp.iter_lines()
                 assert json.loads(next(lines))["type"] == "start"
@@ -189,9 +187,9 @@ def test_sigterm_drains_deregisters_and_exits_zero(
                 rest = [json.loads(line) for line in lines if line]
             finish = rest[-1]
             assert finish["type"] == "finish" and finish["finish_reason"] == "length"
-            assert finish["usage"]["completion_tokens"] == 1500
+            assert finish["usage"]["completion_tokens"] == 1000
             tokens = 1 + sum(len(e["token_ids"]) for e in rest if e["type"] == "token")
-            assert tokens == 1500
+            assert tokens == 1000
         assert proc.wait(timeout=60) == 0, log_path.read_text()
         assert store.exists(key) == 0
     finally:
@@ -199,3 +197,22 @@ def test_sigterm_drains_deregisters_and_exits_zero(
             proc.kill()
             proc.wait(timeout=10)
         store.close()
+
+
+@pytest.mark.unit
+def test_public_url_for_a_wildcard_bind_names_the_host() -> None:
+    from runtime.serving import public_url_for
+
+    assert public_url_for("127.0.0.1", 8100) == "http://127.0.0.1:8100"
+    assert public_url_for("::1", 8100) == "http://[::1]:8100"
+    wildcard = public_url_for("0.0.0.0", 8100)
+    assert wildcard.endswith(":8100") and "0.0.0.0" not in wildcard
+
+
+@pytest.mark.unit
+def test_serve_raises_when_the_model_cannot_load(tmp_path: Path) -> None:
+    from runtime.server import serve
+
+    (tmp_path / "config.json").write_text("{}")  # no weights, no tokenizer
+    with pytest.raises(RuntimeError, match="failed to start"):
+        serve(RuntimeConfig(model_dir=tmp_path), "127.0.0.1", free_port(), None)
