@@ -232,9 +232,9 @@ class Catalog:
         return [self._adapter_view(a, by_adapter.get(a.id, [])) for a in adapters]
 
     @staticmethod
-    def _adapter_view(adapter: Adapter, versions: list[AdapterVersion]) -> AdapterView:
-        active = next((v.number for v in versions if v.is_active), None)
-        views = tuple(q.version_view(adapter.name, v) for v in versions)
+    def _adapter_view(adapter: Adapter, rows: list[AdapterVersion]) -> AdapterView:
+        active = next((v.number for v in rows if v.is_active), None)
+        views = tuple(q.version_view(adapter.name, v) for v in rows)
         return AdapterView(adapter.name, active, views)
 
     async def get_adapter(self, tenant: str, adapter: str) -> AdapterView:
