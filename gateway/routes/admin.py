@@ -7,11 +7,20 @@ views. Every catalog error becomes an HTTP answer through gateway/errors.py's ta
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, delete, get, post, put
 from litestar.di import NamedDependency
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
 from litestar.params import JSONBody, Parameter, PathParameter
 
 from adapters.views import ShadowSpec, VariantSpec
@@ -31,9 +40,32 @@ from gateway.schemas import (
     experiment_out,
 )
 from gateway.services import Services
-from gateway.uploads import receive_adapter_upload
+from gateway.uploads import CONFIG_PART, MODEL_PART, receive_adapter_upload
 
 NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _binary_part(description: str) -> Schema:
+    return Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY, description=description)
+
+
+@dataclass
+class _UploadOperation(Operation):
+    """The upload reads its multipart body itself (streamed, size-capped), so Litestar cannot
+    derive the request body's schema from a `data` argument: it is declared here."""
+
+    def __post_init__(self) -> None:
+        form = Schema(
+            type=OpenAPIType.OBJECT,
+            required=[CONFIG_PART, MODEL_PART],
+            properties={
+                CONFIG_PART: _binary_part("adapter_config.json as PEFT writes it"),
+                MODEL_PART: _binary_part("adapter_model.safetensors"),
+            },
+        )
+        self.request_body = RequestBody(
+            content={"multipart/form-data": OpenAPIMediaType(schema=form)}, required=True
+        )
 Svc = NamedDependency[Services]
 PathStr = Annotated[str, PathParameter()]
 PathInt = Annotated[int, PathParameter()]
@@ -85,6 +117,7 @@ class AdminController(Controller):
         "/tenants/{tenant:str}/adapters/{adapter:str}/versions",
         status_code=201,
         request_max_body_size=None,  # gateway/uploads.py enforces LORAGATE_MAX_ADAPTER_BYTES
+        operation_class=_UploadOperation,
     )
     async def upload_version(
         self,

@@ -246,6 +246,10 @@ async def test_openapi_document_lists_the_admin_api(client: AsyncTestClient[Any]
                  "/admin/tenants/{tenant}/adapters/{adapter}/versions",
                  "/admin/tenants/{tenant}/experiments/{name}", "/healthz", "/readyz"):
         assert path in paths, path
+    upload_body = paths["/admin/tenants/{tenant}/adapters/{adapter}/versions"]["post"]
+    form = upload_body["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert sorted(form["required"]) == ["adapter_config", "adapter_model"]
+    assert response.json()["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
 async def test_upload_to_a_bad_name_or_unknown_tenant_is_refused_before_the_body(
