@@ -23,7 +23,7 @@ from adapter_files import (
 )
 
 from adapters.catalog import Catalog
-from adapters.errors import TooLarge, ValidationFailed
+from adapters.errors import StorageUnavailable, TooLarge, ValidationFailed
 
 pytestmark = pytest.mark.unit
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -315,3 +315,22 @@ async def test_a_failed_insert_removes_only_the_objects_it_created(
     names = {p.name for p in stored_objects(catalog.store)}  # type: ignore[arg-type]
     assert len(names) == 2 and kept.sha256 in names  # version 1's model and config only
     assert await count_rows(catalog) == (1, 1)
+
+
+async def test_a_store_failure_midway_removes_the_objects_already_put(
+    catalog: Catalog, tmp_path: Path, nothing_left, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await catalog.create_tenant("acme")
+    paths = write_adapter(tmp_path / "up")
+    real_put = catalog.store.put_file
+    config_sha = hashlib.sha256(paths[0].read_bytes()).hexdigest()
+
+    def put_file(path: Path, sha: str) -> bool:
+        if sha == config_sha:  # the model went in; the config does not
+            raise StorageUnavailable("S3 put failed: SlowDown")
+        return real_put(path, sha)
+
+    monkeypatch.setattr(catalog.store, "put_file", put_file)
+    with pytest.raises(StorageUnavailable):
+        await catalog.upload_version("acme", "support", *paths)
+    await nothing_left()
