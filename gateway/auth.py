@@ -29,6 +29,7 @@ from litestar.handlers import BaseRouteHandler
 from redis.exceptions import RedisError
 
 from adapters.keys import hash_secret, parse_key, verify_secret
+from adapters.views import KeyRecord
 from gateway.errors import Forbidden, Unauthorized
 from gateway.settings import Settings
 
@@ -59,7 +60,7 @@ class TenantPrincipal:
 
 @dataclass(slots=True)
 class _CachedKey:
-    record: Any  # adapters.catalog.KeyRecord
+    record: KeyRecord
     fetched_at: float
 
 
@@ -83,10 +84,6 @@ class Authenticator:
         self._generation: bytes | str | None = None
         self._generation_read_at = float("-inf")
         self._cleared_at = float("-inf")
-
-    @property
-    def admin_enabled(self) -> bool:
-        return self._admin_sha256 is not None
 
     def is_admin(self, token: str) -> bool:
         if self._admin_sha256 is None:
@@ -122,7 +119,7 @@ class Authenticator:
             # cached entries expire, or at once when they cannot read Redis either.
             logger.warning("could not broadcast a key revocation through Redis", exc_info=True)
 
-    async def _record(self, prefix: str) -> Any:
+    async def _record(self, prefix: str) -> KeyRecord | None:
         now = self._clock()
         cached = self._cache.get(prefix)
         if cached is not None and now - cached.fetched_at < self._cache_ttl_s:

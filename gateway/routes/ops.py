@@ -26,7 +26,7 @@ class Readiness(msgspec.Struct):
     missing: list[str]  # the parts that keep the gateway from being ready
 
 
-@get("/healthz", include_in_schema=True, tags=["ops"], sync_to_thread=False)
+@get("/healthz", tags=["ops"], sync_to_thread=False)
 def healthz() -> dict[str, str]:
     """200 while the process lives."""
     return {"status": "ok"}
