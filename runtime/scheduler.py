@@ -159,7 +159,7 @@ class Scheduler:
         not_ready: set[str] = set()  # adapter keys found loading this step: ask once per step
         passed: list[Sequence] = []  # waiting sequences skipped this step for their adapter
         while budget > 0 and len(self.running) < self.max_running:
-            seq = self._next_candidate(not_ready, passed)
+            seq = self._next_candidate(passed)
             if seq is None:
                 break
             n = min(seq.num_uncached_tokens, budget)
@@ -184,12 +184,9 @@ class Scheduler:
                 seq.num_waiting_steps += 1
         return budget
 
-    def _next_candidate(self, not_ready: set[str], passed: list[Sequence]) -> Sequence | None:
-        starving = [
-            s for s in passed if s.num_waiting_steps >= self.max_adapter_wait_steps
-        ]
-        if starving:
-            return None
+    def _next_candidate(self, passed: list[Sequence]) -> Sequence | None:
+        if any(s.num_waiting_steps >= self.max_adapter_wait_steps for s in passed):
+            return None  # a starving request was passed over: admit nothing behind it
         best: Sequence | None = None
         best_key: tuple[int, float, int] | None = None
         for tenant, queue in self.waiting.items():
