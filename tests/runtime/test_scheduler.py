@@ -256,3 +256,45 @@ def test_preemption_and_abort_release_adapter_slots() -> None:
     releases = sum(1 for e, _ in adapters.events if e == "release")
     assert acquires == releases > 3  # re-acquired after each preemption
     assert adapters.pins["x" * 64] == 0
+
+
+@pytest.mark.unit
+def test_random_traffic_keeps_the_books_balanced() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    op = st.one_of(
+        st.tuples(st.just("add"), st.integers(1, 40), st.integers(1, 12), st.sampled_from("abc")),
+        st.tuples(st.just("abort"), st.integers(0, 30)),
+        st.tuples(st.just("step")),
+    )
+
+    @settings(max_examples=60, deadline=None)
+    @given(ops=st.lists(op, max_size=80), num_blocks=st.integers(8, 24),
+           budget=st.integers(4, 48), max_running=st.integers(1, 6))
+    def check(ops, num_blocks, budget, max_running) -> None:
+        s = scheduler(num_blocks=num_blocks, max_batch_tokens=budget, max_running=max_running,
+                      max_model_len=num_blocks * 4)
+        seqs: list[Sequence] = []
+        for o in ops:
+            if o[0] == "add":
+                seqs.append(make(f"q{len(seqs)}", prompt_len=min(o[1], num_blocks * 4 - 1),
+                                 max_tokens=o[2], tenant=o[3]))
+                s.add(seqs[-1])
+            elif o[0] == "abort" and seqs:
+                s.abort(seqs[o[1] % len(seqs)].request_id)
+            else:
+                step(s)
+            held = sum(len(q.block_table) for q in seqs)
+            assert held + s.block_manager.num_free_blocks == num_blocks
+            assert all(q.block_table == [] for q in seqs if q.is_finished)
+            assert s.num_waiting == sum(len(d) for d in s.waiting.values())
+        run_until_done(s)  # whatever happened, everything finishes: no starvation, no deadlock
+        assert s.block_manager.num_free_blocks == num_blocks
+        for q in seqs:
+            assert q.finish_reason in (FinishReason.ABORT, FinishReason.LENGTH)
+            if q.finish_reason is FinishReason.LENGTH:
+                done = q.num_output_tokens == q.sampling.max_tokens
+                assert done or q.num_tokens == s.max_model_len
+
+    check()
