@@ -214,11 +214,12 @@ class LLMEngine:
 
     def stats(self) -> dict[str, Any]:
         bm = self.scheduler.block_manager
+        adapter_stats = getattr(self.adapters, "stats", None)
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": self.scheduler.num_waiting,
             "kv_blocks_free": bm.num_free_blocks,
             "kv_blocks_total": bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            **({"adapters": self.adapters.stats()} if hasattr(self.adapters, "stats") else {}),
+            **({"adapters": adapter_stats()} if adapter_stats is not None else {}),
         }

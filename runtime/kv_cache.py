@@ -130,6 +130,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     out = torch.empty_like(q)
     if meta.decode_rows is not None:
+        assert meta.decode_gather is not None and meta.decode_mask is not None  # set together
         qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [B, heads, 1, dim]
         batch, ctx = meta.decode_gather.shape
         flat = meta.decode_gather.view(-1)

@@ -42,10 +42,10 @@ def sample(
         k = max(params[i].logprobs or 0 for i in want)
         top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
         picked = lp.gather(1, tokens[want].unsqueeze(1)).squeeze(1).tolist()
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        top_values, top_ids = top_v.tolist(), top_i.tolist()
         for j, i in enumerate(want):
             n = params[i].logprobs or 0
-            alts = tuple(zip(top_i[j][:n], top_v[j][:n], strict=True))
+            alts = tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
             logprobs[i] = TokenLogprob(chosen[i], picked[j], alts)
     return chosen, logprobs
 
