@@ -72,16 +72,21 @@ class LoraShapes:
 
 @dataclass
 class LoraWeights:
-    """One adapter on the host, ready to copy into a slot."""
+    """One adapter on the host, stacked per projection so a slot takes a few copies.
+
+    Projections the adapter does not touch are absent; modules it skips inside a projection
+    are zero in the stack. Stacks are at the adapter's own rank, not padded to max_rank.
+    """
 
     rank: int
     scale: float
-    # (layer, projection, slice) -> (A [rank, in], B [out, rank])
-    modules: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
+    # proj -> [num_layers, num_slices, rank, in] and [num_layers, num_slices, max_out, rank]
+    a: dict[str, torch.Tensor] = field(repr=False)
+    b: dict[str, torch.Tensor] = field(repr=False)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        return sum(t.nbytes for t in (*self.a.values(), *self.b.values()))
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -123,13 +128,15 @@ def parse_peft_adapter(
         halves.setdefault((layer, module), {})[half] = tensor
     if not halves:
         raise ValueError("the adapter holds no LoRA tensors")
-    modules: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    stack_a: dict[str, torch.Tensor] = {}
+    stack_b: dict[str, torch.Tensor] = {}
     for (layer, module), pair in sorted(halves.items()):
         if set(pair) != {"A", "B"}:
             raise ValueError(f"layer {layer} {module}: lora_A and lora_B must come together")
         proj, j = PEFT_MODULES[module]
         a, b = pair["A"], pair["B"]
-        in_f, out_f = shapes.in_features[proj], shapes.slice_sizes[proj][j]
+        sizes = shapes.slice_sizes[proj]
+        in_f, out_f = shapes.in_features[proj], sizes[j]
         if a.shape != (ref.rank, in_f) or b.shape != (out_f, ref.rank):
             raise ValueError(
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
@@ -137,11 +144,17 @@ def parse_peft_adapter(
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(f"layer {layer} {module}: non-finite values")
-        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
-        if pin_memory:  # page-locked host copies make the copy into a slot asynchronous
-            a, b = a.pin_memory(), b.pin_memory()
-        modules[(layer, proj, j)] = (a, b)
-    return LoraWeights(ref.rank, lora_scale(ref.alpha, ref.rank, ref.use_rslora), modules)
+        if proj not in stack_a:
+            n = shapes.num_layers
+            stack_a[proj] = torch.zeros(n, len(sizes), ref.rank, in_f, dtype=dtype)
+            stack_b[proj] = torch.zeros(n, len(sizes), max(sizes), ref.rank, dtype=dtype)
+        stack_a[proj][layer, j].copy_(a)
+        stack_b[proj][layer, j, :out_f].copy_(b)
+    if pin_memory:  # page-locked host copies make the copy into a slot asynchronous
+        stack_a = {p: t.pin_memory() for p, t in stack_a.items()}
+        stack_b = {p: t.pin_memory() for p, t in stack_b.items()}
+    scale = lora_scale(ref.alpha, ref.rank, ref.use_rslora)
+    return LoraWeights(ref.rank, scale, stack_a, stack_b)
 
 
 class LoraManager:
@@ -192,11 +205,18 @@ class LoraManager:
 
     def set_lora(self, slot: int, weights: LoraWeights) -> None:
         """Copy an adapter into `slot`, zeroing whatever it does not target."""
-        self.reset_lora(slot)
-        for (layer, proj, j), (a, b) in weights.modules.items():
-            rank, out = a.shape[0], b.shape[0]
-            self.lora_a[proj][layer, j, slot, :rank].copy_(a, non_blocking=True)
-            self.lora_b[proj][layer, j, slot, :out, :rank].copy_(b, non_blocking=True)
+        rank = weights.rank
+        for proj in PROJECTIONS:
+            a_tab, b_tab = self.lora_a[proj], self.lora_b[proj]
+            if proj not in weights.a:
+                a_tab[:, :, slot].zero_()
+                b_tab[:, :, slot].zero_()
+                continue
+            a_tab[:, :, slot, :rank].copy_(weights.a[proj], non_blocking=True)
+            b_tab[:, :, slot, :, :rank].copy_(weights.b[proj], non_blocking=True)
+            if rank < self.max_rank:
+                a_tab[:, :, slot, rank:].zero_()
+                b_tab[:, :, slot, :, rank:].zero_()
         self.scales[slot] = weights.scale
 
     def reset_lora(self, slot: int) -> None:

@@ -146,5 +146,9 @@ def test_parse_refuses_what_does_not_fit(adapters) -> None:
     refused(save(half), "must come together")
     assert args.num_layers == 4  # the built-in model the shapes above were made for
     weights = parse_peft_adapter(data, ref, manager.shapes, 16, torch.float16)
-    assert {a.dtype for a, _ in weights.modules.values()} == {torch.float16}
-    assert len(weights.modules) == 4 * 4  # four attention modules in four layers
+    assert sorted(weights.a) == ["o_proj", "qkv_proj"]  # attention only
+    qkv_a = weights.a["qkv_proj"]
+    assert qkv_a.shape == (4, 3, 4, 128) and qkv_a.dtype == torch.float16
+    # k and v are narrower than q under GQA: their B rows past kv_size stay zero.
+    kv = args.num_kv_heads * args.head_dim
+    assert weights.b["qkv_proj"][:, 1:, kv:].abs().sum() == 0
