@@ -29,6 +29,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_engine(model_dir: Path, **kw) -> LLMEngine:
     kw.setdefault("kv_cache_bytes", 4 << 20)
+    kw.setdefault("max_gpu_adapters", 0)  # base engine; one test below keeps the LoRA layers
     return LLMEngine(RuntimeConfig(model_dir=model_dir, **kw))
 
 
@@ -60,7 +61,8 @@ def run_alone(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> l
 
 @pytest.mark.unit
 def test_continuous_batching_chunked_prefill_and_preemption_change_nothing(model_dir: Path):
-    alone_engine = make_engine(model_dir)
+    # With the default config the LoRA layers are attached: base requests must not notice.
+    alone_engine = make_engine(model_dir, max_gpu_adapters=8)
     alone = [tokens_of(run_alone(alone_engine, p, greedy())) for p in prompts()]
     hf = hf_model(model_dir)
     assert alone == [hf_greedy(hf, p, MAX_TOKENS) for p in prompts()]
@@ -194,3 +196,24 @@ def test_generation_stops_at_the_context_length(model_dir: Path) -> None:
     engine = make_engine(model_dir, max_model_len=40)
     outs = run_alone(engine, prompts()[2][:30], greedy(40))
     assert len(tokens_of(outs)) == 10 and outs[-1].finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.unit
+def test_eos_from_the_model_config_stops_generation(model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    prompt = prompts()[2]
+    free = tokens_of(run_alone(make_engine(model_dir), prompt, greedy(12)))
+    eos = free[4]
+    first = free.index(eos)
+    copy = tmp_path / "eos-model"
+    shutil.copytree(model_dir, copy)
+    cfg = json.loads((copy / "config.json").read_text()) | {"eos_token_id": [2, eos]}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    engine = make_engine(copy)
+    outs = run_alone(engine, prompt, SamplingParams(max_tokens=12, temperature=0.0))
+    assert tokens_of(outs) == free[: first + 1]  # the EOS token is reported, then it stops
+    assert outs[-1].finish_reason is FinishReason.STOP
+    ignored = run_alone(engine, prompt, greedy(12))  # ignore_eos=True
+    assert tokens_of(ignored) == free
