@@ -97,7 +97,9 @@ def build_meta(
     # -1 becomes num_slots so that tokens without an adapter sort after every segment.
     key = torch.where(token_to_slot < 0, num_slots, token_to_slot.to(torch.int64))
     sorted_ids = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    # scatter_add rather than bincount, which reads the maximum back to the host on CUDA.
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_slots]
     starts = torch.cumsum(counts, 0) - counts
     # Active slots first, ascending, without nonzero() (which would sync with the host).
     order = torch.sort((counts == 0).to(torch.int8), stable=True).indices

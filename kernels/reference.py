@@ -29,7 +29,7 @@ def _shrink64(
     x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, token_to_slot: torch.Tensor
 ) -> torch.Tensor:  # [num_slices, num_tokens, max_rank] float64
     num_slices, _, max_rank, _ = lora_a.shape
-    out = torch.zeros(num_slices, x.shape[0], max_rank, dtype=torch.float64)
+    out = torch.zeros(num_slices, x.shape[0], max_rank, dtype=torch.float64, device=x.device)
     rows = (token_to_slot >= 0).nonzero().squeeze(1)
     slots = token_to_slot[rows].long()
     xs = x[rows].double()
