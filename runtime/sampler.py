@@ -68,9 +68,10 @@ def _sample_rows(
     # best token always stays.
     cut |= (probs.cumsum(dim=-1) - probs) > top_p[:, None]
     probs = sorted_logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
-    picks = torch.empty(n, dtype=torch.int64, device=device)
-    for i in range(n):
-        # Exponential race (Gumbel-max in disguise): argmax p / E, E ~ Exp(1), is a draw from p.
-        noise = torch.empty(vocab, device=device).exponential_(generator=generators[i])
-        picks[i] = (probs[i] / noise).argmax()
+    # Exponential race (Gumbel-max in disguise): argmax p / E, E ~ Exp(1), is a draw from p.
+    # Each row's noise comes from its own request's generator; one argmax for the batch.
+    noise = torch.stack([
+        torch.empty(vocab, device=device).exponential_(generator=gen) for gen in generators
+    ])  # [n, vocab]
+    picks = (probs / noise).argmax(dim=-1)  # [n]
     return order.gather(1, picks[:, None]).squeeze(1)
