@@ -6,9 +6,10 @@ adapter's weights, used in place (views, no per-token weight copies as in gather
 The Python loop runs over active slots and slices, never over tokens: its cost grows with the
 number of distinct adapters in the step, while the arithmetic is the same as one big matmul.
 So in `add_lora` the short segments (decode: a token or a few per adapter) are batched
-instead: padded to the longest of them and run as one bmm per slice against their adapters'
-weights gathered once per slot, which keeps a step over 64 distinct adapters near the cost
-of a step over one. Long segments (prefill) keep the loop, where padding would waste work.
+instead when that pays: padded to the longest of them and run as one bmm per slice against
+the slot table's range as a view (no weight copies), which keeps a step over 64 distinct
+adapters near the cost of a step over one. Long segments (prefill) keep the loop, where
+padding would waste work.
 Accumulation is float32 whatever the input dtype.
 """
 
@@ -84,7 +85,7 @@ def add_lora(
         return
     xs = x.index_select(0, rows).to(torch.float32)
     short = [seg for seg in segments if seg[2] <= _PAD_MAX_TOKENS]
-    if len(short) < _PAD_MIN_SEGMENTS:
+    if not _table_pays(short):
         short = []
     long = [seg for seg in segments if seg[2] > _PAD_MAX_TOKENS] if short else segments
     if long:
@@ -92,40 +93,58 @@ def add_lora(
     else:
         delta = torch.empty(xs.shape[0], sum(slice_sizes), dtype=torch.float32, device=xs.device)
     if short:
-        _padded_into(delta, xs, lora_a, lora_b, scales, slice_sizes, short)
+        _table_into(delta, xs, lora_a, lora_b, scales, slice_sizes, short)
     _add_rows(y, rows, delta)
 
 
-_PAD_MAX_TOKENS = 16  # segments up to this long are batched by padding
+_PAD_MAX_TOKENS = 16  # segments up to this long may be batched by padding
 _PAD_MIN_SEGMENTS = 4  # fewer short segments than this: the loop is as cheap
 
 
-def _padded_into(
+def _table_pays(short: list[tuple[int, int, int]]) -> bool:
+    """Whether one padded bmm over the slot range of `short` beats a loop over them.
+
+    The padded input is [slots in range, longest segment, in]; it is worth it while at most
+    half of its rows are padding (inactive slots in the range, shorter segments).
+    """
+    if len(short) < _PAD_MIN_SEGMENTS:
+        return False
+    num_range = short[-1][0] - short[0][0] + 1
+    width = max(c for _, _, c in short)
+    return num_range * width <= 2 * sum(c for _, _, c in short)
+
+
+def _table_into(
     delta: torch.Tensor,  # [num_lora_tokens, sum(slice_sizes)] float32, rows written here
     xs: torch.Tensor,  # [num_lora_tokens, in] float32, slot order
     lora_a: torch.Tensor,  # [num_slices, num_slots, max_rank, in]
     lora_b: torch.Tensor,  # [num_slices, num_slots, max_out, max_rank]
     scales: torch.Tensor,  # [num_slots] float32
     slice_sizes: list[int],
-    segments: list[tuple[int, int, int]],
+    segments: list[tuple[int, int, int]],  # in slot order
 ) -> None:
-    """delta rows of `segments` = the LoRA term, as one padded bmm per slice."""
+    """delta rows of `segments` = the LoRA term, as one padded bmm per slice and phase.
+
+    The bmm runs against the slot table's own contiguous range [first slot, last slot] as a
+    view: no adapter's weights are copied (a gather of per-segment weights would cost more
+    than the loop it replaces once the weights are large).
+    """
     device = xs.device
-    slots = torch.tensor([s for s, _, _ in segments], device=device)
+    lo, hi = segments[0][0], segments[-1][0] + 1
     counts = torch.tensor([c for _, _, c in segments], device=device)
-    starts = torch.tensor([st for _, st, _ in segments], device=device)
-    seg = torch.repeat_interleave(torch.arange(len(segments), device=device), counts)
-    pos = torch.arange(seg.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[seg]
-    src = starts[seg] + pos  # row of each short-segment token in xs / delta
-    xp = xs.new_zeros(len(segments), int(counts.max()), xs.shape[1])  # [n, width, in]
-    xp[seg, pos] = xs.index_select(0, src)
-    scale = scales.index_select(0, slots).view(-1, 1, 1)
+    slot_of = torch.repeat_interleave(torch.tensor([s - lo for s, _, _ in segments]), counts)
+    src = torch.cat([torch.arange(st, st + c) for _, st, c in segments]).to(device)
+    pos = src - torch.repeat_interleave(torch.tensor([st for _, st, _ in segments]), counts)
+    width = int(counts.max())
+    xp = xs.new_zeros(hi - lo, width, xs.shape[1])  # [slots in range, width, in]
+    xp[slot_of, pos] = xs.index_select(0, src)
+    scale = scales[lo:hi].view(-1, 1, 1)
     off = 0
     for j, n in enumerate(slice_sizes):
-        a = lora_a[j].index_select(0, slots).to(torch.float32)  # [n_seg, max_rank, in]
-        h = torch.bmm(xp, a.transpose(1, 2)).mul_(scale)  # [n_seg, width, max_rank]
-        b = lora_b[j].index_select(0, slots)[:, :n].to(torch.float32)  # [n_seg, n, max_rank]
-        delta[src, off : off + n] = torch.bmm(h, b.transpose(1, 2))[seg, pos]
+        a = lora_a[j, lo:hi].to(torch.float32)  # [slots in range, max_rank, in], a view
+        h = torch.bmm(xp, a.transpose(1, 2)).mul_(scale)  # [slots in range, width, max_rank]
+        b = lora_b[j, lo:hi, :n].to(torch.float32)  # [slots in range, n, max_rank]
+        delta[src, off : off + n] = torch.bmm(h, b.transpose(1, 2))[slot_of, pos]
         off += n
 
 

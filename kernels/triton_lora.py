@@ -119,7 +119,9 @@ def _expand_kernel(
     n_j = tl.load(slice_sizes_ptr + j)
     count = tl.load(counts_ptr + slot)
     m_start = pid_m * BLOCK_M
-    if m_start >= count or pid_n * BLOCK_N >= n_j:
+    if m_start >= count:
+        return
+    if pid_n * BLOCK_N >= n_j:  # a narrower slice than the widest: no columns here
         return
     seg_start = tl.load(starts_ptr + slot)
     offs_m = m_start + tl.arange(0, BLOCK_M)

@@ -111,3 +111,26 @@ def test_inconsistent_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="tokens"):
         kernels.add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scales,
                          kernels.build_meta(case.token_to_slot[:3], 3), [20, 10])
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_tokens_beside_a_prefill_segment(
+    backend: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 12 adapters with 1-2 decode tokens each, one 30-token prefill and some base tokens,
+    # interleaved: on the torch path the short segments take the padded table bmm and the
+    # long one the per-segment loop.
+    decode = [s for s in range(12) for _ in range(1 + s % 2)]
+    t2s = torch.tensor(decode + [12] * 30 + [-1] * 5, dtype=torch.int32)
+    t2s = t2s[torch.randperm(t2s.shape[0], generator=torch.Generator().manual_seed(0))]
+    case = make_case(t2s.shape[0], 72, SLICES[2], num_slots=13, dtype=dtype, seed=3,
+                     token_to_slot=t2s)
+    from kernels import torch_lora
+
+    calls: list[int] = []
+    real = torch_lora._table_into
+    monkeypatch.setattr(torch_lora, "_table_into",
+                        lambda *a: calls.append(len(a[-1])) or real(*a))
+    assert_close(run_add_lora(case), naive_loop(case), dtype)
+    assert calls == ([12] if backend == "torch" else [])
