@@ -1,0 +1,182 @@
+"""Multi-LoRA kernel benchmark: one batch, many adapters, methods timed side by side.
+
+    .venv/bin/python bench/kernels.py                # CPU, writes bench/results/kernels_cpu.json
+    .venv/bin/python bench/kernels.py --device cuda  # GPU, writes bench/results/kernels_gpu.json
+
+CPU (float32, in=out=4096, r=16, 256 tokens spread round-robin over 1..64 adapters):
+  torch_path  kernels.add_lora on CPU (tokens grouped by slot, one matmul pair per segment)
+  loop        a loop over adapters: boolean mask, gather the adapter's tokens, two matmuls
+  peft_mask   PEFT-style: every adapter runs over the whole batch, the result masked to its
+              tokens (the cost of not grouping)
+Methods run interleaved in rounds and report the median, so background load hits all alike;
+every method's output is checked against the torch path before timing. See
+bench/kernels_gpu.py for the GPU mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# This script shares the `kernels` package's name: the repository root must come before
+# bench/ on sys.path, or `import kernels` would find this file.
+sys.path.insert(0, str(ROOT))
+
+import kernels  # noqa: E402
+
+IN_FEATURES = OUT_FEATURES = 4096
+RANK, NUM_TOKENS = 16, 256
+
+
+def make_problem(num_adapters: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lora_a = torch.randn(1, num_adapters, RANK, IN_FEATURES, generator=g) / IN_FEATURES**0.5
+    lora_b = torch.randn(1, num_adapters, OUT_FEATURES, RANK, generator=g) / RANK**0.5
+    token_to_slot = (torch.arange(NUM_TOKENS) % num_adapters).to(torch.int32)
+    return dict(
+        x=torch.randn(NUM_TOKENS, IN_FEATURES, generator=g),  # [num_tokens, in]
+        y=torch.zeros(NUM_TOKENS, OUT_FEATURES),  # [num_tokens, out]
+        lora_a=lora_a,  # [1, num_adapters, r, in]
+        lora_b=lora_b,  # [1, num_adapters, out, r]
+        scales=torch.full((num_adapters,), 2.0),
+        token_to_slot=token_to_slot,  # [num_tokens]
+    )
+
+
+def torch_path(p: dict, meta: kernels.LoraMeta) -> torch.Tensor:
+    y = p["y"].clone()
+    kernels.add_lora(y, p["x"], p["lora_a"], p["lora_b"], p["scales"], meta)
+    return y
+
+
+def loop_over_adapters(p: dict) -> torch.Tensor:
+    y = p["y"].clone()
+    for s in range(p["lora_a"].shape[1]):
+        rows = (p["token_to_slot"] == s).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        h = (p["x"][rows] @ p["lora_a"][0, s].T) * p["scales"][s]
+        y[rows] += h @ p["lora_b"][0, s].T
+    return y
+
+
+def peft_masking(p: dict) -> torch.Tensor:
+    y = p["y"].clone()
+    for s in range(p["lora_a"].shape[1]):
+        mask = (p["token_to_slot"] == s).to(y.dtype)[:, None]
+        y += mask * ((p["x"] @ p["lora_a"][0, s].T) * p["scales"][s] @ p["lora_b"][0, s].T)
+    return y
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call, the methods interleaved round by round."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def run_cpu(adapter_counts: list[int], rounds: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    os.environ.pop("TRITON_INTERPRET", None)  # the torch path, not the interpreter
+    rows = []
+    print(f"{'adapters':>8} {'torch_path ms':>14} {'loop ms':>9} {'peft_mask ms':>13} "
+          f"{'loop/torch':>11} {'peft/torch':>11} {'build_meta ms':>14}")  # fmt: skip
+    for n in adapter_counts:
+        p = make_problem(n)
+        meta = kernels.build_meta(p["token_to_slot"], n)
+        expected = torch_path(p, meta)
+        for other in (loop_over_adapters(p), peft_masking(p)):
+            torch.testing.assert_close(other, expected, atol=1e-3, rtol=1e-3)
+        t = time_side_by_side(
+            {
+                # A fresh meta per call, as each forward step builds one; its host
+                # segments are then shared by every layer, so build_meta is timed apart.
+                "torch_path": lambda p=p, n=n: torch_path(
+                    p, kernels.build_meta(p["token_to_slot"], n)
+                ),
+                "loop": lambda p=p: loop_over_adapters(p),
+                "peft_mask": lambda p=p: peft_masking(p),
+                "build_meta": lambda p=p, n=n: kernels.build_meta(p["token_to_slot"], n),
+            },
+            rounds,
+        )  # fmt: skip
+        row = dict(
+            adapters=n,
+            torch_path_ms=t["torch_path"] * 1e3,
+            loop_ms=t["loop"] * 1e3,
+            peft_mask_ms=t["peft_mask"] * 1e3,
+            build_meta_ms=t["build_meta"] * 1e3,
+            loop_over_torch=t["loop"] / t["torch_path"],
+            peft_over_torch=t["peft_mask"] / t["torch_path"],
+        )
+        rows.append(row)
+        print(f"{n:>8} {row['torch_path_ms']:>14.2f} {row['loop_ms']:>9.2f} "
+              f"{row['peft_mask_ms']:>13.2f} {row['loop_over_torch']:>10.2f}x "
+              f"{row['peft_over_torch']:>10.2f}x {row['build_meta_ms']:>14.3f}",
+              flush=True)  # fmt: skip
+    return dict(
+        device="cpu",
+        dtype="float32",
+        in_features=IN_FEATURES,
+        out_features=OUT_FEATURES,
+        rank=RANK,
+        num_tokens=NUM_TOKENS,
+        rounds=rounds,
+        threads=threads,
+        torch=torch.__version__,
+        machine=platform.machine(),
+        processor=platform.processor() or platform.machine(),
+        rows=rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--adapters", default="1,2,4,8,16,32,64",
+                        help="CPU mode: comma-separated adapter counts")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=7, help="CPU mode: timed rounds")
+    parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads")
+    parser.add_argument("--quick", action="store_true", help="GPU mode: a reduced matrix")
+    parser.add_argument("--budget-s", type=float, default=200.0,
+                        help="GPU mode: stop starting new configs after this many seconds")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("bench/kernels.py --device cuda: CUDA is not available here; nothing measured.",
+                  file=sys.stderr)  # fmt: skip
+            return 0
+        from kernels_gpu import run_gpu  # bench/kernels_gpu.py, beside this file
+
+        result = run_gpu(quick=args.quick, budget_s=args.budget_s)
+        default_out = ROOT / "bench" / "results" / "kernels_gpu.json"
+    else:
+        counts = [int(c) for c in args.adapters.split(",") if c.strip()]
+        result = run_cpu(counts, args.rounds, args.threads)
+        default_out = ROOT / "bench" / "results" / "kernels_cpu.json"
+    out = args.out or default_out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
