@@ -20,18 +20,16 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
+from runtime.adapter_lru import LruTier, SlotTable
 from runtime.adapter_protocol import AdapterUnavailable
 from runtime.types import AdapterRef
 
 __all__ = ["AdapterCache", "AdapterUnavailable", "CacheEvent", "LoadResult", "LruTier", "SlotTable"]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
 
 ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,140 +61,6 @@ class CacheEvent:
     slot: int = -1
 
 
-class LruTier(Generic[K, V]):
-    """LRU over keys with a capacity in units (1 per entry, or bytes); pinned keys stay."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()  # oldest first
-        self._pins: dict[K, int] = {}
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[K]:
-        return list(self._entries)
-
-    def get(self, key: K) -> V | None:
-        """The value, marked most recently used; None when absent."""
-        if key not in self._entries:
-            return None
-        self._entries.move_to_end(key)
-        return self._entries[key][0]
-
-    def pin(self, key: K) -> None:
-        self._pins[key] = self._pins.get(key, 0) + 1
-
-    def unpin(self, key: K) -> None:
-        count = self._pins.get(key, 0) - 1
-        if count > 0:
-            self._pins[key] = count
-        else:
-            self._pins.pop(key, None)
-
-    def pinned(self, key: K) -> bool:
-        return key in self._pins
-
-    def remove(self, key: K) -> V | None:
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return None
-        self.used -= entry[1]
-        return entry[0]
-
-    def put(
-        self, key: K, value: V, size: int = 1, prefer: Callable[[K], bool] | None = None
-    ) -> list[K]:
-        """Insert as most recent; evict unpinned LRU keys (those `prefer` picks first) to fit.
-
-        Returns the evicted keys. The new entry stays even when pinned entries keep the tier
-        over capacity: refusing it would only make its caller load it again.
-        """
-        self.remove(key)
-        evicted: list[K] = []
-        while self.used + size > self.capacity:
-            victim = self._victim(prefer)
-            if victim is None:
-                break
-            self.remove(victim)
-            evicted.append(victim)
-        self._entries[key] = (value, size)
-        self.used += size
-        return evicted
-
-    def _victim(self, prefer: Callable[[K], bool] | None) -> K | None:
-        fallback = None
-        for key in self._entries:  # oldest first
-            if key in self._pins:
-                continue
-            if prefer is None or prefer(key):
-                return key
-            if fallback is None:
-                fallback = key
-        return fallback
-
-
-class SlotTable:
-    """Which adapter key sits in which device slot, with refcounts and LRU among idle slots."""
-
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self._key_of: list[str | None] = [None] * num_slots
-        self._slot_of: dict[str, int] = {}
-        self._refs: dict[str, int] = {}
-        self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(num_slots))
-
-    def slot_of(self, key: str) -> int | None:
-        return self._slot_of.get(key)
-
-    def key_of(self, slot: int) -> str | None:
-        return self._key_of[slot]
-
-    def refcount(self, key: str) -> int:
-        return self._refs.get(key, 0)
-
-    def resident(self) -> list[str]:
-        return list(self._slot_of)
-
-    def acquire(self, key: str) -> int:
-        slot = self._slot_of[key]
-        self._refs[key] = self._refs.get(key, 0) + 1
-        self._idle.pop(slot, None)
-        return slot
-
-    def release(self, key: str) -> None:
-        count = self._refs.get(key, 0) - 1
-        if count < 0:
-            raise KeyError(f"release of an adapter that is not held: {key}")
-        if count == 0:
-            del self._refs[key]
-            self._idle[self._slot_of[key]] = None  # most recently used idle slot
-        else:
-            self._refs[key] = count
-
-    def victim(self) -> int | None:
-        """An empty slot, else the least recently used idle one; None when all are held."""
-        for slot in self._idle:
-            if self._key_of[slot] is None:
-                return slot
-        return next(iter(self._idle), None)
-
-    def assign(self, slot: int, key: str) -> str | None:
-        """Put `key` in an idle `slot`; returns the key it evicts."""
-        if slot not in self._idle:
-            raise ValueError(f"slot {slot} is held by a running request")
-        old = self._key_of[slot]
-        if old is not None:
-            del self._slot_of[old]
-        self._key_of[slot] = key
-        self._slot_of[key] = slot
-        return old
-
-
 class AdapterCache:
     """AdapterProvider for the scheduler: device slots over a host LRU over async loads."""
 
@@ -223,6 +87,7 @@ class AdapterCache:
         self._loading: dict[str, Future[LoadResult]] = {}
         self._fresh: set[str] = set()  # loaded into host, not yet installed: not a host hit
         self._failed: dict[str, tuple[str, float]] = {}  # key -> (reason, when)
+        self._prefetch: OrderedDict[str, AdapterRef] = OrderedDict()  # waiting requests' refs
         self._seq = 0
         self.events: deque[CacheEvent] = deque(maxlen=max_events)
         self.hits = {"device": 0, "host": 0, "disk": 0, "store": 0}
@@ -255,12 +120,14 @@ class AdapterCache:
                 del self._failed[key]
             weights = self.host.get(key)
             if weights is None:
-                self._start_load(ref)
+                if not self._start_load(ref):
+                    self._prefetch.setdefault(key, ref)  # keeps its place in the queue
                 return None
             slot = self.slots.victim()
             if slot is None:
                 return None  # every slot serves a running request: wait, never thrash
             self._place(slot, key, weights)
+            self._pump()  # installing it freed load budget: start the next queued adapters
             return self._acquire(key)
 
     def release(self, key: str) -> None:
@@ -268,6 +135,22 @@ class AdapterCache:
             self.slots.release(key)
             slot = self.slots.slot_of(key)
             self._log("release", key, "device", -1 if slot is None else slot)
+            self._collect()
+            self._pump()
+
+    def prefetch(self, ref: AdapterRef) -> None:
+        """Load `ref` ahead of its request's admission, as the host tier has room.
+
+        The engine calls it when a request arrives, so the adapters of queued requests load
+        while the running batch decodes instead of after a slot frees.
+        """
+        if not ADAPTER_KEY_RE.match(ref.key):
+            return  # try_acquire gives the request its error
+        with self._lock:
+            if ref.key not in self._prefetch:
+                self._prefetch[ref.key] = ref
+            self._collect()
+            self._pump()
 
     # --- internals (caller holds the lock) --------------------------------------------
     def _acquire(self, key: str) -> int:
@@ -288,15 +171,25 @@ class AdapterCache:
             self.hits["host"] += 1
         self._log("install", key, "device", slot)
 
-    def _start_load(self, ref: AdapterRef) -> None:
+    def _start_load(self, ref: AdapterRef) -> bool:
+        """Start loading unless it already loads or the load budget is spent; True if it loads."""
         if ref.key in self._loading:
-            return
+            return True
         # Loaded-but-not-installed entries must not push each other out of the host tier,
         # or a flood of cold adapters would load, evict and reload forever.
         if len(self._loading) + len(self._fresh) >= self.host.capacity:
-            return
+            return False
+        self._prefetch.pop(ref.key, None)
         self._loading[ref.key] = self._loader.load(ref)
         self._log("load_start", ref.key, "store")
+        return True
+
+    def _pump(self) -> None:
+        """Start queued prefetches, oldest first, while the load budget allows."""
+        while self._prefetch and len(self._loading) + len(self._fresh) < self.host.capacity:
+            key, ref = self._prefetch.popitem(last=False)
+            if key not in self.host and key not in self._failed and self.slots.slot_of(key) is None:
+                self._start_load(ref)
 
     def _collect(self) -> None:
         """Move finished loads into the host tier (or the failure table)."""

@@ -226,3 +226,25 @@ def test_random_workload_keeps_refcounts_and_slots_consistent() -> None:
         elif e.kind == "evict" and e.tier == "device":
             assert refs_count.get(e.key, 0) == 0
     assert len(cache.host) <= 5
+
+
+def test_prefetch_loads_queued_adapters_as_host_room_frees() -> None:
+    cache, loader, installed = make_cache(slots=2, host=2)
+    refs = [ref(i) for i in range(5)]
+    for r in refs:  # five requests arrive; the host tier has room for two loads
+        cache.prefetch(r)
+    assert set(loader.calls) == {refs[0].key, refs[1].key}
+    assert cache.try_acquire(refs[3]) is None  # asked early: waits its turn, starts nothing
+    assert len(loader.calls) == 2
+    loader.finish_all()
+    assert cache.try_acquire(refs[0]) is not None  # installing 0 frees a load: 2 starts
+    assert set(loader.calls) == {r.key for r in refs[:3]}
+    assert cache.try_acquire(refs[1]) is not None  # and now 3, kept in the queue
+    assert set(loader.calls) == {r.key for r in refs[:4]}
+    loader.finish_all()
+    cache.release(refs[0].key)
+    assert cache.try_acquire(refs[2]) is not None
+    assert all(n == 1 for n in loader.calls.values())  # nothing loaded twice
+    assert installed  # and what was installed came from those loads
+    cache.prefetch(AdapterRef(key="nope", uri="file:///x", rank=4, alpha=4.0,
+                              target_modules=("q_proj",)))  # ignored, not raised
