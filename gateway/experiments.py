@@ -1,0 +1,170 @@
+"""A/B assignment and the per-variant figures of experiments.
+
+Assignment: `bucket = sha256("<experiment id>:<user>") mod 10_000`; the buckets are laid over
+the variants by cumulative weight, so a user keeps its variant while the weights stay the
+same, and moving weight from one variant to another only moves the users in between. With no
+user the bucket is drawn at random. A canary is an experiment whose candidate has a small
+weight; promotion and rollback are `activate` on the adapter.
+
+Figures per variant: requests, errors, p50/p95 latency (over the last `LATENCY_WINDOW`
+answers), tokens in and out; for the shadow, also how many of its outputs were identical to
+the primary's. They live in Redis when configured (shared by every gateway), else here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters.views import ExperimentView, VariantView
+
+logger = logging.getLogger("loragate.gateway.experiments")
+NUM_BUCKETS = 10_000
+LATENCY_WINDOW = 1000
+SHADOW = ":shadow"  # a key no variant can have (names never hold ':')
+_PREFIX = "loragate:exp:"
+_COUNTERS = ("requests", "errors", "tokens_in", "tokens_out", "compared", "identical")
+
+
+def bucket_of(experiment_id: int | str, user: str) -> int:
+    digest = hashlib.sha256(f"{experiment_id}:{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % NUM_BUCKETS
+
+
+def pick_variant(
+    variants: Sequence[VariantView], bucket: int
+) -> VariantView:
+    """The variant whose cumulative-weight interval holds the bucket's midpoint."""
+    total = sum(v.weight for v in variants)
+    if total <= 0:
+        return variants[0]
+    point = (bucket + 0.5) / NUM_BUCKETS * total
+    running = 0.0
+    for variant in variants:
+        running += variant.weight
+        if point < running:
+            return variant
+    return variants[-1]
+
+
+def assign(
+    experiment: ExperimentView, user: str | None, rng: random.Random | None = None
+) -> VariantView:
+    if user:
+        bucket = bucket_of(experiment.id, user)
+    else:
+        bucket = (rng or random).randrange(NUM_BUCKETS)  # noqa: S311 (not a secret)
+    return pick_variant(experiment.variants, bucket)
+
+
+def sample_shadow(rate: float, rng: random.Random | None = None) -> bool:
+    return rate > 0 and (rng or random).random() < rate  # noqa: S311
+
+
+@dataclass(slots=True)
+class _Local:
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def _figures(counters: dict[str, int], latencies: Sequence[float]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "requests": counters["requests"],
+        "errors": counters["errors"],
+        "p50_latency_ms": _percentile(latencies, 0.50),
+        "p95_latency_ms": _percentile(latencies, 0.95),
+        "tokens": counters["tokens_in"] + counters["tokens_out"],
+        "tokens_in": counters["tokens_in"],
+        "tokens_out": counters["tokens_out"],
+    }
+    if counters["compared"]:
+        out["identical_share"] = round(counters["identical"] / counters["compared"], 4)
+    return out
+
+
+class ExperimentStats:
+    """Records answers per (tenant, experiment, variant); `SHADOW` is the shadow's row."""
+
+    def __init__(self, redis: Any = None) -> None:
+        self.redis = redis
+        self._local: dict[tuple[str, str, str], _Local] = {}
+
+    async def record(
+        self, tenant: str, experiment: str, variant: str, *, ok: bool, latency_s: float,
+        tokens_in: int, tokens_out: int, identical: bool | None = None,
+    ) -> None:
+        increments = {"requests": 1, "errors": 0 if ok else 1, "tokens_in": tokens_in,
+                      "tokens_out": tokens_out}
+        if identical is not None:
+            increments["compared"] = 1
+            increments["identical"] = int(identical)
+        latency_ms = latency_s * 1000.0
+        if self.redis is not None:
+            key = f"{_PREFIX}{tenant}:{experiment}:{variant}"
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for name, amount in increments.items():
+                        pipe.hincrby(key, name, amount)
+                    if ok:
+                        pipe.lpush(key + ":lat", f"{latency_ms:.3f}")
+                        pipe.ltrim(key + ":lat", 0, LATENCY_WINDOW - 1)
+                    pipe.sadd(f"{_PREFIX}{tenant}:{experiment}", variant)
+                    await pipe.execute()
+                return
+            except Exception as exc:  # figures are best effort; the answer already went out
+                logger.warning("experiment figures not recorded: %s", type(exc).__name__)
+        local = self._local.setdefault((tenant, experiment, variant), _Local())
+        for name, amount in increments.items():
+            local.counters[name] += amount
+        if ok:
+            local.latencies_ms.append(latency_ms)
+
+    async def figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]:
+        if self.redis is not None:
+            try:
+                return await self._redis_figures(tenant, experiment)
+            except Exception as exc:
+                logger.warning("experiment figures unreadable: %s", type(exc).__name__)
+        return {
+            variant: _figures(local.counters, list(local.latencies_ms))
+            for (t, e, variant), local in self._local.items()
+            if t == tenant and e == experiment
+        }
+
+    async def _redis_figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]:
+        base = f"{_PREFIX}{tenant}:{experiment}"
+        variants = sorted(v.decode() for v in await self.redis.smembers(base))
+        out: dict[str, dict[str, Any]] = {}
+        for variant in variants:
+            raw = await self.redis.hgetall(f"{base}:{variant}")
+            counters = dict.fromkeys(_COUNTERS, 0)
+            counters.update({k.decode(): int(v) for k, v in raw.items()})
+            latencies = [float(x) for x in await self.redis.lrange(f"{base}:{variant}:lat", 0, -1)]
+            out[variant] = _figures(counters, latencies)
+        return out
+
+    async def reset(self, tenant: str, experiment: str) -> None:
+        """Forget an experiment's figures (after it is deleted)."""
+        for key in [k for k in self._local if k[0] == tenant and k[1] == experiment]:
+            del self._local[key]
+        if self.redis is not None:
+            base = f"{_PREFIX}{tenant}:{experiment}"
+            try:
+                variants = [v.decode() for v in await self.redis.smembers(base)]
+                keys = [base] + [f"{base}:{v}" for v in variants]
+                keys += [f"{base}:{v}:lat" for v in variants]
+                await self.redis.delete(*keys)
+            except Exception as exc:
+                logger.warning("experiment figures not reset: %s", type(exc).__name__)

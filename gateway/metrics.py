@@ -1,0 +1,115 @@
+"""Prometheus figures of one gateway app, on a registry of its own (never the global one,
+so two apps in one process, as in tests, do not collide).
+
+Labels are tenant, adapter and variant. Their cardinality is bounded: each label keeps at
+most `max_values` distinct values, later ones are counted under "other", so a tenant with
+thousands of adapters cannot blow up the scrape. The runtimes' adapter-cache figures come
+from their latest `/stats` (fetched by the router's probe loop) at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+OTHER = "other"
+LABELS = ("tenant", "adapter", "variant")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class LabelCap:
+    """The first `max_values` distinct values pass; the rest become "other"."""
+
+    def __init__(self, max_values: int) -> None:
+        self.max_values = max_values
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.max_values:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class _RuntimeCollector(Collector):
+    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        hits = GaugeMetricFamily("loragate_runtime_adapter_hits",
+                                 "adapter cache hits by tier, as the runtime reports them",
+                                 labels=["runtime", "tier"])
+        resident = GaugeMetricFamily("loragate_runtime_adapters_resident",
+                                     "adapters resident per cache tier",
+                                     labels=["runtime", "tier"])
+        loads = GaugeMetricFamily("loragate_runtime_adapter_loads",
+                                  "adapter loads since the runtime started", labels=["runtime"])
+        evictions = GaugeMetricFamily("loragate_runtime_adapter_evictions",
+                                      "adapter evictions since the runtime started",
+                                      labels=["runtime"])
+        running = GaugeMetricFamily("loragate_runtime_requests_running",
+                                    "requests in the runtime's batch", labels=["runtime"])
+        for url, stats in self.source().items():
+            adapters = stats.get("adapters") or {}
+            for tier, value in (adapters.get("hits") or {}).items():
+                hits.add_metric([url, str(tier)], float(value))
+            for tier, value in (adapters.get("resident") or {}).items():
+                resident.add_metric([url, str(tier)], float(value))
+            if "loads" in adapters:
+                loads.add_metric([url], float(adapters["loads"]))
+            if "evictions" in adapters:
+                evictions.add_metric([url], float(adapters["evictions"]))
+            if "num_running" in stats:
+                running.add_metric([url], float(stats["num_running"]))
+        yield from (hits, resident, loads, evictions, running)
+
+
+class Metrics:
+    def __init__(
+        self,
+        runtime_stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
+        *,
+        max_values: int = 200,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._caps = {name: LabelCap(max_values) for name in LABELS}
+        self.requests = Counter("loragate_requests", "inference requests by HTTP status",
+                                [*LABELS, "status"], registry=self.registry)
+        self.ttft = Histogram("loragate_time_to_first_token_seconds",
+                              "time from request to the first token", LABELS,
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram("loragate_request_latency_seconds",
+                                 "time from request to the last byte", LABELS,
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens_in = Counter("loragate_tokens_in", "prompt tokens", LABELS,
+                                 registry=self.registry)
+        self.tokens_out = Counter("loragate_tokens_out", "generated tokens", LABELS,
+                                  registry=self.registry)
+        if runtime_stats is not None:
+            self.registry.register(_RuntimeCollector(runtime_stats))
+
+    def labels(self, tenant: str, adapter: str, variant: str) -> tuple[str, str, str]:
+        return (self._caps["tenant"](tenant), self._caps["adapter"](adapter),
+                self._caps["variant"](variant))
+
+    def observe(
+        self, labels: tuple[str, str, str], *, status: int, ttft_s: float | None,
+        total_s: float, tokens_in: int, tokens_out: int,
+    ) -> None:
+        self.requests.labels(*labels, str(status)).inc()
+        if ttft_s is not None:
+            self.ttft.labels(*labels).observe(ttft_s)
+        self.latency.labels(*labels).observe(total_s)
+        if tokens_in:
+            self.tokens_in.labels(*labels).inc(tokens_in)
+        if tokens_out:
+            self.tokens_out.labels(*labels).inc(tokens_out)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,176 @@
+"""Runtime events (docs/internals.md) to OpenAI's completion and chat bodies and chunks.
+
+`Collected` gathers one request's events; the functions below turn it, or one token event,
+into exactly the JSON OpenAI's API answers, so that OpenAI's own clients parse it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from gateway.openai_schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
+from runtime.protocol import ErrorEvent, Event, FinishEvent, LogprobEntry, StartEvent, TokenEvent
+
+_encoder = msgspec.json.Encoder()
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Collected:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: ErrorEvent | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self.text.append(event.text)
+            self.token_ids.extend(event.token_ids)
+            if event.logprobs:
+                self.logprobs.extend(event.logprobs)
+        elif isinstance(event, StartEvent):
+            self.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, FinishEvent):
+            self.finish_reason = event.finish_reason
+            self.prompt_tokens = event.usage.prompt_tokens
+            self.completion_tokens = event.usage.completion_tokens
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+
+    @property
+    def output(self) -> str:
+        return "".join(self.text)
+
+    def usage(self) -> Usage:
+        completion = self.completion_tokens or len(self.token_ids)
+        return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
+
+
+def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:
+    offsets, position = [], offset
+    for entry in entries:
+        offsets.append(position)
+        position += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    return {
+        "content": [
+            {
+                "token": e.token, "logprob": e.logprob, "bytes": list(e.token.encode()),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())}
+                    for t in e.top
+                ],
+            }
+            for e in entries
+        ]
+    }
+
+
+def completion_body(
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+) -> Completion:
+    choice = CompletionChoice(
+        index=0, text=got.output,
+        logprobs=completion_logprobs(got.logprobs) if logprobs else None,
+        finish_reason=got.finish_reason,
+        token_ids=list(got.token_ids) if token_ids else None,
+    )
+    return Completion(request_id, int(time.time()), model, [choice], usage=got.usage())
+
+
+def chat_body(
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+) -> ChatCompletion:
+    choice = ChatChoice(
+        index=0, message=ChatMessageOut("assistant", got.output),
+        logprobs=chat_logprobs(got.logprobs) if logprobs else None,
+        finish_reason=got.finish_reason,
+        token_ids=list(got.token_ids) if token_ids else None,
+    )
+    return ChatCompletion(request_id, int(time.time()), model, [choice], usage=got.usage())
+
+
+def sse(payload: Any) -> bytes:
+    return b"data: " + _encoder.encode(payload) + b"\n\n"
+
+
+class ChunkWriter:
+    """SSE chunks of one streamed answer, completions or chat."""
+
+    def __init__(self, request_id: str, model: str, *, chat: bool, logprobs: bool,
+                 token_ids: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.chat = chat
+        self.logprobs = logprobs
+        self.token_ids = token_ids
+        self.created = int(time.time())
+        self._offset = 0
+
+    def _chunk(self, choice: dict[str, Any], usage: Usage | None = None) -> bytes:
+        body: dict[str, Any] = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created, "model": self.model,
+            "choices": [choice] if choice else [],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return sse(body)
+
+    def role(self) -> bytes:
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None})
+
+    def token(self, event: TokenEvent) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None}
+        if self.chat:
+            choice["delta"] = {"content": event.text}
+            if self.logprobs and event.logprobs:
+                choice["logprobs"] = chat_logprobs(event.logprobs)
+        else:
+            choice["text"] = event.text
+            if self.logprobs and event.logprobs:
+                choice["logprobs"] = completion_logprobs(event.logprobs, self._offset)
+        self._offset += len(event.text)
+        if self.token_ids:
+            choice["token_ids"] = event.token_ids
+        return self._chunk(choice)
+
+    def finish(self, reason: str) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+        if self.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return self._chunk(choice)
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._chunk({}, usage)
+
+
+def error_chunk(message: str, code: str) -> bytes:
+    return sse({"error": {"message": message, "type": "server_error", "code": code,
+                          "param": None}})

@@ -1,0 +1,253 @@
+"""Which runtime serves a request, and the retry rules around it.
+
+Placement: rendezvous (highest random weight) hashing of the adapter's sha256 over the
+healthy runtimes, so one adapter keeps landing where it is already resident; bounded load
+("consistent hashing with bounded loads"): a runtime already holding more than
+`load_factor` times the mean in-flight count is skipped, so a hot adapter spills over to
+the next runtime in its order rather than queueing behind itself. Base-model requests go to
+the least loaded runtime.
+
+Failures: a circuit breaker per runtime opens after `failure_threshold` consecutive
+connection failures and lets one trial request through after `cooldown_s` (half-open). A
+request is retried on the next runtime when the connection fails or the runtime answers 503
+before the first token; once a token has been produced it is never retried (the client may
+have seen it). Runtimes come from `--runtimes` and from the Redis registry
+(`loragate:runtime:*`), refreshed with their `/health` and `/stats` every `probe_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import httpx
+
+from gateway.errors import BadRequest, Unavailable
+from gateway.runtime_client import (
+    RuntimeBusy,
+    RuntimeRefused,
+    RuntimeUnreachable,
+    open_generate,
+)
+from gateway.services import RuntimeHealth
+from runtime.protocol import ErrorEvent, Event, TokenEvent
+
+logger = logging.getLogger("loragate.gateway.router")
+MAX_ATTEMPTS = 3
+
+
+class RuntimeState:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.healthy = False
+        self.detail = "not probed yet"
+        self.in_flight = 0
+        self.failures = 0  # consecutive connection failures
+        self.open_until = 0.0  # breaker open while now < open_until
+        self.trial_running = False  # half-open: one request tests the runtime
+        self.stats: dict[str, Any] = {}
+
+    def breaker(self, now: float) -> str:
+        if self.open_until == 0.0:
+            return "closed"
+        return "open" if now < self.open_until else "half_open"
+
+    def usable(self, now: float) -> bool:
+        state = self.breaker(now)
+        if state == "closed":
+            return self.healthy
+        return state == "half_open" and not self.trial_running
+
+
+def rendezvous_order(key: str, urls: Sequence[str]) -> list[str]:
+    def score(url: str) -> int:
+        return int.from_bytes(hashlib.sha256(f"{key}|{url}".encode()).digest()[:8], "big")
+
+    return sorted(urls, key=score, reverse=True)
+
+
+class Router:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        static_urls: Sequence[str] = (),
+        redis: Any = None,
+        *,
+        request_timeout_s: float = 300.0,
+        probe_interval_s: float = 2.0,
+        failure_threshold: int = 3,
+        cooldown_s: float = 5.0,
+        load_factor: float = 1.25,
+    ) -> None:
+        self.http = http
+        self.static_urls = tuple(static_urls)
+        self.redis = redis
+        self.request_timeout_s = request_timeout_s
+        self.probe_interval_s = probe_interval_s
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.load_factor = load_factor
+        self.runtimes: dict[str, RuntimeState] = {u: RuntimeState(u) for u in self.static_urls}
+        self._task: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- membership, health
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a probe round failing must not end probing
+                logger.exception("runtime refresh failed")
+
+    async def refresh(self) -> None:
+        urls = set(self.static_urls)
+        if self.redis is not None:
+            from runtime.registry import list_runtimes
+
+            try:
+                urls |= {str(entry["url"]).rstrip("/") for entry in await list_runtimes(self.redis)}
+            except Exception as exc:  # Redis down: keep the runtimes we know
+                logger.warning("runtime registry unreadable: %s", type(exc).__name__)
+                urls |= set(self.runtimes)
+        for url in urls - set(self.runtimes):
+            self.runtimes[url] = RuntimeState(url)
+        for url in set(self.runtimes) - urls:
+            del self.runtimes[url]
+        await asyncio.gather(*(self._probe(s) for s in list(self.runtimes.values())))
+
+    async def _probe(self, state: RuntimeState) -> None:
+        try:
+            response = await self.http.get(f"{state.url}/health", timeout=2.0)
+            status = response.json().get("status") if response.status_code == 200 else None
+            state.healthy = status == "ok"
+            state.detail = str(status) if status else f"HTTP {response.status_code}"
+            if state.healthy:
+                stats = await self.http.get(f"{state.url}/stats", timeout=2.0)
+                if stats.status_code == 200:
+                    state.stats = stats.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            state.healthy = False
+            state.detail = f"unreachable: {type(exc).__name__}"
+
+    async def probe(self) -> Sequence[RuntimeHealth]:
+        """For /readyz: the runtimes as of the last probe round."""
+        if not any(s.healthy for s in self.runtimes.values()):
+            await self.refresh()  # readiness asked before the first round finished
+        return [RuntimeHealth(s.url, s.healthy, s.detail) for s in self.runtimes.values()]
+
+    # ------------------------------------------------------------------------ placement
+
+    def candidates(self, adapter_key: str | None) -> list[RuntimeState]:
+        now = time.monotonic()
+        usable = [s for s in self.runtimes.values() if s.usable(now)]
+        if not usable:
+            return []
+        if adapter_key is None:
+            return sorted(usable, key=lambda s: s.in_flight)
+        ordered = [self.runtimes[u] for u in rendezvous_order(adapter_key, [s.url for s in usable])]
+        total = sum(s.in_flight for s in usable) + 1
+        bound = max(1, math.ceil(self.load_factor * total / len(usable)))
+        within = [s for s in ordered if s.in_flight < bound]
+        return within + [s for s in ordered if s.in_flight >= bound]
+
+    def _failed(self, state: RuntimeState) -> None:
+        state.failures += 1
+        state.trial_running = False
+        if state.failures >= self.failure_threshold or state.open_until:
+            state.open_until = time.monotonic() + self.cooldown_s
+            logger.warning("circuit open for %s after %d failures", state.url, state.failures)
+
+    @staticmethod
+    def _succeeded(state: RuntimeState) -> None:
+        state.failures = 0
+        state.open_until = 0.0
+        state.trial_running = False
+
+    # ------------------------------------------------------------------------ requests
+
+    async def generate(self, body: dict[str, Any], adapter_key: str | None) -> AsyncIterator[Event]:
+        """Events of one request. Raises `Unavailable` when no runtime could take it and
+        `BadRequest` when the runtime refused it; a failure after the first token ends the
+        stream with an ErrorEvent (code `runtime_failed`) instead of raising."""
+        candidates = self.candidates(adapter_key)
+        if not candidates:
+            raise Unavailable("no healthy runtime", code="no_runtime", retry_after=2)
+        retry_after = 1
+        deadline = time.monotonic() + self.request_timeout_s
+        for state in candidates[:MAX_ATTEMPTS]:
+            if state.breaker(time.monotonic()) == "half_open":
+                state.trial_running = True
+            state.in_flight += 1
+            try:
+                produced = False
+                try:
+                    stream = await open_generate(
+                        self.http, state.url, body, max(0.1, deadline - time.monotonic())
+                    )
+                except RuntimeBusy as exc:
+                    state.trial_running = False
+                    retry_after = exc.retry_after
+                    continue
+                except RuntimeRefused as exc:
+                    self._succeeded(state)
+                    raise BadRequest(str(exc), code=exc.code) from None
+                except RuntimeUnreachable as exc:
+                    logger.warning("runtime %s failed before the first token: %s", state.url, exc)
+                    self._failed(state)
+                    continue
+                try:
+                    pending: list[Event] = []  # held until the first token: retry stays safe
+                    async with asyncio.timeout_at(_loop_deadline(deadline)):
+                        async for event in stream.events():
+                            if not produced and not isinstance(event, TokenEvent | ErrorEvent):
+                                pending.append(event)
+                                continue
+                            if not produced:
+                                produced = True
+                                self._succeeded(state)
+                                for held in pending:
+                                    yield held
+                            yield event
+                except RuntimeUnreachable as exc:
+                    self._failed(state)
+                    if not produced:
+                        logger.warning("runtime %s failed before the first token: %s",
+                                       state.url, exc)
+                        continue
+                    yield ErrorEvent("runtime_failed", "the runtime serving this request failed")
+                except TimeoutError:
+                    yield ErrorEvent("timeout", "the request took longer than its time limit")
+                finally:
+                    # Shielded: a cancelled client must still close the runtime's stream.
+                    await asyncio.shield(stream.aclose())
+                return
+            finally:
+                state.in_flight -= 1
+        raise Unavailable("no runtime could take the request", code="no_runtime",
+                          retry_after=retry_after)
+
+    def cache_figures(self) -> dict[str, dict[str, Any]]:
+        """The runtimes' latest /stats, for /metrics."""
+        return {url: s.stats for url, s in self.runtimes.items() if s.stats}
+
+
+def _loop_deadline(deadline_monotonic: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline_monotonic - time.monotonic())

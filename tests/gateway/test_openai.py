@@ -1,0 +1,136 @@
+"""The OpenAI-compatible routes over the app in process, with a stub runtime process behind."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gw_helpers import admin, bearer, create_tenant, make_settings, upload
+from litestar.testing import AsyncTestClient
+from stub_procs import start_stub, stop
+
+from adapters.db import upgrade_database
+from gateway.app import create_app
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def stub_url() -> Iterator[str]:
+    proc, url = start_stub()
+    yield url
+    stop(proc)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str
+             ) -> AsyncIterator[AsyncTestClient[Any]]:
+    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,))
+    upgrade_database(settings.database_url)
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture
+async def key(gw: AsyncTestClient[Any], peft_adapter: Path) -> str:
+    key = await create_tenant(gw, "acme")
+    assert (await upload(gw, "acme", "support", peft_adapter)).status_code == 201
+    return key
+
+
+async def test_completion_whole_answer_with_usage_token_ids_and_logprobs(
+    gw: AsyncTestClient[Any], key: str
+) -> None:
+    body = {"model": "builtin", "prompt": "one two three", "max_tokens": 3, "logprobs": 2,
+            "return_token_ids": True}
+    response = await gw.post("/v1/completions", json=body, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    choice = answer["choices"][0]
+    assert answer["object"] == "text_completion" and answer["model"] == "builtin"
+    assert choice["text"] == " w0 w1 w2"
+    assert choice["token_ids"] == [100, 101, 102]
+    assert choice["finish_reason"] == "length"
+    assert choice["logprobs"]["tokens"] == [" w0", " w1", " w2"]
+    assert choice["logprobs"]["text_offset"] == [0, 3, 6]
+    assert all(len(top) == 2 for top in choice["logprobs"]["top_logprobs"])
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert "x-loragate-adapter" not in response.headers
+
+
+async def test_adapter_answer_names_the_version_and_streams_sse(
+    gw: AsyncTestClient[Any], key: str
+) -> None:
+    body = {"model": "support", "prompt": [5, 6], "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    response = await gw.post("/v1/completions", json=body, headers=bearer(key))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-loragate-adapter"] == "support@1"
+    assert response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == " w0 w1"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["usage"]["prompt_tokens"] == 2
+
+
+async def test_chat_whole_and_streamed(gw: AsyncTestClient[Any], key: str) -> None:
+    body = {"model": "support@1", "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 2, "logprobs": True, "top_logprobs": 1}
+    answer = (await gw.post("/v1/chat/completions", json=body, headers=bearer(key))).json()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": " w0 w1"}
+    assert [e["token"] for e in answer["choices"][0]["logprobs"]["content"]] == [" w0", " w1"]
+    response = await gw.post("/v1/chat/completions", json={**body, "stream": True},
+                             headers=bearer(key))
+    chunks = [json.loads(x.removeprefix("data: ")) for x in response.text.split("\n\n")
+              if x and x != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == " w0 w1"
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", 2.5),
+                                         ("top_p", 0), ("logprobs", 6), ("n", 2),
+                                         ("prompt", [])])
+async def test_out_of_range_fields_are_400_in_openai_shape(
+    gw: AsyncTestClient[Any], key: str, field: str, value: Any
+) -> None:
+    body = {"model": "builtin", "prompt": "hi", field: value}
+    response = await gw.post("/v1/completions", json=body, headers=bearer(key))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == field
+
+
+async def test_unknown_model_is_404_model_not_found(gw: AsyncTestClient[Any], key: str) -> None:
+    response = await gw.post("/v1/completions", json={"model": "nope", "prompt": "x"},
+                             headers=bearer(key))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_promote_takes_effect_at_once_on_this_gateway(
+    gw: AsyncTestClient[Any], key: str, peft_adapter_v2: Path
+) -> None:
+    body = {"model": "support", "prompt": "x", "max_tokens": 1}
+    first = await gw.post("/v1/completions", json=body, headers=bearer(key))
+    assert first.headers["x-loragate-adapter"] == "support@1"  # now cached
+    assert (await upload(gw, "acme", "support", peft_adapter_v2)).status_code == 201
+    activate = await gw.post("/admin/tenants/acme/adapters/support/activate",
+                             json={"version": 2}, headers=admin())
+    assert activate.status_code == 200
+    again = await gw.post("/v1/completions", json=body, headers=bearer(key))
+    assert again.headers["x-loragate-adapter"] == "support@2"
+
+
+async def test_models_lists_base_adapters_and_experiments(
+    gw: AsyncTestClient[Any], key: str
+) -> None:
+    experiment = {"variants": [{"name": "a", "adapter": "support", "weight": 1}]}
+    await gw.put("/admin/tenants/acme/experiments/exp", json=experiment, headers=admin())
+    ids = {m["id"] for m in (await gw.get("/v1/models", headers=bearer(key))).json()["data"]}
+    assert ids == {"builtin", "support", "exp"}
