@@ -49,7 +49,41 @@ def _wire_inference(services: Services) -> list[Any]:
 
     Owned by the inference engineer (OpenAI routes, router, rate limits, metrics, A/B).
     """
-    return []
+    # --- inference wiring (begin) ----------------------------------------------------------
+    import httpx
+
+    from gateway.experiments import ExperimentStats
+    from gateway.metrics import Metrics
+    from gateway.ratelimit import RateLimiter
+    from gateway.resolver import Resolver
+    from gateway.router import Router
+    from gateway.routes import openai
+    from gateway.shadow import Background
+
+    settings = services.settings
+    # Runtime traffic gets a pool of its own, sized for many concurrent streams.
+    runtime_http = httpx.AsyncClient(
+        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+        timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
+    )
+    router = Router(runtime_http, settings.runtimes, services.redis,
+                    request_timeout_s=settings.request_timeout_s)
+    resolver = Resolver(services.catalog, settings.base_model_path.resolve().name,
+                        settings.redis_url)
+    stats = ExperimentStats(services.redis)
+    services.router = router
+    services.resolver = resolver
+    services.rate_limiter = RateLimiter(services.redis, fail_open=settings.ratelimit_fail_open)
+    services.metrics = Metrics(router.cache_figures)
+    services.experiment_stats = stats
+    services.background = Background(router, stats)
+    services.runtime_probe = router.probe
+    services.on_catalog_change.append(resolver.invalidate)
+    services.on_startup += [resolver.start, router.start]
+    services.on_shutdown += [runtime_http.aclose, router.stop, resolver.stop,
+                             services.background.stop]
+    return list(openai.routes)
+    # --- inference wiring (end) ------------------------------------------------------------
 
 
 def create_app(settings: Settings, services: Services | None = None) -> Litestar:

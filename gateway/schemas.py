@@ -84,6 +84,9 @@ class VariantFigures(Struct):
     p50_latency_ms: float | None = None
     p95_latency_ms: float | None = None
     tokens: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    identical_share: float | None = None  # shadow only: outputs identical to the primary's
 
 
 class Variant(Struct):
@@ -94,10 +97,11 @@ class Variant(Struct):
     figures: VariantFigures = msgspec.field(default_factory=VariantFigures)
 
 
-class Shadow(Struct):
+class Shadow(Struct, omit_defaults=True):
     adapter: str
     version: int | None
     sample_rate: float
+    figures: VariantFigures | None = None  # once a shadow copy has been recorded
 
 
 class Experiment(Struct):
@@ -106,10 +110,15 @@ class Experiment(Struct):
     shadow: Shadow | None
 
 
+SHADOW_FIGURES = ":shadow"  # the shadow's row in the figures (no variant name has ':')
+
+
 def experiment_out(view_dict: dict[str, Any], figures: dict[str, dict[str, Any]]) -> Experiment:
     """An experiment view with each variant's figures (zeros for a variant not yet served)."""
     experiment = msgspec.convert(view_dict, Experiment)
     for variant in experiment.variants:
         if variant.name in figures:
             variant.figures = msgspec.convert(figures[variant.name], VariantFigures)
+    if experiment.shadow is not None and SHADOW_FIGURES in figures:
+        experiment.shadow.figures = msgspec.convert(figures[SHADOW_FIGURES], VariantFigures)
     return experiment

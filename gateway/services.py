@@ -48,9 +48,10 @@ class RuntimeProbe(Protocol):
 
 class ExperimentFigures(Protocol):
     """Per-variant figures of an experiment: variant name -> {"requests", "errors",
-    "p50_latency_ms", "p95_latency_ms", "tokens"}; variants never seen may be absent."""
+    "p50_latency_ms", "p95_latency_ms", "tokens"}; variants never seen may be absent.
+    Async: with Redis the figures of every gateway are read from there."""
 
-    def figures(self, tenant: str, experiment: str) -> dict[str, dict[str, float | int]]: ...
+    async def figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]: ...
 
 
 class Services:
@@ -80,6 +81,7 @@ class Services:
         self.metrics: Any = None
         self.resolver: Any = None
         self.experiment_stats: ExperimentFigures | None = None
+        self.background: Any = None  # book-keeping and shadow tasks after an answer
         # -------------------------------------------------------------------------------
         self.on_startup: list[Hook] = []
         self.on_shutdown: list[Hook] = []
@@ -91,10 +93,10 @@ class Services:
         for listener in self.on_catalog_change:
             await listener(tenant)
 
-    def experiment_figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]:
+    async def experiment_figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]:
         if self.experiment_stats is None:
             return {}
-        return dict(self.experiment_stats.figures(tenant, experiment))
+        return dict(await self.experiment_stats.figures(tenant, experiment))
 
     async def catalog_status(self) -> str:
         """'ok', or why the catalog's database cannot be reached."""

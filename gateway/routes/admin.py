@@ -182,12 +182,12 @@ class AdminController(Controller):
         )
         view = await services.catalog.put_experiment(tenant, name, variants, shadow)
         await services.catalog_changed(tenant)
-        return experiment_out(view.to_dict(), services.experiment_figures(tenant, name))
+        return experiment_out(view.to_dict(), await services.experiment_figures(tenant, name))
 
     @get("/tenants/{tenant:str}/experiments/{name:str}")
     async def get_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> Experiment:
         view = await services.catalog.get_experiment(tenant, name)
-        return experiment_out(view.to_dict(), services.experiment_figures(tenant, name))
+        return experiment_out(view.to_dict(), await services.experiment_figures(tenant, name))
 
     @delete("/tenants/{tenant:str}/experiments/{name:str}", status_code=204)
     async def delete_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> None:
