@@ -142,14 +142,15 @@ def parse_peft_adapter(
                 f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
                 f"not fit rank {ref.rank}, in {in_f}, out {out_f}"
             )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError(f"layer {layer} {module}: non-finite values")
         if proj not in stack_a:
             n = shapes.num_layers
             stack_a[proj] = torch.zeros(n, len(sizes), ref.rank, in_f, dtype=dtype)
             stack_b[proj] = torch.zeros(n, len(sizes), max(sizes), ref.rank, dtype=dtype)
         stack_a[proj][layer, j].copy_(a)
         stack_b[proj][layer, j, :out_f].copy_(b)
+    for proj in stack_a:  # one check per stack: per-module checks cost more than the copies
+        if not (torch.isfinite(stack_a[proj]).all() and torch.isfinite(stack_b[proj]).all()):
+            raise ValueError(f"{proj}: non-finite values in the adapter")
     if pin_memory:  # page-locked host copies make the copy into a slot asynchronous
         stack_a = {p: t.pin_memory() for p, t in stack_a.items()}
         stack_b = {p: t.pin_memory() for p, t in stack_b.items()}
