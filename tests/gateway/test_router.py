@@ -1,0 +1,130 @@
+"""Router: adapter affinity, bounded load, circuit breaker, retry only before the first token."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.errors import BadRequest, Unavailable
+from gateway.router import Router, rendezvous_order
+from runtime.protocol import ErrorEvent, FinishEvent, TokenEvent
+
+pytestmark = pytest.mark.unit
+URLS = ("http://r1", "http://r2", "http://r3")
+KEY = "ab" * 32
+
+
+def ndjson(*events: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+
+OK = ndjson({"type": "start", "prompt_tokens": 1},
+            {"type": "token", "token_ids": [5], "text": "x", "logprobs": None},
+            {"type": "finish", "finish_reason": "length",
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+
+class BrokenAfterToken(httpx.AsyncByteStream):
+    async def __aiter__(self):  # type: ignore[no-untyped-def]
+        yield b'{"type": "start", "prompt_tokens": 1}\n'
+        yield b'{"type": "token", "token_ids": [5], "text": "x", "logprobs": null}\n'
+        raise httpx.ReadError("runtime died")
+
+
+def make_router(behaviour: dict[str, str], calls: list[str]) -> Router:
+    def handle(request: httpx.Request) -> httpx.Response:
+        host = f"http://{request.url.host}"
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok"})
+        if request.url.path == "/stats":
+            return httpx.Response(200, json={"num_running": 0})
+        calls.append(host)
+        kind = behaviour.get(host, "ok")
+        if kind == "down":
+            raise httpx.ConnectError("refused")
+        if kind == "busy":
+            return httpx.Response(503, headers={"Retry-After": "3"}, json={})
+        if kind == "refuse":
+            return httpx.Response(400, json={"error": {"message": "too long",
+                                                       "code": "prompt_too_long"}})
+        if kind == "break":
+            return httpx.Response(200, stream=BrokenAfterToken())
+        return httpx.Response(200, content=OK)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle))
+    return Router(http, URLS, failure_threshold=2, cooldown_s=30.0)
+
+
+async def events(router: Router, key: str | None = KEY) -> list[Any]:
+    return [e async for e in router.generate({"request_id": "r"}, key)]
+
+
+async def test_same_adapter_same_runtime_and_keys_spread() -> None:
+    assert rendezvous_order(KEY, URLS) == rendezvous_order(KEY, URLS[::-1])
+    firsts = Counter(rendezvous_order(f"{i:064x}", URLS)[0] for i in range(300))
+    assert all(60 < firsts[u] < 140 for u in URLS), firsts
+    calls: list[str] = []
+    router = make_router({}, calls)
+    await router.refresh()
+    for _ in range(5):
+        assert isinstance((await events(router))[-1], FinishEvent)
+    assert len(set(calls)) == 1 and calls[0] == rendezvous_order(KEY, URLS)[0]
+
+
+async def test_hot_adapter_spills_to_other_runtimes() -> None:
+    router = make_router({}, [])
+    await router.refresh()
+    home = rendezvous_order(KEY, URLS)[0]
+    router.runtimes[home].in_flight = 10
+    assert router.candidates(KEY)[0].url != home
+    router.runtimes[home].in_flight = 0
+    assert router.candidates(KEY)[0].url == home
+
+
+async def test_retry_on_connection_failure_and_503_then_breaker_opens() -> None:
+    order = rendezvous_order(KEY, URLS)
+    calls: list[str] = []
+    router = make_router({order[0]: "down", order[1]: "busy"}, calls)
+    await router.refresh()
+    assert isinstance((await events(router))[-1], FinishEvent)
+    assert calls == order
+    calls.clear()
+    assert isinstance((await events(router))[-1], FinishEvent)
+    assert router.runtimes[order[0]].breaker(float("inf")) == "half_open"
+    calls.clear()
+    await events(router)
+    assert order[0] not in calls  # open: skipped without a try
+
+
+async def test_no_retry_after_the_first_token() -> None:
+    order = rendezvous_order(KEY, URLS)
+    calls: list[str] = []
+    router = make_router({order[0]: "break"}, calls)
+    await router.refresh()
+    got = await events(router)
+    assert isinstance(got[1], TokenEvent)
+    assert isinstance(got[-1], ErrorEvent) and got[-1].code == "runtime_failed"
+    assert calls == [order[0]]
+
+
+async def test_all_busy_is_unavailable_and_refusal_is_bad_request() -> None:
+    router = make_router(dict.fromkeys(URLS, "busy"), [])
+    await router.refresh()
+    with pytest.raises(Unavailable) as info:
+        await events(router)
+    assert info.value.retry_after == 3
+    router = make_router(dict.fromkeys(URLS, "refuse"), calls := [])
+    await router.refresh()
+    with pytest.raises(BadRequest):
+        await events(router)
+    assert len(calls) == 1
+
+
+async def test_no_healthy_runtime_is_unavailable() -> None:
+    router = make_router({}, [])  # never probed: nothing known healthy
+    with pytest.raises(Unavailable):
+        await events(router)
