@@ -3,7 +3,7 @@
     .venv/bin/python bench/kernels.py                # CPU, writes bench/results/kernels_cpu.json
     .venv/bin/python bench/kernels.py --device cuda  # GPU, writes bench/results/kernels_gpu.json
 
-CPU (float32, in=out=4096, r=16, 256 tokens spread round-robin over 1..64 adapters):
+CPU (float32, in=out=4096 (`--features`), r=16, 256 tokens round-robin over 1..64 adapters):
   torch_path  kernels.add_lora on CPU (tokens grouped by slot, one matmul pair per segment)
   loop        a loop over adapters: boolean mask, gather the adapter's tokens, two matmuls
   peft_mask   PEFT-style: every adapter runs over the whole batch, the result masked to its
@@ -16,6 +16,7 @@ bench/kernels_gpu.py for the GPU mode.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -34,18 +35,17 @@ sys.path.insert(0, str(ROOT))
 
 import kernels  # noqa: E402
 
-IN_FEATURES = OUT_FEATURES = 4096
 RANK, NUM_TOKENS = 16, 256
 
 
-def make_problem(num_adapters: int, seed: int = 0) -> dict:
+def make_problem(num_adapters: int, features: int = 4096, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    lora_a = torch.randn(1, num_adapters, RANK, IN_FEATURES, generator=g) / IN_FEATURES**0.5
-    lora_b = torch.randn(1, num_adapters, OUT_FEATURES, RANK, generator=g) / RANK**0.5
+    lora_a = torch.randn(1, num_adapters, RANK, features, generator=g) / features**0.5
+    lora_b = torch.randn(1, num_adapters, features, RANK, generator=g) / RANK**0.5
     token_to_slot = (torch.arange(NUM_TOKENS) % num_adapters).to(torch.int32)
     return dict(
-        x=torch.randn(NUM_TOKENS, IN_FEATURES, generator=g),  # [num_tokens, in]
-        y=torch.zeros(NUM_TOKENS, OUT_FEATURES),  # [num_tokens, out]
+        x=torch.randn(NUM_TOKENS, features, generator=g),  # [num_tokens, in]
+        y=torch.zeros(NUM_TOKENS, features),  # [num_tokens, out]
         lora_a=lora_a,  # [1, num_adapters, r, in]
         lora_b=lora_b,  # [1, num_adapters, out, r]
         scales=torch.full((num_adapters,), 2.0),
@@ -79,7 +79,7 @@ def peft_masking(p: dict) -> torch.Tensor:
 
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call, the methods interleaved round by round."""
+    """Median (and `<name>_min`) seconds per call, the methods interleaved round by round."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm up
@@ -88,17 +88,36 @@ def time_side_by_side(fns: dict[str, Callable[[], object]], rounds: int) -> dict
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return {name: statistics.median(v) for name, v in samples.items()} | {
+        f"{name}_min": min(v) for name, v in samples.items()
+    }
 
 
-def run_cpu(adapter_counts: list[int], rounds: int, threads: int) -> dict:
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed buffers of a few MB instead of unmapping them.
+
+    By default each 4 MB temporary may come from a fresh mmap and fault in page by page, and
+    whether it does depends on the order of earlier frees (glibc's sliding threshold), which
+    made the same method vary 2-3x from one process to the next. Applies to every method.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 256 << 20) and
+                libc.mallopt(m_trim_threshold, 512 << 20))  # fmt: skip
+
+
+def run_cpu(adapter_counts: list[int], rounds: int, threads: int, features: int) -> dict:
     torch.set_num_threads(threads)
+    malloc_tuned = keep_freed_memory()
     os.environ.pop("TRITON_INTERPRET", None)  # the torch path, not the interpreter
     rows = []
     print(f"{'adapters':>8} {'torch_path ms':>14} {'loop ms':>9} {'peft_mask ms':>13} "
           f"{'loop/torch':>11} {'peft/torch':>11} {'build_meta ms':>14}")  # fmt: skip
     for n in adapter_counts:
-        p = make_problem(n)
+        p = make_problem(n, features)
         meta = kernels.build_meta(p["token_to_slot"], n)
         expected = torch_path(p, meta)
         for other in (loop_over_adapters(p), peft_masking(p)):
@@ -122,6 +141,9 @@ def run_cpu(adapter_counts: list[int], rounds: int, threads: int) -> dict:
             loop_ms=t["loop"] * 1e3,
             peft_mask_ms=t["peft_mask"] * 1e3,
             build_meta_ms=t["build_meta"] * 1e3,
+            torch_path_min_ms=t["torch_path_min"] * 1e3,
+            loop_min_ms=t["loop_min"] * 1e3,
+            peft_mask_min_ms=t["peft_mask_min"] * 1e3,
             loop_over_torch=t["loop"] / t["torch_path"],
             peft_over_torch=t["peft_mask"] / t["torch_path"],
         )
@@ -133,12 +155,13 @@ def run_cpu(adapter_counts: list[int], rounds: int, threads: int) -> dict:
     return dict(
         device="cpu",
         dtype="float32",
-        in_features=IN_FEATURES,
-        out_features=OUT_FEATURES,
+        in_features=features,
+        out_features=features,
         rank=RANK,
         num_tokens=NUM_TOKENS,
         rounds=rounds,
         threads=threads,
+        malloc_keeps_freed_memory=malloc_tuned,
         torch=torch.__version__,
         machine=platform.machine(),
         processor=platform.processor() or platform.machine(),
@@ -153,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU mode: comma-separated adapter counts")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=7, help="CPU mode: timed rounds")
     parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads")
+    parser.add_argument("--features", type=int, default=4096, help="CPU mode: in = out")
     parser.add_argument("--quick", action="store_true", help="GPU mode: a reduced matrix")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="GPU mode: stop starting new configs after this many seconds")
@@ -169,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         default_out = ROOT / "bench" / "results" / "kernels_gpu.json"
     else:
         counts = [int(c) for c in args.adapters.split(",") if c.strip()]
-        result = run_cpu(counts, args.rounds, args.threads)
+        result = run_cpu(counts, args.rounds, args.threads, args.features)
         default_out = ROOT / "bench" / "results" / "kernels_cpu.json"
     out = args.out or default_out
     out.parent.mkdir(parents=True, exist_ok=True)
