@@ -84,7 +84,7 @@ def _shrink_kernel(
         if DOT_FP32:
             xt = xt.to(tl.float32)
             at = at.to(tl.float32)
-        acc += tl.dot(xt, at, input_precision=PRECISION)
+        acc = tl.dot(xt, at, acc=acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * SPLIT_K * stride_xk
         a_ptrs += BLOCK_K * SPLIT_K * stride_ak
     acc *= tl.load(scales_ptr + slot)
@@ -144,7 +144,7 @@ def _expand_kernel(
             # Tensor-core dot in the weights' dtype; the rank-sized float32 input is rounded
             # once, the sum over the rank still accumulates in float32.
             ht = ht.to(bt.dtype)
-        acc += tl.dot(ht, bt, input_precision=PRECISION)
+        acc = tl.dot(ht, bt, acc=acc, input_precision=PRECISION)
         h_ptrs += BLOCK_K * stride_hr
         b_ptrs += BLOCK_K * stride_br
     off_j = tl.load(slice_offsets_ptr + j)
