@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import kernels
 from kernels.reference import shrink_reference
 
 triton_lora = pytest.importorskip("kernels.triton_lora")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -103,5 +106,25 @@ def test_interpret_env_routes_cpu_tensors_to_triton(monkeypatch: pytest.MonkeyPa
 def test_importing_kernels_does_not_import_triton() -> None:
     code = "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.unit
+def test_interpreter_works_when_set_before_triton_is_imported() -> None:
+    # The other order from the fixtures above: TRITON_INTERPRET=1 already in the environment
+    # when triton is first imported (which turns its own @jit helpers into interpreted ones).
+    code = (
+        "import torch, triton, kernels\n"
+        "from kernels.reference import add_lora_reference\n"
+        "t2s = torch.tensor([1, -1, 0, 1], dtype=torch.int32)\n"
+        "a, b = torch.randn(1, 2, 8, 24), torch.randn(1, 2, 20, 8)\n"
+        "x, y, s = torch.randn(4, 24), torch.randn(4, 20), torch.rand(2)\n"
+        "ref = add_lora_reference(y, x, a, b, s, t2s)\n"
+        "kernels.add_lora(y, x, a, b, s, kernels.build_meta(t2s, 2))\n"
+        "torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr
