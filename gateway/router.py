@@ -31,9 +31,9 @@ import httpx
 from gateway.errors import BadRequest, Unavailable
 from gateway.runtime_client import (
     RuntimeBusy,
+    RuntimeClient,
     RuntimeRefused,
     RuntimeUnreachable,
-    open_generate,
 )
 from gateway.services import RuntimeHealth
 from runtime.protocol import ErrorEvent, Event, TokenEvent
@@ -84,8 +84,10 @@ class Router:
         failure_threshold: int = 3,
         cooldown_s: float = 5.0,
         load_factor: float = 1.25,
+        client: Any = None,
     ) -> None:
-        self.http = http
+        self.http = http  # health and stats probes
+        self.client = client if client is not None else RuntimeClient()  # /generate traffic
         self.static_urls = tuple(static_urls)
         self.redis = redis
         self.request_timeout_s = request_timeout_s
@@ -107,6 +109,7 @@ class Router:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.client.aclose()
 
     async def _loop(self) -> None:
         while True:
@@ -198,9 +201,8 @@ class Router:
             try:
                 produced = False
                 try:
-                    stream = await open_generate(
-                        self.http, state.url, body, max(0.1, deadline - time.monotonic())
-                    )
+                    stream = await self.client.open_generate(state.url, body,
+                                                             _loop_deadline(deadline))
                 except RuntimeBusy as exc:
                     state.trial_running = False
                     retry_after = exc.retry_after
@@ -212,19 +214,21 @@ class Router:
                     logger.warning("runtime %s failed before the first token: %s", state.url, exc)
                     self._failed(state)
                     continue
+                except TimeoutError:
+                    raise Unavailable("the runtime did not answer in time", code="timeout",
+                                      retry_after=1) from None
                 try:
                     pending: list[Event] = []  # held until the first token: retry stays safe
-                    async with asyncio.timeout_at(_loop_deadline(deadline)):
-                        async for event in stream.events():
-                            if not produced and not isinstance(event, TokenEvent | ErrorEvent):
-                                pending.append(event)
-                                continue
-                            if not produced:
-                                produced = True
-                                self._succeeded(state)
-                                for held in pending:
-                                    yield held
-                            yield event
+                    async for event in stream.events():
+                        if not produced and not isinstance(event, TokenEvent | ErrorEvent):
+                            pending.append(event)
+                            continue
+                        if not produced:
+                            produced = True
+                            self._succeeded(state)
+                            for held in pending:
+                                yield held
+                        yield event
                 except RuntimeUnreachable as exc:
                     self._failed(state)
                     if not produced:

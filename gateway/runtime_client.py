@@ -1,39 +1,50 @@
 """One `/generate` call to one runtime (docs/internals.md, "Runtime wire protocol").
 
-`open_generate` sends the body and returns the NDJSON event stream once the runtime has
-answered 200; everything that happens before that is classified so that the router knows
-whether another runtime may be tried: `RuntimeUnreachable` (connection failed),
-`RuntimeBusy` (503: draining, loading, queue full) and `RuntimeRefused` (400/413: the request
-itself is wrong, no retry). Closing the stream closes the connection, which is how the
-runtime learns that the client went away and aborts the request.
+A small HTTP/1.1 client of its own, over a keep-alive pool per runtime: the request path is
+the gateway's hot loop, and httpx's pool bookkeeping cost more than everything else the
+gateway does per request (it scans every pooled connection on each request). It speaks only
+what the runtimes answer: a status line, headers, then a body by Content-Length or chunks.
+
+`RuntimeClient.open_generate` returns the NDJSON event stream once the runtime has answered
+200; failures before that are classified so that the router knows whether another runtime
+may be tried: `RuntimeUnreachable` (connection failed), `RuntimeBusy` (503: draining,
+loading, queue full), `RuntimeRefused` (400/413: the request itself is wrong, no retry).
+Closing a stream before its end closes the connection, which is how the runtime learns that
+the client went away and aborts the request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 import msgspec
 
 from runtime.protocol import Event, decode_event
 
+MAX_IDLE_PER_RUNTIME = 256
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one NDJSON event; a token event is far smaller
+_encoder = msgspec.json.Encoder()
 
-class RuntimeError_(Exception):
+
+class RuntimeCallError(Exception):
     """Base of the failures of one runtime call."""
 
 
-class RuntimeUnreachable(RuntimeError_):
+class RuntimeUnreachable(RuntimeCallError):
     """Connecting or sending failed, or the stream broke: the runtime is suspect."""
 
 
-class RuntimeBusy(RuntimeError_):
+class RuntimeBusy(RuntimeCallError):
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
 
-class RuntimeRefused(RuntimeError_):
+class RuntimeRefused(RuntimeCallError):
     """The runtime refused the request itself (400/413); another runtime would too."""
 
     def __init__(self, message: str, code: str) -> None:
@@ -41,73 +52,183 @@ class RuntimeRefused(RuntimeError_):
         self.code = code
 
 
-_encoder = msgspec.json.Encoder()
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-def _retry_after(response: httpx.Response) -> int:
+class _Body:
+    """The response body as raw byte pieces, by Content-Length or chunked encoding."""
+
+    def __init__(self, reader: asyncio.StreamReader, headers: dict[str, str],
+                 deadline: float | None = None) -> None:
+        self.reader = reader
+        self.deadline = deadline  # loop time after which a read raises TimeoutError
+        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        self.remaining = int(headers.get("content-length", "0") or 0)
+        self.done = False
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        # Each read under the deadline, never a yield inside a timeout: the consumer of this
+        # generator may run in another task than the one that started it.
+        if not self.chunked:
+            if self.remaining:
+                async with asyncio.timeout_at(self.deadline):
+                    data = await self.reader.readexactly(self.remaining)
+                yield data
+            self.done = True
+            return
+        while True:
+            async with asyncio.timeout_at(self.deadline):
+                size = int((await self.reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    await self.reader.readline()  # the empty trailer line
+                    self.done = True
+                    return
+                data = await self.reader.readexactly(size + 2)
+            yield data[:-2]
+
+
+class GenerateStream:
+    """The open NDJSON stream of one request; iterate `events()`, always `aclose()`."""
+
+    def __init__(self, client: RuntimeClient, key: str, conn: Conn, body: _Body) -> None:
+        self._client, self._key, self._conn, self._body = client, key, conn, body
+
+    async def events(self) -> AsyncIterator[Event]:
+        buffer = b""
+        try:
+            async for piece in self._body.pieces():
+                buffer += piece
+                if len(buffer) > MAX_LINE_BYTES:
+                    raise RuntimeUnreachable("an event line over the size limit")
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line:
+                        yield decode_event(line)
+            if buffer.strip():
+                yield decode_event(buffer)
+        except (OSError, asyncio.IncompleteReadError, ValueError, msgspec.DecodeError) as exc:
+            raise RuntimeUnreachable(f"stream broke: {type(exc).__name__}") from exc
+
+    async def aclose(self) -> None:
+        if self._body.done:
+            self._client.release(self._key, self._conn)
+        else:
+            await _close(self._conn)  # the runtime sees the disconnect and aborts
+
+
+class RuntimeClient:
+    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+        self.connect_timeout_s = connect_timeout_s
+        self._idle: dict[str, list[Conn]] = {}
+
+    async def open_generate(self, url: str, body: dict[str, Any],
+                            deadline: float | None = None) -> GenerateStream:
+        """`deadline` (event loop time) bounds every read of the answer, headers included."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or parts.hostname is None:
+            raise RuntimeUnreachable(f"unsupported runtime URL {url!r} (http:// only)")
+        host, port = parts.hostname, parts.port or 80
+        payload = _encoder.encode(body)
+        head = (f"POST /generate HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
+        raw = head.encode() + payload
+        for reused in (True, False):
+            conn = self._take(url) if reused else None
+            if reused and conn is None:
+                continue
+            if conn is None:
+                conn = await self._connect(url, host, port)
+            try:
+                conn[1].write(raw)
+                async with asyncio.timeout_at(deadline):
+                    status, headers = await _read_head(conn[0])
+                break
+            except TimeoutError:
+                await _close(conn)
+                raise
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                await _close(conn)
+                if not reused:  # a fresh connection failed: the runtime is down
+                    raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
+                # A pooled connection the runtime had closed: try once more on a fresh one.
+        response = _Body(conn[0], headers, deadline)
+        if status == 200:
+            return GenerateStream(self, url, conn, response)
+        try:
+            data = b"".join([p async for p in response.pieces()])
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            await _close(conn)
+            raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
+        self.release(url, conn)
+        if status == 503:
+            raise RuntimeBusy(f"{url} is busy", _retry_after(headers))
+        if status in (400, 413, 422):
+            raise RuntimeRefused(*_refusal(data))
+        raise RuntimeUnreachable(f"{url}: HTTP {status}")
+
+    async def _connect(self, url: str, host: str, port: int) -> Conn:
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=MAX_LINE_BYTES),
+                self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
+
+    def _take(self, url: str) -> Conn | None:
+        idle = self._idle.get(url)
+        while idle:
+            conn = idle.pop()
+            if not conn[0].at_eof() and not conn[1].is_closing():
+                return conn
+            conn[1].close()
+        return None
+
+    def release(self, url: str, conn: Conn) -> None:
+        idle = self._idle.setdefault(url, [])
+        if len(idle) < MAX_IDLE_PER_RUNTIME and not conn[0].at_eof():
+            idle.append(conn)
+        else:
+            conn[1].close()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                await _close(conn)
+        self._idle.clear()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    status_line = await reader.readline()
+    if not status_line:
+        raise asyncio.IncompleteReadError(b"", None)
+    status = int(status_line.split(b" ", 2)[1])
+    headers: dict[str, str] = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n"):
+            return status, headers
+        if not line:
+            raise asyncio.IncompleteReadError(b"", None)
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+
+async def _close(conn: Conn) -> None:
+    conn[1].close()
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        await conn[1].wait_closed()
+
+
+def _retry_after(headers: dict[str, str]) -> int:
     try:
-        return max(1, int(response.headers.get("retry-after", "1")))
+        return max(1, int(headers.get("retry-after", "1")))
     except ValueError:
         return 1
 
 
-def _refusal(response_body: bytes) -> tuple[str, str]:
+def _refusal(data: bytes) -> tuple[str, str]:
     try:
-        error = msgspec.json.decode(response_body).get("error", {})
+        error = msgspec.json.decode(data).get("error", {})
         return str(error.get("message", "refused")), str(error.get("code", "invalid_request"))
     except (msgspec.DecodeError, AttributeError):
         return "the runtime refused the request", "invalid_request"
-
-
-class GenerateStream:
-    """The open NDJSON stream of one request; iterate for events, always `aclose()`."""
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-
-    async def events(self) -> AsyncIterator[Event]:
-        try:
-            async for line in self._response.aiter_lines():
-                if line:
-                    yield decode_event(line.encode())
-        except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            raise RuntimeUnreachable(f"stream broke: {type(exc).__name__}") from exc
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-
-async def open_generate(
-    http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float
-) -> GenerateStream:
-    request = http.build_request(
-        "POST", f"{url}/generate", content=_encoder.encode(body),
-        headers={"content-type": "application/json"},
-        timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-    )
-    try:
-        response = await http.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
-    if response.status_code == 200:
-        return GenerateStream(response)
-    try:
-        payload = await response.aread()
-    except httpx.HTTPError as exc:
-        raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
-    finally:
-        await response.aclose()
-    if response.status_code == 503:
-        raise RuntimeBusy(f"{url} is busy", _retry_after(response))
-    if response.status_code in (400, 413, 422):
-        message, code = _refusal(payload)
-        raise RuntimeRefused(message, code)
-    raise RuntimeUnreachable(f"{url}: HTTP {response.status_code}")
-
-
-async def abort(http: httpx.AsyncClient, url: str, request_id: str) -> None:
-    """Best effort: closing the stream already aborts; this covers a half-open connection."""
-    try:
-        await http.post(f"{url}/abort/{request_id}", timeout=2.0)
-    except httpx.HTTPError:
-        pass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
@@ -11,52 +10,66 @@ import pytest
 
 from gateway.errors import BadRequest, Unavailable
 from gateway.router import Router, rendezvous_order
-from runtime.protocol import ErrorEvent, FinishEvent, TokenEvent
+from gateway.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
+from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
 
 pytestmark = pytest.mark.unit
 URLS = ("http://r1", "http://r2", "http://r3")
 KEY = "ab" * 32
 
 
-def ndjson(*events: dict[str, Any]) -> bytes:
-    return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+OK = [StartEvent(1), TokenEvent([5], "x", None), FinishEvent("length", Usage(1, 1))]
 
 
-OK = ndjson({"type": "start", "prompt_tokens": 1},
-            {"type": "token", "token_ids": [5], "text": "x", "logprobs": None},
-            {"type": "finish", "finish_reason": "length",
-             "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+class FakeStream:
+    def __init__(self, events: list[Any], broken: bool = False) -> None:
+        self._events, self._broken = events, broken
+        self.closed = False
+
+    async def events(self):  # type: ignore[no-untyped-def]
+        for event in self._events:
+            yield event
+        if self._broken:
+            raise RuntimeUnreachable("stream broke: runtime died")
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
-class BrokenAfterToken(httpx.AsyncByteStream):
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        yield b'{"type": "start", "prompt_tokens": 1}\n'
-        yield b'{"type": "token", "token_ids": [5], "text": "x", "logprobs": null}\n'
-        raise httpx.ReadError("runtime died")
+class FakeClient:
+    """Stands for RuntimeClient: each runtime behaves as `behaviour` says."""
+
+    def __init__(self, behaviour: dict[str, str], calls: list[str]) -> None:
+        self.behaviour, self.calls = behaviour, calls
+        self.streams: list[FakeStream] = []
+
+    async def open_generate(self, url: str, body: dict[str, Any], deadline: Any = None
+                            ) -> FakeStream:
+        self.calls.append(url)
+        kind = self.behaviour.get(url, "ok")
+        if kind == "down":
+            raise RuntimeUnreachable(f"{url}: ConnectError")
+        if kind == "busy":
+            raise RuntimeBusy(f"{url} is busy", 3)
+        if kind == "refuse":
+            raise RuntimeRefused("too long", "prompt_too_long")
+        stream = FakeStream(OK[:2], broken=True) if kind == "break" else FakeStream(OK)
+        self.streams.append(stream)
+        return stream
+
+    async def aclose(self) -> None:
+        pass
 
 
 def make_router(behaviour: dict[str, str], calls: list[str]) -> Router:
-    def handle(request: httpx.Request) -> httpx.Response:
-        host = f"http://{request.url.host}"
+    def health(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/health":
             return httpx.Response(200, json={"status": "ok"})
-        if request.url.path == "/stats":
-            return httpx.Response(200, json={"num_running": 0})
-        calls.append(host)
-        kind = behaviour.get(host, "ok")
-        if kind == "down":
-            raise httpx.ConnectError("refused")
-        if kind == "busy":
-            return httpx.Response(503, headers={"Retry-After": "3"}, json={})
-        if kind == "refuse":
-            return httpx.Response(400, json={"error": {"message": "too long",
-                                                       "code": "prompt_too_long"}})
-        if kind == "break":
-            return httpx.Response(200, stream=BrokenAfterToken())
-        return httpx.Response(200, content=OK)
+        return httpx.Response(200, json={"num_running": 0})
 
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-    return Router(http, URLS, failure_threshold=2, cooldown_s=30.0)
+    http = httpx.AsyncClient(transport=httpx.MockTransport(health))
+    return Router(http, URLS, failure_threshold=2, cooldown_s=30.0,
+                  client=FakeClient(behaviour, calls))
 
 
 async def events(router: Router, key: str | None = KEY) -> list[Any]:
@@ -109,6 +122,7 @@ async def test_no_retry_after_the_first_token() -> None:
     assert isinstance(got[1], TokenEvent)
     assert isinstance(got[-1], ErrorEvent) and got[-1].code == "runtime_failed"
     assert calls == [order[0]]
+    assert all(stream.closed for stream in router.client.streams)
 
 
 async def test_all_busy_is_unavailable_and_refusal_is_bad_request() -> None:
