@@ -88,10 +88,13 @@ def add_lora(
     if not segments:
         return
     xs = x.index_select(0, rows).to(torch.float32)
-    short = [seg for seg in segments if seg[2] <= _PAD_MAX_TOKENS]
-    if not _table_pays(short):
+    # FLOPs one padded row costs in the table bmm (shrink over every slice, then expand).
+    row_flops = 2 * lora_a.shape[2] * (lora_a.shape[0] * lora_a.shape[3] + sum(slice_sizes))
+    max_tokens = _PAD_MAX_TOKENS if row_flops > _SMALL_ROW_FLOPS else _PAD_MAX_TOKENS_SMALL
+    short = [seg for seg in segments if seg[2] <= max_tokens]
+    if not _table_pays(short, row_flops):
         short = []
-    long = [seg for seg in segments if seg[2] > _PAD_MAX_TOKENS] if short else segments
+    long = [seg for seg in segments if seg[2] > max_tokens] if short else segments
     if long:
         delta = _expand_sorted(_shrink_sorted(xs, lora_a, scales, long), lora_b, slice_sizes, long)
     else:
@@ -106,19 +109,28 @@ def add_lora(
 # at 4096); at 16 tokens per adapter the loop wins (2.5 vs 3.4 ms at 4096).
 _PAD_MAX_TOKENS = 4
 _PAD_MIN_SEGMENTS = 4  # fewer short segments than this: the loop is as cheap
+# Small adapters (row_flops up to this, e.g. hidden 128-256 at r <= 16): a loop iteration's
+# dispatch costs more than many padded rows, so longer segments (short prompts) pad too.
+_SMALL_ROW_FLOPS = 1 << 15
+_PAD_MAX_TOKENS_SMALL = 16
+_LOOP_SEGMENT_FLOPS = 1e6  # ~ one loop iteration's dispatch overhead, in FLOPs of bmm
 
 
-def _table_pays(short: list[tuple[int, int, int]]) -> bool:
+def _table_pays(short: list[tuple[int, int, int]], row_flops: int) -> bool:
     """Whether one padded bmm over the slot range of `short` beats a loop over them.
 
-    The padded input is [slots in range, longest segment, in]; it is worth it while at most
-    half of its rows are padding (inactive slots in the range, shorter segments).
+    The padded input is [slots in range, longest segment, in]. Its padding rows (inactive
+    slots in the range, shorter segments) are wasted work: worth it while at most half of
+    its rows are padding, or while the padding costs less than the loop's per-segment
+    dispatch it saves (small adapters, where a sparse slot range is still cheap).
     """
     if len(short) < _PAD_MIN_SEGMENTS:
         return False
     num_range = short[-1][0] - short[0][0] + 1
     width = max(c for _, _, c in short)
-    return num_range * width <= 2 * sum(c for _, _, c in short)
+    tokens = sum(c for _, _, c in short)
+    waste = num_range * width - tokens
+    return waste <= tokens or waste * row_flops <= len(short) * _LOOP_SEGMENT_FLOPS
 
 
 def _table_into(
@@ -139,9 +151,12 @@ def _table_into(
     device = xs.device
     lo, hi = segments[0][0], segments[-1][0] + 1
     counts = torch.tensor([c for _, _, c in segments], device=device)
-    slot_of = torch.repeat_interleave(torch.tensor([s - lo for s, _, _ in segments]), counts)
-    src = torch.cat([torch.arange(st, st + c) for _, st, c in segments]).to(device)
-    pos = src - torch.repeat_interleave(torch.tensor([st for _, st, _ in segments]), counts)
+    starts = torch.tensor([st for _, st, _ in segments], device=device)
+    seg = torch.repeat_interleave(torch.arange(len(segments), device=device), counts)
+    # Position in its segment, without a Python loop over segments.
+    pos = torch.arange(seg.shape[0], device=device) - (torch.cumsum(counts, 0) - counts)[seg]
+    src = starts[seg] + pos  # row in xs / delta
+    slot_of = torch.tensor([s - lo for s, _, _ in segments], device=device)[seg]
     width = int(counts.max())
     xp = xs.new_zeros(hi - lo, width, xs.shape[1])  # [slots in range, width, in]
     # When every segment is short, src covers xs in order: skip a copy of it.
