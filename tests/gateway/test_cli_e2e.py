@@ -149,7 +149,9 @@ def port_open(url: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(tmp_path: Path) -> None:
+def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
     data_dir, port, log = tmp_path / "data", free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}"
     with log.open("a") as log_file:
@@ -160,7 +162,8 @@ def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(tmp_path: Pat
         )
     try:
         assert proc.stdout is not None
-        read_until(proc.stdout, "listening on", proc)
+        lines = read_until(proc.stdout, "listening on", proc)
+        token = next(line for line in lines if line.startswith("admin token")).rsplit(" ", 1)[1]
         deadline = time.monotonic() + START_TIMEOUT_S
         ready = httpx.get(f"{url}/readyz")
         while ready.status_code != 200 and time.monotonic() < deadline:
@@ -169,6 +172,21 @@ def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(tmp_path: Pat
         assert ready.status_code == 200, log.read_text()[-3000:]
         runtime_url = ready.json()["runtimes"][0]["url"]
         assert port_open(runtime_url)
+
+        # The one command gives a working system: upload an adapter, then complete with it.
+        assert admin_cli(url, token, "tenant-create", "acme").returncode == 0
+        key = json.loads(admin_cli(url, token, "key-create", "acme").stdout)["key"]
+        uploaded = admin_cli(url, token, "upload", "acme", "support", str(peft_adapter))
+        assert uploaded.returncode == 0, uploaded.stderr
+        completion = httpx.post(
+            f"{url}/v1/completions", headers={"Authorization": f"Bearer {key}"},
+            json={"model": "support", "prompt": "hello", "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
+        assert completion.status_code == 200, completion.text
+        assert completion.headers["X-Loragate-Adapter"] == "support@1"
+        assert completion.json()["usage"]["completion_tokens"] >= 1
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         assert not port_open(runtime_url), "the runtime child outlived serve"
