@@ -13,6 +13,9 @@ it costs little itself; it shares the machine's cores with the servers.
 
 Reported per mode: requests/s, latency p50/p99; then the added latency (gateway - direct) at
 p50/p99, the mean added time per request, and the gateway process's CPU time per request.
+At concurrency 64 the added latency is mostly queueing (Little's law: 64 in flight over the
+gateway's throughput), so a second pass one request at a time (`*_c1`) gives the gateway's
+own added latency per request.
 Writes bench/results/gateway.json.
 """
 
@@ -74,7 +77,8 @@ class Conn:
 
 def http_post(url: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
     payload = json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: {url.removeprefix('http://')}\r\nContent-Type: application/json\r\n"
+    host = url.removeprefix("http://")
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     head += f"Content-Length: {len(payload)}\r\n\r\n"
     return head.encode() + payload
@@ -174,9 +178,13 @@ def main() -> None:
             results = {"direct": asyncio.run(load(stub_url, direct, args.concurrency))}
             cpu_before = cpu_seconds(gateway.pid)
             results["gateway"] = asyncio.run(load(gw_url, via, args.concurrency))
+            cpu_ms = (cpu_seconds(gateway.pid) - cpu_before) * 1000 / args.requests
+            # One at a time: the gateway's own added latency, without queueing behind 63 others.
+            light = args.requests // 10
+            results["direct_c1"] = asyncio.run(load(stub_url, direct[:light], 1))
+            results["gateway_c1"] = asyncio.run(load(gw_url, via[:light], 1))
             if results["gateway"]["failures"] or results["direct"]["failures"]:
                 raise SystemExit(f"failed requests: {results}")
-            cpu_ms = (cpu_seconds(gateway.pid) - cpu_before) * 1000 / args.requests
         finally:
             stop(gateway)
             stop(stub)
@@ -191,6 +199,10 @@ def main() -> None:
         "added_p99_ms": round(g["p99_ms"] - d["p99_ms"], 3),
         "added_mean_ms": round(g["mean_ms"] - d["mean_ms"], 3),
         "gateway_cpu_ms_per_request": round(cpu_ms, 3),
+        "added_c1_p50_ms": round(results["gateway_c1"]["p50_ms"] - results["direct_c1"]["p50_ms"],
+                                 3),
+        "added_c1_p99_ms": round(results["gateway_c1"]["p99_ms"] - results["direct_c1"]["p99_ms"],
+                                 3),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
