@@ -154,17 +154,3 @@ class ExperimentStats:
             latencies = [float(x) for x in await self.redis.lrange(f"{base}:{variant}:lat", 0, -1)]
             out[variant] = _figures(counters, latencies)
         return out
-
-    async def reset(self, tenant: str, experiment: str) -> None:
-        """Forget an experiment's figures (after it is deleted)."""
-        for key in [k for k in self._local if k[0] == tenant and k[1] == experiment]:
-            del self._local[key]
-        if self.redis is not None:
-            base = f"{_PREFIX}{tenant}:{experiment}"
-            try:
-                variants = [v.decode() for v in await self.redis.smembers(base)]
-                keys = [base] + [f"{base}:{v}" for v in variants]
-                keys += [f"{base}:{v}:lat" for v in variants]
-                await self.redis.delete(*keys)
-            except Exception as exc:
-                logger.warning("experiment figures not reset: %s", type(exc).__name__)
