@@ -194,3 +194,39 @@ def test_serve_without_runtimes_starts_one_and_stops_it_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def runtime_child_pid(data_dir: Path) -> int:
+    """The pid of the runtime that serve started for this test's own data dir."""
+    marker = str(data_dir / "models" / "builtin")
+    for proc_dir in Path("/proc").iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            argv = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"runtime" in argv and marker.encode() in argv:
+            return int(proc_dir.name)
+    pytest.fail("runtime child not found")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the child")
+def test_gateway_outlives_its_runtime_child_and_reports_it(tmp_path: Path) -> None:
+    data_dir, port, log = tmp_path / "data", free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    with running_serve(data_dir, port, log, "--device", "cpu") as (proc, _):
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while httpx.get(f"{url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)  # polling readiness until the deadline, not a timing assertion
+        os.kill(runtime_child_pid(data_dir), signal.SIGKILL)
+        ready = httpx.get(f"{url}/readyz")
+        while ready.status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["missing"] == ["no runtime has its base model loaded"]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert proc.poll() is None
+    assert "runtime child exited" in log.read_text()
