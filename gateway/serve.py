@@ -21,7 +21,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import ensure_admin_token
-from gateway.services import build_services
+from gateway.services import Hook, build_services
 from gateway.settings import Settings
 
 logger = logging.getLogger("loragate.serve")
@@ -109,7 +109,9 @@ class _Server(uvicorn.Server):
             print(f"loragate listening on {self.url}", flush=True)
 
 
-def _watch_child(child: subprocess.Popen[bytes]) -> Any:
+def _watch_child(child: subprocess.Popen[bytes]) -> tuple[Hook, Hook]:
+    """Startup and shutdown hooks of a task that logs the child's death (serve stays up)."""
+
     async def watch() -> None:
         # Polling: Popen has no awaitable exit, and a thread blocked in wait() would
         # outlive a cancelled task.
@@ -144,9 +146,7 @@ def serve(settings: Settings) -> int:
             services.on_startup.append(start)
             services.on_shutdown.append(stop)
         app = create_app(settings, services)
-        config = uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_config=None
-        )
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
         server = _Server(config, f"http://{settings.host}:{settings.port}")
         # uvicorn shuts down gracefully, then re-raises the signal under the handler that was
         # installed before it: ours, so SIGTERM ends here instead of killing the process
