@@ -80,7 +80,7 @@ class Services:
         self.rate_limiter: Any = None
         self.metrics: Any = None
         self.resolver: Any = None
-        self.experiment_stats: ExperimentFigures | None = None
+        self.experiment_stats: Any = None  # at least ExperimentFigures (GET experiment)
         self.background: Any = None  # book-keeping and shadow tasks after an answer
         # -------------------------------------------------------------------------------
         self.on_startup: list[Hook] = []
