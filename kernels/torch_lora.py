@@ -112,7 +112,7 @@ _PAD_MIN_SEGMENTS = 4  # fewer short segments than this: the loop is as cheap
 # Small adapters (row_flops up to this, e.g. hidden 128-256 at r <= 16): a loop iteration's
 # dispatch costs more than many padded rows, so longer segments (short prompts) pad too.
 _SMALL_ROW_FLOPS = 1 << 15
-_PAD_MAX_TOKENS_SMALL = 16
+_PAD_MAX_TOKENS_SMALL = 24  # prompts of up to 24 tokens prefill in one bmm
 _LOOP_SEGMENT_FLOPS = 1e6  # ~ one loop iteration's dispatch overhead, in FLOPs of bmm
 
 
