@@ -100,13 +100,24 @@ class StubRuntime:
                 payload = "".join(json.dumps(line) + "\n" for line in lines).encode()
                 await send({"type": "http.response.body", "body": payload})
                 return
+            # A closed connection must end the stream, as the real runtime aborts then:
+            # uvicorn drops sends to a gone client silently, so listen for the disconnect.
+            gone = asyncio.get_running_loop().create_task(_disconnected(receive))
             for line in lines:
+                if gone.done():
+                    return
                 await send({"type": "http.response.body",
                             "body": (json.dumps(line) + "\n").encode(), "more_body": True})
                 await asyncio.sleep(self.token_delay_s)
+            gone.cancel()
             await send({"type": "http.response.body", "body": b""})
         finally:
             self.num_streams -= 1
+
+
+async def _disconnected(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:

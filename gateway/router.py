@@ -36,7 +36,7 @@ from gateway.runtime_client import (
     RuntimeUnreachable,
 )
 from gateway.services import RuntimeHealth
-from runtime.protocol import ErrorEvent, Event, TokenEvent
+from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
 
 logger = logging.getLogger("loragate.gateway.router")
 MAX_ATTEMPTS = 3
@@ -219,6 +219,7 @@ class Router:
                                       retry_after=1) from None
                 try:
                     pending: list[Event] = []  # held until the first token: retry stays safe
+                    ended = False
                     async for event in stream.events():
                         if not produced and not isinstance(event, TokenEvent | ErrorEvent):
                             pending.append(event)
@@ -229,6 +230,9 @@ class Router:
                             for held in pending:
                                 yield held
                         yield event
+                        ended = isinstance(event, FinishEvent | ErrorEvent)
+                    if not ended:
+                        raise RuntimeUnreachable("the stream ended before its last event")
                 except RuntimeUnreachable as exc:
                     self._failed(state)
                     if not produced:

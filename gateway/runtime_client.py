@@ -78,7 +78,10 @@ class _Body:
             return
         while True:
             async with asyncio.timeout_at(self.deadline):
-                size = int((await self.reader.readline()).split(b";")[0].strip() or b"0", 16)
+                line = await self.reader.readline()
+                if not line.endswith(b"\n"):  # EOF: the runtime went away mid-answer
+                    raise asyncio.IncompleteReadError(line, None)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     await self.reader.readline()  # the empty trailer line
                     self.done = True
