@@ -148,7 +148,7 @@ def _decode(raw: bytes, kind: type[Any]) -> Any:
 
 
 def decode_completion(raw: bytes) -> CompletionRequest:
-    return _decode(raw, CompletionRequest)  # type: ignore[no-any-return]
+    return _decode(raw, CompletionRequest)
 
 
 def decode_chat(raw: bytes) -> ChatRequest:

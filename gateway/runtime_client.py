@@ -132,28 +132,31 @@ class RuntimeClient:
             raise RuntimeUnreachable(f"unsupported runtime URL {url!r} (http:// only)")
         host, port = parts.hostname, parts.port or 80
         payload = _encoder.encode(body)
-        head = (f"POST /generate HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        request_head = (f"POST /generate HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
-        raw = head.encode() + payload
-        for reused in (True, False):
-            conn = self._take(url) if reused else None
-            if reused and conn is None:
-                continue
-            if conn is None:
-                conn = await self._connect(url, host, port)
+        raw = request_head.encode() + payload
+        conn = self._take(url)
+        head: tuple[int, dict[str, str]] | None = None
+        if conn is not None:
             try:
-                conn[1].write(raw)
-                async with asyncio.timeout_at(deadline):
-                    status, headers = await _read_head(conn[0])
-                break
+                head = await _exchange(conn, raw, deadline)
+            except TimeoutError:
+                await _close(conn)
+                raise
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                await _close(conn)  # a pooled connection the runtime had closed: a fresh one
+                conn = None
+        if conn is None or head is None:
+            conn = await self._connect(url, host, port)
+            try:
+                head = await _exchange(conn, raw, deadline)
             except TimeoutError:
                 await _close(conn)
                 raise
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 await _close(conn)
-                if not reused:  # a fresh connection failed: the runtime is down
-                    raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
-                # A pooled connection the runtime had closed: try once more on a fresh one.
+                raise RuntimeUnreachable(f"{url}: {type(exc).__name__}") from exc
+        status, headers = head
         response = _Body(conn[0], headers, deadline)
         if status == 200:
             return GenerateStream(self, url, conn, response)
@@ -198,6 +201,13 @@ class RuntimeClient:
             for conn in idle:
                 await _close(conn)
         self._idle.clear()
+
+
+async def _exchange(conn: Conn, raw: bytes, deadline: float | None
+                    ) -> tuple[int, dict[str, str]]:
+    conn[1].write(raw)
+    async with asyncio.timeout_at(deadline):
+        return await _read_head(conn[0])
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
