@@ -109,6 +109,8 @@ class GenerateStream:
                         yield decode_event(line)
             if buffer.strip():
                 yield decode_event(buffer)
+        except TimeoutError:
+            raise  # the request's deadline, not a broken runtime (TimeoutError is an OSError)
         except (OSError, asyncio.IncompleteReadError, ValueError, msgspec.DecodeError) as exc:
             raise RuntimeUnreachable(f"stream broke: {type(exc).__name__}") from exc
 

@@ -1,0 +1,53 @@
+"""The runtime client against a live stub runtime: keep-alive reuse, deadlines, a dead runtime."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from stub_procs import free_port, start_stub, stop
+
+from gateway.runtime_client import RuntimeClient, RuntimeUnreachable
+from runtime.protocol import FinishEvent, StartEvent, TokenEvent
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[str]:
+    proc, url = start_stub(token_delay_ms=20)
+    yield url
+    stop(proc)
+
+
+def body(max_tokens: int) -> dict[str, object]:
+    return {"request_id": "r1", "prompt": "a b", "sampling": {"max_tokens": max_tokens}}
+
+
+async def test_events_in_order_and_the_connection_is_reused(stub: str) -> None:
+    client = RuntimeClient()
+    for _ in range(2):
+        stream = await client.open_generate(stub, body(3))
+        events = [e async for e in stream.events()]
+        await stream.aclose()
+        assert isinstance(events[0], StartEvent) and isinstance(events[-1], FinishEvent)
+        assert [e.token_ids for e in events if isinstance(e, TokenEvent)] == [[100], [101], [102]]
+        assert len(client._idle[stub]) == 1  # back in the pool, and the same one reused
+    await client.aclose()
+
+
+async def test_deadline_bounds_every_read(stub: str) -> None:
+    client = RuntimeClient()
+    stream = await client.open_generate(stub, body(500), asyncio.get_running_loop().time() + 0.3)
+    with pytest.raises(TimeoutError):
+        async for _ in stream.events():
+            pass
+    await stream.aclose()
+    assert not client._idle.get(stub)  # an unfinished answer's connection is closed, not kept
+    await client.aclose()
+
+
+async def test_nothing_listening_is_unreachable() -> None:
+    with pytest.raises(RuntimeUnreachable):
+        await RuntimeClient().open_generate(f"http://127.0.0.1:{free_port()}", body(1))
