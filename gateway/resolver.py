@@ -51,12 +51,10 @@ class Resolver:
         self.listening = asyncio.Event()
 
     async def resolve(self, tenant: str, model: str) -> Resolution:
-        if model == self.base_model_id:
-            return Resolution("base")
         now = time.monotonic()
         hit = self._cache.get((tenant, model))
         if hit is not None and hit[0] > now:
-            return _answer(hit[1], model)
+            return self._answer(hit[1], model)
         generation = self._generation.get(tenant, 0)
         try:
             resolution: Resolution | None = await self.catalog.resolve(tenant, model)
@@ -64,7 +62,16 @@ class Resolver:
             resolution = None
         if self._generation.get(tenant, 0) == generation:
             self._cache[(tenant, model)] = (now + self.ttl_s, resolution)
-        return _answer(resolution, model)
+        return self._answer(resolution, model)
+
+    def _answer(self, resolution: Resolution | None, model: str) -> Resolution:
+        if resolution is not None:
+            return resolution
+        if model == self.base_model_id:  # last in API.md's order: a tenant's names come first
+            return Resolution("base")
+        raise ModelNotFound(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model")
 
     def drop(self, tenant: str | None) -> None:
         if tenant is None:
@@ -124,9 +131,3 @@ class Resolver:
                                type(exc).__name__)
                 await asyncio.sleep(RECONNECT_S)
 
-
-def _answer(resolution: Resolution | None, model: str) -> Resolution:
-    if resolution is None:
-        raise ModelNotFound(f"The model `{model}` does not exist or you do not have access to it.",
-                            param="model")
-    return resolution

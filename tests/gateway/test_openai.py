@@ -134,3 +134,16 @@ async def test_models_lists_base_adapters_and_experiments(
     await gw.put("/admin/tenants/acme/experiments/exp", json=experiment, headers=admin())
     ids = {m["id"] for m in (await gw.get("/v1/models", headers=bearer(key))).json()["data"]}
     assert ids == {"builtin", "support", "exp"}
+
+
+async def test_a_tenant_adapter_named_like_the_base_model_wins(
+    gw: AsyncTestClient[Any], key: str, peft_adapter: Path
+) -> None:
+    assert (await upload(gw, "acme", "builtin", peft_adapter)).status_code == 201
+    response = await gw.post("/v1/completions", json={"model": "builtin", "prompt": "x",
+                                                       "max_tokens": 1}, headers=bearer(key))
+    assert response.headers["x-loragate-adapter"] == "builtin@1"
+    other = await create_tenant(gw, "beta")
+    response = await gw.post("/v1/completions", json={"model": "builtin", "prompt": "x",
+                                                       "max_tokens": 1}, headers=bearer(other))
+    assert response.status_code == 200 and "x-loragate-adapter" not in response.headers
