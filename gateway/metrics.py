@@ -51,23 +51,34 @@ class _RuntimeCollector(Collector):
         loads = GaugeMetricFamily("loragate_runtime_adapter_loads",
                                   "adapter loads since the runtime started", labels=["runtime"])
         evictions = GaugeMetricFamily("loragate_runtime_adapter_evictions",
-                                      "adapter evictions since the runtime started",
-                                      labels=["runtime"])
+                                      "adapter evictions by tier since the runtime started",
+                                      labels=["runtime", "tier"])
         running = GaugeMetricFamily("loragate_runtime_requests_running",
                                     "requests in the runtime's batch", labels=["runtime"])
         for url, stats in self.source().items():
             adapters = stats.get("adapters") or {}
-            for tier, value in (adapters.get("hits") or {}).items():
-                hits.add_metric([url, str(tier)], float(value))
-            for tier, value in (adapters.get("resident") or {}).items():
-                resident.add_metric([url, str(tier)], float(value))
-            if "loads" in adapters:
-                loads.add_metric([url], float(adapters["loads"]))
-            if "evictions" in adapters:
-                evictions.add_metric([url], float(adapters["evictions"]))
-            if "num_running" in stats:
-                running.add_metric([url], float(stats["num_running"]))
+            for family, value in ((hits, adapters.get("hits")),
+                                  (resident, adapters.get("resident")),
+                                  (evictions, adapters.get("evictions"))):
+                for tier, number in _by_tier(value):
+                    family.add_metric([url, tier], number)
+            for _tier, number in _by_tier(adapters.get("loads")):
+                loads.add_metric([url], number)
+            for _tier, number in _by_tier(stats.get("num_running")):
+                running.add_metric([url], number)
         yield from (hits, resident, loads, evictions, running)
+
+
+def _by_tier(value: Any) -> list[tuple[str, float]]:
+    """A runtime figure given per tier ({"device": 3, ...}) or as one number ("all")."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [("all", float(value))]
+    if isinstance(value, dict):
+        return [(str(k), float(v)) for k, v in value.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)]
+    return []
 
 
 class Metrics:

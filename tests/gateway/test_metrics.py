@@ -15,8 +15,10 @@ def test_label_cap_folds_values_past_the_cap_into_other() -> None:
 
 
 def test_observations_render_with_bounded_labels_and_runtime_stats() -> None:
-    stats = {"http://r1": {"num_running": 2, "adapters": {"hits": {"device": 5, "host": 1},
-                                                          "loads": 3, "evictions": 1}}}
+    stats = {"http://r1": {"num_running": 2, "adapters": {
+        "hits": {"device": 5, "host": 1}, "loads": 3, "evictions": {"device": 1, "host": 0},
+        "load_seconds": {"buckets": {"0.1": 1}}}},
+        "http://r2": {"num_running": 0, "adapters": {"evictions": 4, "hits": "odd"}}}
     metrics = Metrics(lambda: stats, max_values=2)
     for i in range(5):
         labels = metrics.labels("acme", f"adapter{i}", "")
@@ -29,5 +31,7 @@ def test_observations_render_with_bounded_labels_and_runtime_stats() -> None:
     assert "loragate_time_to_first_token_seconds_bucket" in text
     assert 'loragate_runtime_adapter_hits{runtime="http://r1",tier="device"} 5.0' in text
     assert 'loragate_runtime_adapter_loads{runtime="http://r1"} 3.0' in text
+    assert 'loragate_runtime_adapter_evictions{runtime="http://r1",tier="device"} 1.0' in text
+    assert 'loragate_runtime_adapter_evictions{runtime="http://r2",tier="all"} 4.0' in text
     # A second app in the same process has registries of its own.
     assert "loragate_requests_total{" not in Metrics().render().decode()
