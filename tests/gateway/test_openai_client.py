@@ -95,5 +95,8 @@ def test_openai_client_over_the_real_runtime(tmp_path: Path) -> None:
             messages=[{"role": "user", "content": "hello"}])
         assert chat.choices[0].finish_reason in ("stop", "length")
         assert chat.usage is not None and chat.usage.prompt_tokens > 1
+        metrics = httpx.get(f"{url}/metrics").text  # no key: /metrics is open (API.md)
+        assert 'loragate_requests_total{adapter="base",status="200",tenant="acme"' in metrics
+        assert "loragate_runtime_adapters_resident{" in metrics  # from the runtime's /stats
     finally:
         stop(proc)
