@@ -191,7 +191,7 @@ def build_services(settings: Settings) -> Services:
         revocation_check_s=settings.revocation_check_s,
     )
     http = httpx.AsyncClient(timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0))
-    return Services(
+    services = Services(
         settings=settings,
         catalog=catalog,
         auth=auth,
@@ -200,3 +200,6 @@ def build_services(settings: Settings) -> Services:
         http=http,
         runtime_probe=http_runtime_probe(http, settings.runtimes),
     )
+    services.on_startup.append(auth.start)
+    services.on_shutdown.append(auth.stop)
+    return services
