@@ -79,8 +79,8 @@ def _wire_inference(services: Services) -> list[Any]:
     services.background = Background(router, stats)
     services.runtime_probe = router.probe
     services.on_catalog_change.append(resolver.invalidate)
-    services.on_startup += [resolver.start, router.start]
-    services.on_shutdown += [runtime_http.aclose, router.stop, resolver.stop,
+    services.on_startup += [resolver.start, router.start, stats.start]
+    services.on_shutdown += [runtime_http.aclose, router.stop, resolver.stop, stats.stop,
                              services.background.stop]
     return list(openai.routes)
     # --- inference wiring (end) ------------------------------------------------------------

@@ -13,6 +13,8 @@ the primary's. They live in Redis when configured (shared by every gateway), els
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -95,11 +97,18 @@ def _figures(counters: dict[str, int], latencies: Sequence[float]) -> dict[str, 
 
 
 class ExperimentStats:
-    """Records answers per (tenant, experiment, variant); `SHADOW` is the shadow's row."""
+    """Records answers per (tenant, experiment, variant); `SHADOW` is the shadow's row.
 
-    def __init__(self, redis: Any = None) -> None:
+    With Redis, records are summed here and flushed every `flush_s` in one pipeline (and
+    before figures are read), so the request path costs no Redis round trip; a gateway that
+    dies loses at most its last `flush_s` of figures."""
+
+    def __init__(self, redis: Any = None, *, flush_s: float = 0.5) -> None:
         self.redis = redis
+        self.flush_s = flush_s
         self._local: dict[tuple[str, str, str], _Local] = {}
+        self._pending: dict[tuple[str, str, str], _Local] = {}
+        self._task: asyncio.Task[None] | None = None
 
     async def record(
         self, tenant: str, experiment: str, variant: str, *, ok: bool, latency_s: float,
@@ -110,29 +119,51 @@ class ExperimentStats:
         if identical is not None:
             increments["compared"] = 1
             increments["identical"] = int(identical)
-        latency_ms = latency_s * 1000.0
-        if self.redis is not None:
-            key = f"{_PREFIX}{tenant}:{experiment}:{variant}"
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name, amount in increments.items():
-                        pipe.hincrby(key, name, amount)
-                    if ok:
-                        pipe.lpush(key + ":lat", f"{latency_ms:.3f}")
+        rows = self._pending if self.redis is not None else self._local
+        row = rows.setdefault((tenant, experiment, variant), _Local())
+        for name, amount in increments.items():
+            row.counters[name] += amount
+        if ok:
+            row.latencies_ms.append(latency_s * 1000.0)
+
+    async def flush(self) -> None:
+        if self.redis is None or not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (tenant, experiment, variant), row in pending.items():
+                    key = f"{_PREFIX}{tenant}:{experiment}:{variant}"
+                    for name, amount in row.counters.items():
+                        if amount:
+                            pipe.hincrby(key, name, amount)
+                    if row.latencies_ms:
+                        pipe.lpush(key + ":lat", *(f"{x:.3f}" for x in row.latencies_ms))
                         pipe.ltrim(key + ":lat", 0, LATENCY_WINDOW - 1)
                     pipe.sadd(f"{_PREFIX}{tenant}:{experiment}", variant)
-                    await pipe.execute()
-                return
-            except Exception as exc:  # figures are best effort; the answer already went out
-                logger.warning("experiment figures not recorded: %s", type(exc).__name__)
-        local = self._local.setdefault((tenant, experiment, variant), _Local())
-        for name, amount in increments.items():
-            local.counters[name] += amount
-        if ok:
-            local.latencies_ms.append(latency_ms)
+                await pipe.execute()
+        except Exception as exc:  # figures are best effort; the answers already went out
+            logger.warning("experiment figures not recorded: %s", type(exc).__name__)
+
+    async def start(self) -> None:
+        if self.redis is not None:
+            self._task = asyncio.create_task(self._flush_loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_s)
+            await self.flush()
 
     async def figures(self, tenant: str, experiment: str) -> dict[str, dict[str, Any]]:
         if self.redis is not None:
+            await self.flush()
             try:
                 return await self._redis_figures(tenant, experiment)
             except Exception as exc:

@@ -87,6 +87,8 @@ async def test_figures_in_redis_are_shared(redis_url: str) -> None:
         a, b = ExperimentStats(one), ExperimentStats(two)
         await a.record("t", "exp", "v", ok=True, latency_s=0.002, tokens_in=1, tokens_out=1)
         await b.record("t", "exp", "v", ok=False, latency_s=0.5, tokens_in=1, tokens_out=0)
+        assert await one.exists("loragate:exp:t:exp:v") == 0  # summed here until a flush
+        await b.flush()  # what b's flush loop does every 0.5 s; a flushes when read
         for stats in (a, b):
             figures = (await stats.figures("t", "exp"))["v"]
             assert (figures["requests"], figures["errors"], figures["tokens"]) == (2, 1, 3)
