@@ -7,8 +7,10 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-Name = Annotated[str, Meta(pattern=NAME_PATTERN, description="^[a-z0-9][a-z0-9._-]{0,62}$")]
+from adapters.queries import NAME_RE
+
+NAME_PATTERN = f"^{NAME_RE.pattern}$"  # the catalog's rule, checked here before any I/O
+Name = Annotated[str, Meta(pattern=NAME_PATTERN, description=NAME_PATTERN)]
 PerMinute = Annotated[int, Meta(ge=1, le=1_000_000_000)]
 VersionNumber = Annotated[int, Meta(ge=1)]
 

@@ -6,7 +6,6 @@ views. Every catalog error becomes an HTTP answer through gateway/errors.py's ta
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,6 +22,7 @@ from litestar.openapi.spec import (
 )
 from litestar.params import JSONBody, Parameter, PathParameter
 
+from adapters.queries import NAME_RE
 from adapters.views import ShadowSpec, VariantSpec
 from gateway.auth import require_admin
 from gateway.errors import BadRequest
@@ -41,8 +41,6 @@ from gateway.schemas import (
 )
 from gateway.services import Services
 from gateway.uploads import CONFIG_PART, MODEL_PART, receive_adapter_upload
-
-NAME_RE = re.compile(NAME_PATTERN)
 
 
 def _binary_part(description: str) -> Schema:
