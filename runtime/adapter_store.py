@@ -9,6 +9,7 @@ fail at once. Torch stays out: parsing the bytes is the injected `parse(data, re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -250,7 +251,7 @@ class AdapterLoader:
             future = self._pool.submit(self._load, ref)
             self._inflight[ref.key] = future
         # Outside the lock: a load that already finished runs the callback right here.
-        future.add_done_callback(lambda f, k=ref.key: self._done(k, f))
+        future.add_done_callback(functools.partial(self._done, ref.key))
         return future
 
     def num_disk_entries(self) -> int | None:

@@ -117,9 +117,10 @@ class LLMEngine:
         self.scheduler.add(Sequence(req, arrival=0))
         self._streams[req.request_id] = TextStream(self.tokenizer, req.sampling.stop)
         self._generators[req.request_id] = make_generator(req.sampling.seed, self.device)
-        if req.adapter is not None and hasattr(self.adapters, "prefetch"):
+        prefetch = getattr(self.adapters, "prefetch", None)
+        if req.adapter is not None and prefetch is not None:
             # Load while the running batch decodes, not after the request reaches the head.
-            self.adapters.prefetch(req.adapter)
+            prefetch(req.adapter)
 
     def abort(self, request_id: str) -> None:
         seq = self.scheduler.abort(request_id)

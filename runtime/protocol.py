@@ -289,5 +289,5 @@ def output_events(
                 out.num_prompt_tokens or num_prompt_tokens,
                 out.num_output_tokens or num_completion_tokens,
             )
-            events.append(FinishEvent(reason, usage))
+            events.append(FinishEvent(reason, usage))  # type: ignore[arg-type]
     return events

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 5
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # the client went away or asked to abort
