@@ -4,7 +4,7 @@ database emptied per test), a LocalStore under tmp_path, and the Catalog over bo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,8 +28,12 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def empty_postgres_url(postgres_url: str) -> str:
-    """The session database at head with every table emptied."""
+def empty_postgres_url(postgres_url: str) -> Iterator[str]:
+    """The session database at head with every table emptied, before the test and after it.
+
+    Emptied after too: some tests insert rows with explicit ids, which leaves the identity
+    sequences behind them, and later tests of the session share this database.
+    """
     upgrade_database(postgres_url)  # cheap when already at head; a migration test may move it
 
     async def truncate() -> None:
@@ -42,7 +46,9 @@ def empty_postgres_url(postgres_url: str) -> str:
             await engine.dispose()
 
     asyncio.run(truncate())  # sync fixture: no loop runs here
-    return postgres_url
+    yield postgres_url
+    upgrade_database(postgres_url)
+    asyncio.run(truncate())
 
 
 @pytest.fixture(
