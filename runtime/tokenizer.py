@@ -54,7 +54,12 @@ class Tokenizer:
         return self.hf.decode(token_ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str:
-        return self.hf.convert_ids_to_tokens(token_id) or ""
+        """The token as text, as OpenAI's logprobs show it ("Ġword" reads " word").
+
+        A token holding part of a multi-byte character decodes to U+FFFD; the gateway also
+        sends its bytes.
+        """
+        return self.hf.decode([token_id], skip_special_tokens=False)
 
 
 class TextStream:

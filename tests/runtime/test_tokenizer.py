@@ -79,3 +79,14 @@ def test_chat_template_and_plain_fallback(model_dir: Path, tmp_path: Path) -> No
     (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
     plain = Tokenizer.load(bare).apply_chat_template(messages)
     assert Tokenizer.load(bare).decode(plain) == "user: Tell me a story.\nassistant:"
+
+
+def test_token_text_reads_as_decoded_text_not_bpe_pieces(tmp_path) -> None:
+    from runtime.builtin import ensure_builtin_model
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(ensure_builtin_model(tmp_path / "m"))
+    ids = list(tokenizer.hf(" the model", add_special_tokens=False)["input_ids"])
+    pieces = [tokenizer.token_text(i) for i in ids]
+    assert "".join(pieces) == " the model"
+    assert not any("Ġ" in piece for piece in pieces)
