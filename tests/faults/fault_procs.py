@@ -118,14 +118,23 @@ def _wait_ok(proc: Proc, path: str) -> None:
         raise
 
 
-def start_runtime(base_model_dir: Path, log_path: Path, **env: str) -> Proc:
-    """`loragate runtime` over `base_model_dir` on CPU; returns once /health answers 200."""
-    port = free_port()
-    proc = _spawn(["runtime", "--base-model", str(base_model_dir), "--port", str(port),
-                   "--device", "cpu", "--max-gpu-adapters", "4"],
-                  log_path, clean_env(**env), f"http://127.0.0.1:{port}")
-    _wait_ok(proc, "/health")
-    return proc
+def start_runtimes(base_model_dir: Path, log_paths: list[Path], **env: str) -> list[Proc]:
+    """`loragate runtime` processes over `base_model_dir` on CPU, one per log path, loading
+    side by side; returns once each /health answers 200 (all stopped if one never does)."""
+    procs = []
+    for log_path in log_paths:
+        port = free_port()
+        procs.append(_spawn(["runtime", "--base-model", str(base_model_dir), "--port",
+                             str(port), "--device", "cpu", "--max-gpu-adapters", "4"],
+                            log_path, clean_env(**env), f"http://127.0.0.1:{port}"))
+    try:
+        for proc in procs:
+            _wait_ok(proc, "/health")
+    except BaseException:
+        for proc in procs:
+            proc.stop()
+        raise
+    return procs
 
 
 def start_gateway(data_dir: Path, base_model_dir: Path, runtimes: list[str], log_path: Path,
