@@ -122,7 +122,9 @@ def parse_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES) -> Safete
         raise _refuse("header is not a JSON object")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    # ValueError too: json raises a plain one (not JSONDecodeError) for an integer literal
+    # over sys.get_int_max_str_digits() digits, which used to escape as a 500.
+    except (ValueError, RecursionError):
         raise _refuse("header is not valid UTF-8 JSON") from None
     if not isinstance(header, dict):
         raise _refuse("header is not a JSON object")

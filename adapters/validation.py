@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import regex
 
 from adapters.base_model import ATTENTION_MODULES, TARGET_MODULES, BaseModelSpec
 from adapters.errors import ValidationFailed
@@ -26,6 +27,11 @@ from adapters.safetensors_header import SafetensorsHeader, TensorInfo, parse_hea
 MAX_CONFIG_BYTES = 1024 * 1024
 SCAN_BYTES = 4 * 1024 * 1024  # chunk of tensor data held at once during the NaN/inf scan
 MAX_REGEX_CHARS = 512
+# A target_modules regex is the uploader's code: with `re`, a pattern such as
+# "(?:[a-z.0-9_]|\w|.)*(?:\w|.)*\d{2}" backtracks for hours while holding the GIL, which froze
+# the whole gateway (event loop included). `regex` matches with a time limit and lets go of
+# the GIL while it runs (concurrent=True); it is the `re` syntax PEFT's own fullmatch uses.
+REGEX_TIMEOUT_S = 0.1
 _TENSOR_NAME = re.compile(
     r"base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\."
     r"([a-z_]+)\.lora_(A|B)\.weight"
@@ -68,7 +74,9 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str]:
         raise _refuse("adapter_config.json is larger than 1 MiB")
     try:
         config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    # ValueError too: json raises a plain one (not JSONDecodeError) for an integer literal
+    # over sys.get_int_max_str_digits() digits, which used to escape as a 500.
+    except (ValueError, RecursionError):
         raise _refuse("adapter_config.json is not valid JSON") from None
     if not isinstance(config, dict):
         raise _refuse("adapter_config.json is not a JSON object")
@@ -90,14 +98,21 @@ def _declared_modules(target: object) -> frozenset[str]:
         if len(target) > MAX_REGEX_CHARS:
             raise _refuse("target_modules regex is too long")
         try:
-            pattern = re.compile(target)
-        except re.error:
+            pattern = regex.compile(target)
+        except (regex.error, ValueError, OverflowError, RecursionError):
             raise _refuse("target_modules is not a valid regular expression") from None
         group = {m: ("self_attn" if m in ATTENTION_MODULES else "mlp") for m in TARGET_MODULES}
         # PEFT full-matches the regex against module paths; layer 0 stands for every layer.
-        return frozenset(
-            m for m in TARGET_MODULES if pattern.fullmatch(f"model.layers.0.{group[m]}.{m}")
-        )
+        try:
+            return frozenset(
+                m
+                for m in TARGET_MODULES
+                if pattern.fullmatch(
+                    f"model.layers.0.{group[m]}.{m}", timeout=REGEX_TIMEOUT_S, concurrent=True
+                )
+            )
+        except TimeoutError:
+            raise _refuse("target_modules regex takes too long to evaluate") from None
     raise _refuse("target_modules must be a list of module names or a regex string")
 
 
