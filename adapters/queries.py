@@ -13,6 +13,10 @@ from adapters.models import Adapter, AdapterVersion, Experiment, ExperimentVaria
 from adapters.views import VersionView
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# The version number column is a 32-bit INTEGER on PostgreSQL (64-bit on SQLite). A number
+# past it cannot name a version; sent to the driver it raised OverflowError (a 500 found by
+# the API fuzz: DELETE .../versions/29929273960059124056064, or model "name@<huge>").
+MAX_VERSION_NUMBER = 2**31 - 1
 
 
 def check_name(kind: str, name: object) -> str:
@@ -47,6 +51,8 @@ async def adapter_row(session: AsyncSession, tenant_id: int, name: str) -> Adapt
 
 
 async def version_row(session: AsyncSession, adapter: Adapter, number: int) -> AdapterVersion:
+    if not 0 < number <= MAX_VERSION_NUMBER:
+        raise NotFound(f"no such version of adapter {adapter.name!r}")
     row = await session.scalar(
         select(AdapterVersion).where(
             AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number
