@@ -43,6 +43,7 @@ from gateway.openai_schemas import (
     message_text,
     stop_list,
 )
+from gateway.openapi_bodies import body_operation
 from gateway.services import Services
 from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
 
@@ -211,7 +212,12 @@ async def _sse(services: Services, plan: Plan, body: dict[str, Any], got: Collec
         _book(services, plan, body, got, 200, ttft)
 
 
-@post("/v1/completions", guards=[require_tenant], status_code=200)
+# The tenant key as a bearer token, declared so the OpenAPI document says how to call these.
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+@post("/v1/completions", guards=[require_tenant], status_code=200, security=_BEARER,
+      operation_class=body_operation(CompletionRequest))
 async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
     req = decode_completion(await request.body())
     prompt: dict[str, Any] = (
@@ -225,7 +231,8 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream
                         want_logprobs=req.logprobs is not None)
 
 
-@post("/v1/chat/completions", guards=[require_tenant], status_code=200)
+@post("/v1/chat/completions", guards=[require_tenant], status_code=200, security=_BEARER,
+      operation_class=body_operation(ChatRequest))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
     req = decode_chat(await request.body())
     messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
@@ -237,7 +244,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | S
                         want_logprobs=req.logprobs)
 
 
-@get("/v1/models", guards=[require_tenant])
+@get("/v1/models", guards=[require_tenant], security=_BEARER)
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     services = _services(request)
     tenant = tenant_of(request).tenant
