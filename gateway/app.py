@@ -67,14 +67,15 @@ def _wire_inference(services: Services) -> list[Any]:
         timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
     )
     router = Router(runtime_http, settings.runtimes, services.redis,
-                    request_timeout_s=settings.request_timeout_s)
+                    request_timeout_s=settings.request_timeout_s,
+                    max_inflight_per_runtime=settings.max_inflight_per_runtime)
     resolver = Resolver(services.catalog, settings.base_model_path.resolve().name,
                         settings.redis_url)
     stats = ExperimentStats(services.redis)
     services.router = router
     services.resolver = resolver
     services.rate_limiter = RateLimiter(services.redis, fail_open=settings.ratelimit_fail_open)
-    services.metrics = Metrics(router.cache_figures)
+    services.metrics = Metrics(router.cache_figures, router.load_figures)
     services.experiment_stats = stats
     services.background = Background(router, stats)
     services.runtime_probe = router.probe

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 OTHER = "other"
@@ -69,6 +69,31 @@ class _RuntimeCollector(Collector):
         yield from (hits, resident, loads, evictions, running)
 
 
+class _LoadCollector(Collector):
+    """The router's in-flight counts against their caps, and the requests it shed."""
+
+    def __init__(self, source: Callable[[], dict[str, Any]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        figures = self.source()
+        shed = CounterMetricFamily("loragate_requests_shed",
+                                   "requests answered 503 because no runtime could take them",
+                                   labels=["reason"])
+        for reason, count in figures.get("shed", {}).items():
+            shed.add_metric([reason], count)
+        in_flight = GaugeMetricFamily("loragate_runtime_in_flight",
+                                      "requests this gateway has in flight on the runtime",
+                                      labels=["runtime"])
+        limit = GaugeMetricFamily("loragate_runtime_in_flight_limit",
+                                  "in-flight requests past which the gateway sheds",
+                                  labels=["runtime"])
+        for url, load in figures.get("runtimes", {}).items():
+            in_flight.add_metric([url], load["in_flight"])
+            limit.add_metric([url], load["limit"])
+        yield from (shed, in_flight, limit)
+
+
 def _by_tier(value: Any) -> list[tuple[str, float]]:
     """A runtime figure given per tier ({"device": 3, ...}) or as one number ("all")."""
     if isinstance(value, bool):
@@ -85,6 +110,7 @@ class Metrics:
     def __init__(
         self,
         runtime_stats: Callable[[], dict[str, dict[str, Any]]] | None = None,
+        router_load: Callable[[], dict[str, Any]] | None = None,
         *,
         max_values: int = 200,
     ) -> None:
@@ -104,6 +130,8 @@ class Metrics:
                                   registry=self.registry)
         if runtime_stats is not None:
             self.registry.register(_RuntimeCollector(runtime_stats))
+        if router_load is not None:
+            self.registry.register(_LoadCollector(router_load))
 
     def labels(self, tenant: str, adapter: str, variant: str) -> tuple[str, str, str]:
         return (self._caps["tenant"](tenant), self._caps["adapter"](adapter),

@@ -13,6 +13,13 @@ request is retried on the next runtime when the connection fails or the runtime 
 before the first token; once a token has been produced it is never retried (the client may
 have seen it). Runtimes come from `--runtimes` and from the Redis registry
 (`loragate:runtime:*`), refreshed with their `/health` and `/stats` every `probe_interval_s`.
+
+Shedding: each runtime takes at most `capacity(state)` requests in flight from this gateway;
+when every usable runtime is at that cap the request is answered 503 at once (code
+`overloaded`, Retry-After) instead of joining a queue that only grows, so past capacity the
+latency of what is admitted stays bounded and the excess is refused cheaply. A slot is held
+from the moment a runtime is chosen until the request's generator ends (finish, error, or
+the client going away, which closes the generator), in one `finally`.
 """
 
 from __future__ import annotations
@@ -40,6 +47,19 @@ from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
 
 logger = logging.getLogger("loragate.gateway.router")
 MAX_ATTEMPTS = 3
+# Default in-flight cap per runtime: this many times the runtime's `max_running` (its batch
+# size, from /stats "limits"). One batch running and one batch's worth waiting keeps the
+# runtime's batch full between steps (a finished request's place is taken at once), while a
+# request admitted at the cap waits for at most about one batch's generation before it runs:
+# its latency stays within ~2x of an unloaded one. Relative to max_running, the same rule
+# fits a CPU runtime (small batches) and a GPU one (hundreds), where a fixed number would
+# starve one or drown the other.
+INFLIGHT_PER_RUNNING = 2
+# For a runtime whose /stats does not report its limits: RuntimeConfig's default max_running.
+DEFAULT_MAX_RUNNING = 64
+# At the cap the queue drains in about one batch's generation time: seconds, not minutes.
+SHED_RETRY_AFTER_S = 1
+SHED_REASONS = ("at_capacity", "runtime_busy", "no_runtime")
 
 
 class RuntimeState:
@@ -84,6 +104,7 @@ class Router:
         failure_threshold: int = 3,
         cooldown_s: float = 5.0,
         load_factor: float = 1.25,
+        max_inflight_per_runtime: int = 0,
         client: Any = None,
     ) -> None:
         self.http = http  # health and stats probes
@@ -95,6 +116,8 @@ class Router:
         self.failure_threshold = failure_threshold
         self.cooldown_s = cooldown_s
         self.load_factor = load_factor
+        self.max_inflight_per_runtime = max_inflight_per_runtime  # 0: derived per runtime
+        self.shed: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # refusals, by reason
         self.runtimes: dict[str, RuntimeState] = {u: RuntimeState(u) for u in self.static_urls}
         self._task: asyncio.Task[None] | None = None
 
@@ -170,6 +193,16 @@ class Router:
         within = [s for s in ordered if s.in_flight < bound]
         return within + [s for s in ordered if s.in_flight >= bound]
 
+    def capacity(self, state: RuntimeState) -> int:
+        """Requests this gateway lets `state` hold at once (see INFLIGHT_PER_RUNNING)."""
+        if self.max_inflight_per_runtime > 0:
+            return self.max_inflight_per_runtime
+        limits = state.stats.get("limits")
+        max_running = limits.get("max_running") if isinstance(limits, dict) else None
+        if isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1:
+            max_running = DEFAULT_MAX_RUNNING
+        return INFLIGHT_PER_RUNNING * max_running
+
     def _failed(self, state: RuntimeState) -> None:
         state.failures += 1
         state.trial_running = False
@@ -191,10 +224,21 @@ class Router:
         stream with an ErrorEvent (code `runtime_failed`) instead of raising."""
         candidates = self.candidates(adapter_key)
         if not candidates:
+            self.shed["no_runtime"] += 1
             raise Unavailable("no healthy runtime", code="no_runtime", retry_after=2)
+        # Placement order kept; a runtime at its cap is passed over like an unhealthy one.
+        candidates = [s for s in candidates if s.in_flight < self.capacity(s)]
+        if not candidates:
+            self.shed["at_capacity"] += 1
+            raise Unavailable("every runtime is at its limit of requests in flight",
+                              code="overloaded", retry_after=SHED_RETRY_AFTER_S)
         retry_after = 1
+        shed_reason: str | None = None  # None: the tries failed, nothing was full
         deadline = time.monotonic() + self.request_timeout_s
         for state in candidates[:MAX_ATTEMPTS]:
+            if state.in_flight >= self.capacity(state):
+                shed_reason = "at_capacity"  # filled up while an earlier try was under way
+                continue
             if state.breaker(time.monotonic()) == "half_open":
                 state.trial_running = True
             state.in_flight += 1
@@ -206,6 +250,7 @@ class Router:
                 except RuntimeBusy as exc:
                     state.trial_running = False
                     retry_after = exc.retry_after
+                    shed_reason = "runtime_busy"
                     continue
                 except RuntimeRefused as exc:
                     self._succeeded(state)
@@ -248,12 +293,22 @@ class Router:
                 return
             finally:
                 state.in_flight -= 1
-        raise Unavailable("no runtime could take the request", code="no_runtime",
+        if shed_reason is not None:
+            self.shed[shed_reason] += 1
+        raise Unavailable("no runtime could take the request",
+                          code="no_runtime" if shed_reason is None else "overloaded",
                           retry_after=retry_after)
 
     def cache_figures(self) -> dict[str, dict[str, Any]]:
         """The runtimes' latest /stats, for /metrics."""
         return {url: s.stats for url, s in self.runtimes.items() if s.stats}
+
+    def load_figures(self) -> dict[str, Any]:
+        """In-flight counts against their caps per runtime, and refusals by reason, for
+        /metrics."""
+        return {"shed": dict(self.shed),
+                "runtimes": {url: {"in_flight": s.in_flight, "limit": self.capacity(s)}
+                             for url, s in self.runtimes.items()}}
 
 
 def _loop_deadline(deadline_monotonic: float) -> float:

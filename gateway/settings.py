@@ -41,6 +41,9 @@ class Settings:
     max_request_bytes: int = 4 * MIB  # JSON bodies; adapter uploads have their own cap
     ratelimit_fail_open: bool = True  # availability over strictness when Redis is unreachable
     request_timeout_s: float = 300.0
+    # Requests in flight per runtime before the gateway sheds (503 + Retry-After); 0 derives
+    # it from each runtime's max_running (gateway/router.py INFLIGHT_PER_RUNNING).
+    max_inflight_per_runtime: int = 0
     # How long a verified tenant key stays cached. Without Redis no replica can hear of a
     # revocation, so the cache is capped at KEY_CACHE_TTL_WITHOUT_REDIS_S instead.
     key_cache_ttl_s: float = 60.0
@@ -102,6 +105,8 @@ class Settings:
                 raise SettingsError(f"LORAGATE_{name.upper()} must be positive")
         if not 0 < self.port < 65536:
             raise SettingsError("LORAGATE_PORT must be between 1 and 65535")
+        if self.max_inflight_per_runtime < 0:
+            raise SettingsError("LORAGATE_MAX_INFLIGHT_PER_RUNTIME must not be negative")
         if self.request_timeout_s <= 0 or self.revocation_check_s <= 0:
             raise SettingsError("timeouts must be positive")
         for url in self.runtimes:
@@ -112,7 +117,7 @@ class Settings:
 KEY_CACHE_TTL_WITHOUT_REDIS_S = 4.0
 
 _INT = {"port", "max_adapter_bytes", "max_adapter_config_bytes", "max_lora_rank",
-        "max_request_bytes"}
+        "max_request_bytes", "max_inflight_per_runtime"}
 _FLOAT = {"request_timeout_s", "key_cache_ttl_s", "revocation_check_s"}
 _BOOL = {"ratelimit_fail_open"}
 _PATH = {"data_dir", "base_model_dir"}
