@@ -11,7 +11,9 @@ scheduler's AdapterProvider:
 Rules: a slot whose adapter a running request holds (refcount > 0) is never evicted; when
 every slot is held, a cold adapter waits (no thrashing) and the batch keeps running; many
 requests for one cold adapter cause one load; a failed load fails the requests of that
-adapter only, with the reason, and is retried by a later request after `failure_ttl_s`.
+adapter only, with the reason, and is retried by a later request after `failure_ttl_s`
+(`transient_failure_ttl_s` when the loader's error says `transient`: a store that was
+unreachable may be back, and its adapters must not stay refused for long after).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class AdapterCache:
         install: Callable[[int, Any], None],
         *,
         failure_ttl_s: float = 30.0,
+        transient_failure_ttl_s: float = 2.0,
         max_events: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -82,11 +85,12 @@ class AdapterCache:
         self._loader = loader
         self._install = install
         self._failure_ttl_s = failure_ttl_s
+        self._transient_failure_ttl_s = transient_failure_ttl_s
         self._clock = clock
         self._lock = threading.Lock()
         self._loading: dict[str, Future[LoadResult]] = {}
         self._fresh: set[str] = set()  # loaded into host, not yet installed: not a host hit
-        self._failed: dict[str, tuple[str, float]] = {}  # key -> (reason, when)
+        self._failed: dict[str, tuple[str, float, float]] = {}  # key -> (reason, when, ttl)
         self._prefetch: OrderedDict[str, AdapterRef] = OrderedDict()  # waiting requests' refs
         self._seq = 0
         self.events: deque[CacheEvent] = deque(maxlen=max_events)
@@ -114,7 +118,7 @@ class AdapterCache:
             self._collect()
             failure = self._failed.get(key)
             if failure is not None:
-                if self._clock() - failure[1] < self._failure_ttl_s:
+                if self._clock() - failure[1] < failure[2]:
                     name = ref.name or key
                     raise AdapterUnavailable(f"adapter {name} failed to load: {failure[0]}")
                 del self._failed[key]
@@ -200,7 +204,13 @@ class AdapterCache:
             error = future.exception()
             if error is not None:
                 self.num_load_failures += 1
-                self._failed[key] = (str(error) or type(error).__name__, self._clock())
+                # Duck-typed: the loader's FetchError (runtime/adapter_store.py imports this
+                # module) says whether trying again may help. A permanent failure (bad hash,
+                # missing object) is remembered long; a store outage only briefly, or its
+                # adapters would stay refused for the whole TTL after the store came back.
+                ttl = (self._transient_failure_ttl_s if getattr(error, "transient", False)
+                       else self._failure_ttl_s)
+                self._failed[key] = (str(error) or type(error).__name__, self._clock(), ttl)
                 self._log("load_failed", key, "store")
                 continue
             result = future.result()

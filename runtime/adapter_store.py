@@ -73,8 +73,10 @@ class ArtifactFetcher:
                 if not exc.transient:
                     raise
                 if attempt + 1 == self._attempts:
+                    # Still transient: no more tries now, but the adapter cache remembers
+                    # this failure only briefly, so a store that comes back serves again.
                     raise FetchError(
-                        f"store unreachable after {self._attempts} attempts: {exc}", False
+                        f"store unreachable after {self._attempts} attempts: {exc}", True
                     ) from exc
                 delay = self._backoff_s * 2**attempt
                 log.warning("transient fetch error (attempt %d, retry in %.2fs): %s",

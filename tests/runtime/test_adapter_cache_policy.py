@@ -172,6 +172,27 @@ def test_failure_fails_that_adapter_only_and_is_retried_after_the_ttl() -> None:
     assert cache.stats()["load_failures"] == 1
 
 
+class StoreDown(Exception):
+    transient = True  # as runtime.adapter_store.FetchError says of an unreachable store
+
+
+def test_transient_failure_is_remembered_only_briefly() -> None:
+    now = [0.0]
+    cache, loader, _ = make_cache(failure_ttl_s=30.0, transient_failure_ttl_s=2.0,
+                                  clock=lambda: now[0])
+    down = ref(1)
+    assert cache.try_acquire(down) is None
+    loader.pending.pop(down.key).set_exception(StoreDown("store unreachable after 4 attempts"))
+    with pytest.raises(AdapterUnavailable, match="store unreachable"):
+        cache.try_acquire(down)  # requests in the same moment fail fast, no new fetch
+    assert loader.calls[down.key] == 1
+    now[0] = 2.5  # the store is back: far sooner than a permanent failure's TTL
+    assert cache.try_acquire(down) is None
+    loader.finish(down)
+    assert cache.try_acquire(down) is not None
+    assert loader.calls[down.key] == 2
+
+
 def test_key_that_is_not_a_sha256_is_refused() -> None:
     cache, _, _ = make_cache()
     with pytest.raises(AdapterUnavailable, match="not a sha256"):

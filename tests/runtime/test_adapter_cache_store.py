@@ -108,8 +108,9 @@ def test_s3_missing_key_is_permanent_and_503_is_transient() -> None:
 @pytest.mark.unit
 def test_unreachable_s3_endpoint_fails_clearly() -> None:
     fetcher = ArtifactFetcher(f"http://127.0.0.1:{free_port()}", attempts=2, sleep=lambda s: None)
-    with pytest.raises(FetchError, match="store unreachable after 2 attempts"):
+    with pytest.raises(FetchError, match="store unreachable after 2 attempts") as info:
         fetcher.fetch("s3://bucket/sha256/aa/obj", "0" * 64)
+    assert info.value.transient  # the cache remembers it briefly: the store may come back
 
 
 @pytest.mark.integration
