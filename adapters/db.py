@@ -15,7 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import asyncpg.exceptions as asyncpg_exc
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
@@ -51,6 +53,32 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return _create_async_engine(url, **kwargs)
+
+
+# A lost or refused database connection surfaces as any of these, depending on where it
+# breaks: asyncpg's connect raises OSError subclasses and its own errors unwrapped (SQLAlchemy
+# wraps only errors of an open DBAPI connection), a query on a connection the server cut is
+# a DBAPIError flagged `connection_invalidated`, and the pool has its own timeout.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    ConnectionError,  # refused, reset
+    TimeoutError,  # asyncpg's connect timeout
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # no pooled connection within pool_timeout
+)
+_ASYNCPG_UNREACHABLE: tuple[type[BaseException], ...] = (
+    asyncpg_exc.PostgresConnectionError,  # connection does not exist, connection failure
+    asyncpg_exc.OperatorInterventionError,  # starting up, shutting down, crash shutdown
+    asyncpg_exc.InsufficientResourcesError,  # too many connections
+)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """True when `exc` means "the catalog's database cannot be reached now", not a bug."""
+    if isinstance(exc, _UNREACHABLE + _ASYNCPG_UNREACHABLE):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

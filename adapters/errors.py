@@ -51,3 +51,11 @@ class ArtifactCorrupt(StorageUnavailable):
 
 class ArtifactMissing(StorageUnavailable):
     """A catalog row whose stored object is gone (served as unavailable)."""
+
+
+class CatalogUnavailable(CatalogError):
+    """The catalog's database cannot be reached right now (503, retry later).
+
+    Raised in place of the driver's and the pool's own connection errors (see
+    `adapters.db.is_unreachable`), whose messages may carry hosts and SQL.
+    """

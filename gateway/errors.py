@@ -3,7 +3,8 @@
 Every error body is `{"error": {"message", "type", "code", "param"}}`. Domain errors of the
 catalog (`adapters.errors`), the gateway's own errors below and Litestar's framework errors
 (validation, 404 and 405 of unknown routes, body too large) all go through `ERROR_TABLE`;
-anything else is a 500 whose body says nothing about the fault (the log has the trace).
+a lost catalog connection is first turned into `CatalogUnavailable` (`as_domain_error`).
+Anything else is a 500 whose body says nothing about the fault (the log has the trace).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from litestar.exceptions import (
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from adapters import errors as catalog_errors
+from adapters.db import is_unreachable
 
 logger = logging.getLogger("loragate.gateway.errors")
 
@@ -113,6 +115,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     RateLimited: _RATE,
     TooManyRequestsException: _RATE,
     catalog_errors.StorageUnavailable: _UNAVAILABLE,
+    catalog_errors.CatalogUnavailable: _UNAVAILABLE,
     Unavailable: _UNAVAILABLE,
     ServiceUnavailableException: _UNAVAILABLE,
 }
@@ -121,7 +124,21 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
 DEFAULT_RETRY_AFTER = {429: 1, 503: 5}
 
 
+def as_domain_error(exc: BaseException) -> BaseException:
+    """The domain error a driver's exception stands for; others unchanged.
+
+    A lost or refused catalog connection (asyncpg's, SQLAlchemy's or the pool's errors) is a
+    retryable outage, not a server bug: one CatalogUnavailable (503 with Retry-After), with a
+    fixed message, since the driver's own messages name hosts and SQL.
+    """
+    if not isinstance(exc, catalog_errors.CatalogError) and is_unreachable(exc):
+        return catalog_errors.CatalogUnavailable(
+            "the catalog database cannot be reached right now; retry later")
+    return exc
+
+
 def spec_for(exc: BaseException) -> ErrorSpec:
+    exc = as_domain_error(exc)
     for cls in type(exc).__mro__:
         spec = ERROR_TABLE.get(cls)
         if spec is not None:
@@ -158,6 +175,7 @@ def _validation_message(exc: ValidationException) -> tuple[str, str | None]:
 
 
 def to_response(exc: BaseException) -> Response[dict[str, Any]]:
+    exc = as_domain_error(exc)
     spec = spec_for(exc)
     message, param = _message_and_param(exc, spec)
     code = exc.code if isinstance(exc, GatewayError) and exc.code else spec.code
@@ -176,7 +194,11 @@ def to_response(exc: BaseException) -> Response[dict[str, Any]]:
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    if spec_for(exc).status >= 500:
+    if as_domain_error(exc) is not exc:
+        # An outage, expected and retryable: one line per request, not a trace each.
+        logger.warning("%s %s: catalog database unreachable (%s)", request.method,
+                       request.url.path, type(exc).__name__)
+    elif spec_for(exc).status >= 500:
         # The trace goes to the log only; the body above says nothing about the fault.
         logger.error(
             "%s %s failed with %s", request.method, request.url.path, type(exc).__name__,
