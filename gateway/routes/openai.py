@@ -11,6 +11,7 @@ so it never delays or changes it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -48,6 +49,7 @@ from gateway.services import Services
 from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
 
 _encoder = msgspec.json.Encoder()
+logger = logging.getLogger("loragate.gateway.openai")
 
 
 @dataclass(slots=True)
@@ -133,6 +135,21 @@ def _book(services: Services, *args: Any) -> None:
     services.background.spawn(_after(services, *args))
 
 
+def _for_tenant(error: ErrorEvent, plan: Plan) -> ErrorEvent:
+    """The runtime's error as the tenant may see it.
+
+    An adapter load failure's message is written for operators: it carries the artifact
+    store's endpoint URL, bucket, prefix or file path. It goes to the log; the tenant gets a
+    fixed sentence naming the adapter and the artifact store instead.
+    """
+    if error.code != "adapter_load_failed":
+        return error
+    name = f"{plan.adapter.name}@{plan.adapter.version}" if plan.adapter else "the adapter"
+    logger.warning("tenant %s, adapter %s: %s", plan.tenant, name, error.message)
+    return ErrorEvent(error.code, f"adapter {name} could not be loaded: its artifact could not "
+                      "be fetched from the artifact store or is unusable; try again later")
+
+
 def _raise_for(error: ErrorEvent) -> None:
     if error.code in ("invalid_request", "prompt_too_long"):
         raise BadRequest(error.message, code=error.code)
@@ -167,7 +184,7 @@ async def _serve(request: Request[Any, Any, Any], req: CompletionRequest | ChatR
                 ttft = time.perf_counter() - plan.started
             got.add(event)
         if got.error is not None:
-            _raise_for(got.error)
+            _raise_for(_for_tenant(got.error, plan))
     except GatewayError as exc:
         _book(services, plan, body, got, spec_for(exc).status, ttft)
         raise
@@ -201,7 +218,8 @@ async def _sse(services: Services, plan: Plan, body: dict[str, Any], got: Collec
             elif isinstance(event, FinishEvent):
                 yield writer.finish(event.finish_reason)
             elif isinstance(event, ErrorEvent):
-                yield error_chunk(event.message, event.code)
+                shown = _for_tenant(event, plan)
+                yield error_chunk(shown.message, shown.code)
         if include_usage and got.error is None:
             yield writer.usage(got.usage())
         yield DONE
