@@ -313,7 +313,14 @@ class Catalog:
                     "experiment", experiment=await resolver.experiment(owner.id, view)
                 )
             name, at, pinned = model.partition("@")
-            if at and not (pinned.isascii() and pinned.isdigit() and pinned[0] != "0"):
+            # The length bound keeps int() below Python's 4300-digit limit, whose ValueError
+            # was a 500 for a model like "name@999...9" (found by tests/security).
+            if at and not (
+                pinned.isascii()
+                and pinned.isdigit()
+                and pinned[0] != "0"
+                and len(pinned) <= len(str(q.MAX_VERSION_NUMBER))
+            ):
                 raise NotFound(f"model {model!r} not found")
             try:
                 resolved = await resolver.adapter(owner.id, name, int(pinned) if pinned else None)
