@@ -64,6 +64,17 @@ class _UploadOperation(Operation):
         self.request_body = RequestBody(
             content={"multipart/form-data": OpenAPIMediaType(schema=form)}, required=True
         )
+def _refuse_folded_names(request: Request[Any, Any, Any]) -> None:
+    """Litestar routes on the percent-decoded path and folds empty segments, so
+    `/admin/tenants/%2Facme` and `/admin/tenants//acme` both addressed tenant `acme`, and
+    `PUT .../experiments/%2Fab` created an experiment named `ab`: a name that breaks API.md's
+    naming rule silently became another, valid one. Names never contain '/' and are never
+    empty, so such paths are refused (found by tests/security/test_names.py)."""
+    raw = request.scope.get("raw_path") or request.scope["path"].encode()
+    if b"%2f" in raw.lower() or b"//" in raw:
+        raise BadRequest("malformed path: a name may not contain '/' or be empty", param="path")
+
+
 Svc = NamedDependency[Services]
 PathStr = Annotated[str, PathParameter()]
 PathInt = Annotated[int, PathParameter()]
@@ -74,6 +85,7 @@ class AdminController(Controller):
     guards = [require_admin]  # noqa: RUF012 (Litestar reads these as class attributes)
     tags = ["admin"]  # noqa: RUF012
     security = [{"bearer": []}]  # noqa: RUF012
+    before_request = staticmethod(_refuse_folded_names)
 
     # ------------------------------------------------------------------ tenants and keys
 
