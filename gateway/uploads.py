@@ -107,7 +107,12 @@ async def _stream_parts(
             if not parser.closed:
                 raise BadRequest("incomplete multipart body")
     except ParserLimitReached:
-        raise BadRequest("too many parts: send only adapter_config and adapter_model") from None
+        # The parser's limits cover part headers too (a 10,000-character filename trips them),
+        # so the message names both rather than claiming there were too many parts.
+        raise BadRequest(
+            "multipart body over the parser's limits (too many parts, or part headers too "
+            "long): send only adapter_config and adapter_model"
+        ) from None
     except ParserError as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     finally:
