@@ -6,8 +6,12 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 ARGS   ?=
+# Security fuzz sizes; `make test` runs the same checks with small defaults.
+FUZZ_API_EXAMPLES     ?= 200
+FUZZ_ADAPTER_EXAMPLES ?= 5000
+ATHERIS_RUNS          ?= 20000
 
-.PHONY: install serve test test-fast lint migrate bench clean
+.PHONY: install serve test test-fast lint migrate bench clean fuzz-api fuzz-adapters
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +33,20 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not integration" $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway adapters runtime kernels migrations tests bench
+	$(VENV)/bin/ruff check gateway adapters runtime kernels migrations tests bench fuzz
 	$(VENV)/bin/mypy gateway adapters runtime kernels
 	$(VENV)/bin/lint-imports
+
+# Schemathesis over /schema/openapi.json: every admin and tenant operation under valid,
+# missing, malformed, unknown, revoked and cross-role keys; prints calls and status codes.
+fuzz-api: $(STAMP)
+	LORAGATE_FUZZ_EXAMPLES=$(FUZZ_API_EXAMPLES) $(PY) -m pytest tests/security/test_api_fuzz.py -q $(ARGS)
+
+# Mutated adapters through the upload validator: hypothesis, then coverage-guided atheris
+# (-len_control=0: full-length inputs from the start, so every mutator is reachable at once).
+fuzz-adapters: $(STAMP)
+	LORAGATE_FUZZ_EXAMPLES=$(FUZZ_ADAPTER_EXAMPLES) $(PY) -m pytest tests/security/test_adapter_fuzz.py -q $(ARGS)
+	$(PY) fuzz/adapter_atheris.py -atheris_runs=$(ATHERIS_RUNS) -max_len=512 -len_control=0
 
 migrate: $(STAMP)
 	$(VENV)/bin/loragate migrate upgrade

@@ -1,0 +1,63 @@
+"""Fixtures of the security checks: the built-in model, adapter files, a capped stub runtime,
+and a report of fuzz counts printed at the end of the run (`make fuzz-api`,
+`make fuzz-adapters`).
+
+`LORAGATE_FUZZ_EXAMPLES` sets the examples per fuzzed operation or property; the default is
+small so that `make test` stays fast, the make targets raise it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sec_helpers import REPORT
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+# Reuse the gateway tests' helpers (make_settings, admin, stub_procs) and the catalog tests'
+# adapter file writer rather than copying them: pytest puts only a test file's own folder
+# on sys.path.
+sys.path.insert(0, str(HERE.parent / "gateway"))
+sys.path.insert(0, str(HERE.parent / "adapters"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REPORT:
+        terminalreporter.section("security fuzz counts")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from runtime.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
+
+
+@pytest.fixture(scope="session")
+def base_spec(base_model_dir: Path) -> Any:
+    from adapters.base_model import BaseModelSpec
+
+    return BaseModelSpec.from_config_file(base_model_dir / "config.json")
+
+
+@pytest.fixture(scope="session")
+def stub_url() -> Iterator[str]:
+    """A capped stub runtime (capped_stub.py) on a free port."""
+    from stub_procs import free_port, stop, wait_http
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(  # noqa: S603 (our interpreter, our script)
+        [sys.executable, str(HERE / "capped_stub.py"), "--port", str(port)], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", proc)
+    yield url
+    stop(proc)
