@@ -44,6 +44,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An AsyncEngine for `sqlite+aiosqlite:///...` or `postgresql+asyncpg://...`."""
+    # Statement parameters include API key prefixes and secret hashes: keep them out of
+    # SQLAlchemy's logs and of the messages of the errors it raises.
+    kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         path = make_url(url).database
         if path and path != ":memory:":

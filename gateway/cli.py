@@ -78,15 +78,25 @@ def _admin_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("version", type=int)
 
 
+# Loggers held above the configured level whatever it is, and why.
+LOGGER_FLOORS = {
+    # Alembic announces each of its plugins at INFO on every start; keep its real news only.
+    "alembic.runtime.plugins": logging.WARNING,
+    # httpx logs every outbound call at INFO, readiness probes included.
+    "httpx": logging.WARNING,
+    # aiosqlite's DEBUG lines repr every SQL call with its parameters: API key prefixes and
+    # secret hashes went to the log at LORAGATE_LOG_LEVEL=DEBUG (tests/security).
+    "aiosqlite": logging.INFO,
+}
+
+
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Alembic announces each of its plugins at INFO on every start; keep its real news only.
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-    # httpx logs every outbound call at INFO, readiness probes included.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name, level in LOGGER_FLOORS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _runtime(args: argparse.Namespace, settings: Settings) -> int:
