@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from gw_helpers import ADMIN_TOKEN, adapter_files, admin
@@ -149,15 +149,16 @@ def start_gateway(data_dir: Path, base_model_dir: Path, runtimes: list[str], log
     return proc
 
 
-def s3_env(server: object, prefix: str) -> dict[str, str]:
-    """The variables that point a gateway and a runtime at an S3Server (tests/conftest.py)."""
+def s3_env(server: Any, prefix: str) -> dict[str, str]:
+    """The variables that point a gateway and a runtime at an S3Server (tests/conftest.py,
+    not importable by name: every test folder has a module called conftest)."""
     return {
-        "LORAGATE_S3_ENDPOINT_URL": server.endpoint_url,  # type: ignore[attr-defined]
-        "LORAGATE_S3_BUCKET": server.bucket,  # type: ignore[attr-defined]
+        "LORAGATE_S3_ENDPOINT_URL": server.endpoint_url,
+        "LORAGATE_S3_BUCKET": server.bucket,
         "LORAGATE_S3_PREFIX": prefix,
-        "AWS_ACCESS_KEY_ID": server.access_key,  # type: ignore[attr-defined]
-        "AWS_SECRET_ACCESS_KEY": server.secret_key,  # type: ignore[attr-defined]
-        "AWS_DEFAULT_REGION": server.region,  # type: ignore[attr-defined]
+        "AWS_ACCESS_KEY_ID": server.access_key,
+        "AWS_SECRET_ACCESS_KEY": server.secret_key,
+        "AWS_DEFAULT_REGION": server.region,
     }
 
 

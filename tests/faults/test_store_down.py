@@ -1,11 +1,12 @@
 """The artifact store (a private SeaweedFS) goes down under a running gateway and runtime.
 
 Adapter A has been served once, so the runtime holds it; adapter B was uploaded but never
-served, and the runtime is fresh (`loragate runtime` keeps no disk tier unless told, so B
-is on no local disk either). With the store down: A and the base model keep serving; B
-fails within its request with an OpenAI-shaped 503 naming the adapter and the store, not a
-500 and not a hang; an upload gets a 503 and leaves no catalog row. With the store back on
-the same ports and data: B serves and uploads work again.
+served, and the runtime is a fresh process that has fetched A only (`loragate runtime` has
+no disk tier, so B is on no local disk either; the test checks the runtime's load count).
+With the store down: A and the base model keep serving; B fails within its request with an
+OpenAI-shaped 503 naming the adapter and the store, not a 500 and not a hang; an upload
+gets a 503 and leaves no catalog row. With the store back on the same ports and data: B
+serves and uploads work again.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def test_store_down_and_back(tmp_path: Path, base_model_dir: Path, peft_adapter:
         served = complete("a")
         assert served.status_code == 200, served.text
         assert served.headers["x-loragate-adapter"] == "a@1"
+        # The runtime fetched A and nothing else: B is on none of its tiers, disk included.
+        assert httpx.get(f"{runtime.url}/stats").json()["adapters"]["loads"] == 1
 
         seaweedfs.stop()
 
