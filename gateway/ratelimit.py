@@ -94,7 +94,10 @@ class RateLimiter:
                 return
             if self.fail_open:
                 return
-            raise _limited(tenant, 1.0)
+            # Still a 429 (the client backs off and retries), but not "over its limit":
+            # nobody knows whether it is, and the message must not say so.
+            raise RateLimited("rate limits cannot be checked right now; retry later",
+                              retry_after=1)
         now = time.monotonic()
         wait = 0.0
         if rpm:
