@@ -80,8 +80,10 @@ def _tensor(name: str, entry: object, data_start: int, data_len: int) -> TensorI
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise _refuse(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
     dtype = entry["dtype"]
-    if dtype not in ITEMSIZE:
-        if dtype in OTHER_DTYPES:
+    # A str check first: a list or object dtype is unhashable, and the set lookups below
+    # raised TypeError (a 500) for it (found by tests/security/test_adapter_fuzz.py).
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        if isinstance(dtype, str) and dtype in OTHER_DTYPES:
             raise _refuse(f"tensor {name!r} has dtype {dtype}; only F16, BF16, F32 are allowed")
         raise _refuse(f"tensor {name!r} has an unknown dtype {str(dtype)[:32]!r}")
     shape = entry["shape"]
