@@ -116,6 +116,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, base_s
             _seed_tenant(client, t, root / t.name)
     counts: dict[str, Counter[Any]] = {}
     yield World(settings_, a, b, counts)
+    per_operation: dict[str, Counter[Any]] = {}
+    for name, counter in counts.items():
+        per_operation.setdefault(name.split(" [")[0], Counter()).update(counter)
+    report(f"fuzz-api ({EXAMPLES} examples per operation and identity class), calls per "
+           "operation", per_operation)
     report(f"fuzz-api ({EXAMPLES} examples per operation and identity class), calls", counts)
 
 

@@ -104,3 +104,13 @@ async def test_admin_paths_with_encoded_slashes_or_empty_segments_are_400(
             r = await client.request(method, path, headers=admin(), json=body)
             assert r.status_code == 400, (path, r.text)
             assert r.json()["error"]["param"] == "path"
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"F32": 1}, 32, None])
+def test_a_dtype_of_the_wrong_json_type_is_refused(tmp_path: Path, dtype: Any) -> None:
+    header, data = header_and_data(good_tensors())
+    next(iter(header.values()))["dtype"] = dtype  # a list was unhashable: TypeError, a 500
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(pack(json.dumps(header).encode(), data))
+    with pytest.raises(ValidationFailed, match="unknown dtype"):
+        parse_header(path)
