@@ -150,6 +150,14 @@ def _inject_text(c: Chooser, text: str) -> str:
     return text[: c.integer(0, len(text))]  # unbalanced JSON
 
 
+def _ints(value: Any, count: int) -> list[int] | None:
+    """`value` when it is a list of `count` ints (an earlier mutation may have broken it)."""
+    if isinstance(value, list) and len(value) == count and all(
+            type(v) is int for v in value):
+        return value
+    return None
+
+
 def _mutate_entry(c: Chooser, header: dict[str, Any]) -> None:
     names = [n for n in header if n != "__metadata__"]
     name = pick(c, names)
@@ -162,13 +170,13 @@ def _mutate_entry(c: Chooser, header: dict[str, Any]) -> None:
     elif kind == 1:
         entry["shape"] = pick(c, [[], [0], [-1, 4], [2**40, 2**40], [2**63], [1.0, 64], ["4", 64],
                                   [True, 64], [1] * 9, None, "4x64", [4, 64, 1],
-                                  list(reversed(entry["shape"]))])
+                                  list(reversed(_ints(entry.get("shape"), 2) or [64, 4]))])
     elif kind == 2:
-        b, e = entry["data_offsets"]
+        b, e = _ints(entry.get("data_offsets"), 2) or [0, 8]  # maybe mutated already
         entry["data_offsets"] = pick(c, [[b, e + 1], [b + 1, e], [e, b], [-4, e], [b, 2**64],
                                          [0, e - b], [b, e, e], [float(b), e], None, [],
                                          [str(b), e], [b + 2**63, e + 2**63]])
-    elif kind == 3:
+    elif kind == 3 and entry:
         del entry[pick(c, sorted(entry))]
     elif kind == 4:
         entry[pick(c, ["extra", "dtype ", "offsets"])] = pick(c, WEIRD_VALUES)
