@@ -132,10 +132,29 @@ def memory(procs: dict[str, int]) -> dict[str, float | None]:
             for name, pid in procs.items()}
 
 
-def shed_counts(url: str) -> dict[str, float]:
+def scrape(url: str) -> dict[str, Any]:
+    """The gateway's shed counts and its latency histogram (summed over tenants, adapters)."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {m[1]: float(m[2]) for m in
+    shed = {m[1]: float(m[2]) for m in
             re.finditer(r'^loragate_requests_shed_total\{reason="([^"]+)"\} (\S+)$', text, re.M)}
+    buckets: dict[float, float] = {}
+    bucket = r'^loragate_request_latency_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$'
+    for m in re.finditer(bucket, text, re.M):
+        buckets[float(m[1])] = buckets.get(float(m[1]), 0.0) + float(m[2])
+    return {"shed": shed, "latency_buckets": buckets}
+
+
+def server_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """p50/p99 of the gateway's own latency histogram over one phase (every answer, errors
+    included), as the upper bound of the bucket holding it: what the gateway measured from
+    the request's start to its last byte, whatever the load client's own delays."""
+    delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+    out: dict[str, Any] = {}
+    for name, q in (("p50_le_ms", 0.5), ("p99_le_ms", 0.99)):
+        hit = next((le for le, n in delta if total and n >= q * total), None)
+        out[name] = None if hit is None or math.isinf(hit) else round(hit * 1000)
+    return out
 
 
 def runtime_limits(url: str) -> tuple[int, int]:
@@ -389,19 +408,21 @@ async def drive(url: str, catalog: Catalog, args: argparse.Namespace, procs: dic
         await asyncio.to_thread(set_noisy_limit, capacity)
         print(HEADER, flush=True)
         samples = [{"at": "before first phase", "rss_mib": memory(procs)}]
-        before_shed = shed_counts(url)
+        before = await asyncio.to_thread(scrape, url)
         for index, multiple in enumerate(args.multiples):
             rate = multiple * capacity
             outcomes, wall, peak = await open_loop(client, catalog, rate, args.phase_s,
                                              args.max_tokens, 100 + index)
-            shed_now = shed_counts(url)
+            now = await asyncio.to_thread(scrape, url)
             phase = {"multiple": multiple, "offered_rate": round(rate, 2),
                      **summarize(outcomes, args.phase_s, max(args.phase_s, wall)),
                      "peak_in_flight": int(peak.get("in_flight", 0)),
-                     "gateway_shed": {k: int(v - before_shed.get(k, 0))
-                                      for k, v in shed_now.items()}}
+                     "gateway_shed": {k: int(v - before["shed"].get(k, 0))
+                                      for k, v in now["shed"].items()},
+                     "gateway_latency": server_quantiles(before["latency_buckets"],
+                                                         now["latency_buckets"])}
             phase["shedding"] = phase["errors"]["503"] > 0 or phase["errors"]["429"] > 0
-            before_shed = shed_now
+            before = now
             samples.append({"at": f"after {multiple}x", "rss_mib": memory(procs)})
             report["phases"].append(phase)
             print_phase(phase, samples[-1]["rss_mib"])
@@ -420,7 +441,8 @@ def print_phase(p: dict[str, Any], rss: dict[str, float | None]) -> None:
           f"{_ms(p['ttft_ms']['p50'])} {_ms(p['ttft_ms']['p99'])} "
           f"{_ms(p['latency_ms']['p50'])} {_ms(p['latency_ms']['p95'])} "
           f"{_ms(p['latency_ms']['p99'])} {er['429']:6.1%} {er['503']:6.1%} {er['other']:6.1%} "
-          f"{'yes' if p['shedding'] else 'no':>5} {_ms(p['client_lag_p99_ms'])}  "
+          f"{'yes' if p['shedding'] else 'no':>5} {_ms(p['client_lag_p99_ms'])} "
+          f"{_ms(p['gateway_latency']['p99_le_ms'])}  "
           + " ".join(f"{k}={v:.0f}" for k, v in rss.items() if v is not None), flush=True)
 
 
@@ -429,7 +451,7 @@ def _ms(value: float | None) -> str:
 
 
 HEADER = (" mult  offered  arrived  good/s   tok/s  ttft50  ttft99   lat50   lat95   lat99"
-          "    429    503  other  shed   lag99  RSS MiB")
+          "    429    503  other  shed   lag99   gw99<  RSS MiB")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
