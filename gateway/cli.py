@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--max-batch-tokens", type=int)
     runtime.add_argument("--max-running", type=int)
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
+    runtime.add_argument("--parent-pid", type=int,
+                         help="drain and exit once this process is no longer the parent "
+                              "(set by `serve` for the runtime it starts)")
 
     migrate = sub.add_parser("migrate", help="alembic on LORAGATE_DATABASE_URL")
     migrate.add_argument("action", nargs="?", default="upgrade",
@@ -117,7 +120,8 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         s3_endpoint_url=settings.s3_endpoint_url,
         **{k: v for k, v in optional.items() if v is not None},
     )
-    serve_runtime(config, args.host, args.port, settings.redis_url, public_url=args.public_url)
+    serve_runtime(config, args.host, args.port, settings.redis_url, public_url=args.public_url,
+                  parent_pid=args.parent_pid)
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -69,6 +70,7 @@ def start_runtime_child(settings: Settings) -> tuple[subprocess.Popen[bytes], st
         sys.executable, "-m", "gateway.cli", "runtime",
         "--base-model", str(settings.base_model_path.resolve()),
         "--host", "127.0.0.1", "--port", str(port),
+        "--parent-pid", str(os.getpid()),  # the child exits even if we are SIGKILLed
     ]  # fmt: skip
     if settings.device:
         command += ["--device", settings.device]

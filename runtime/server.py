@@ -297,13 +297,15 @@ def serve(
     port: int,
     redis_url: str | None,
     public_url: str | None = None,
+    parent_pid: int | None = None,
 ) -> None:
     """Run one runtime until SIGTERM/SIGINT (blocking); see runtime/serving.py for the order.
 
-    `public_url` is what the registry advertises (default: http://host:port). Raises
-    RuntimeError when the engine or the registry fails to start.
+    `public_url` is what the registry advertises (default: http://host:port); with
+    `parent_pid` the runtime drains and exits once that process is no longer its parent.
+    Raises RuntimeError when the engine or the registry fails to start.
     """
     # Imported here: the app factory above must not pull in torch and uvicorn's server.
     from runtime.serving import run
 
-    run(config, host, port, redis_url, public_url)
+    run(config, host, port, redis_url, public_url, parent_pid)

@@ -5,12 +5,17 @@ shutdown: the first SIGTERM or SIGINT stops admitting (/generate and /health ans
 and removes the registry key so gateways stop picking this runtime; running streams finish
 (up to `DRAIN_TIMEOUT_S`, then they are aborted); uvicorn stops; the engine shuts down; the
 process returns normally, so it exits 0. A second signal forces an immediate exit.
+
+With `parent_pid` (what `loragate serve` passes its runtime child), the runtime also drains
+and exits once that process is no longer its parent: a gateway killed with SIGKILL cannot
+stop its child, and an orphaned runtime would hold the port, the memory and the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from runtime.server import RuntimeInfo, RuntimeState, create_runtime_app
 logger = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 300.0  # a long generation on a slow CPU; then what is left is aborted
+PARENT_CHECK_INTERVAL_S = 1.0
 
 
 def public_url_for(host: str, port: int) -> str:
@@ -105,9 +111,11 @@ class RuntimeProcess:
     """The async side of `serve()`: the pieces whose lifetimes it orders."""
 
     def __init__(
-        self, config: RuntimeConfig, host: str, port: int, redis_url: str | None, url: str
+        self, config: RuntimeConfig, host: str, port: int, redis_url: str | None, url: str,
+        parent_pid: int | None = None,
     ) -> None:
         self.config, self.redis_url, self.url = config, redis_url, url
+        self.parent_pid = parent_pid
         self.state = RuntimeState()
         self.registry: RuntimeRegistry | None = None
         self.load_error: BaseException | None = None
@@ -137,6 +145,17 @@ class RuntimeProcess:
     async def _start_loading(self) -> None:
         # Loading runs while uvicorn already answers: /health says 503 "loading" meanwhile.
         self._spawn(self._load())
+        if self.parent_pid is not None:
+            self._spawn(self._watch_parent(self.parent_pid))
+
+    async def _watch_parent(self, parent_pid: int) -> None:
+        # Polling getppid: an orphan is re-parented (to init or a subreaper), and Linux's
+        # PR_SET_PDEATHSIG would need the parent to set it up in an unsafe pre-exec hook.
+        while os.getppid() == parent_pid:  # noqa: ASYNC110 (no event to wait on)
+            await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
+        if not self.state.draining:
+            logger.warning("parent process %d is gone: draining and exiting", parent_pid)
+            self._request_drain()
 
     async def _load(self) -> None:
         try:
@@ -186,8 +205,9 @@ class RuntimeProcess:
 
 
 def run(
-    config: RuntimeConfig, host: str, port: int, redis_url: str | None, public_url: str | None
+    config: RuntimeConfig, host: str, port: int, redis_url: str | None, public_url: str | None,
+    parent_pid: int | None = None,
 ) -> None:
     url = public_url or public_url_for(host, port)
-    process = RuntimeProcess(config, host, port, redis_url, url)
+    process = RuntimeProcess(config, host, port, redis_url, url, parent_pid)
     asyncio.run(process.run())
