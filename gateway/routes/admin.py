@@ -64,6 +64,8 @@ class _UploadOperation(Operation):
         self.request_body = RequestBody(
             content={"multipart/form-data": OpenAPIMediaType(schema=form)}, required=True
         )
+
+
 def _refuse_folded_names(request: Request[Any, Any, Any]) -> None:
     """Litestar routes on the percent-decoded path and folds empty segments, so
     `/admin/tenants/%2Facme` and `/admin/tenants//acme` both addressed tenant `acme`, and
