@@ -1,14 +1,17 @@
-"""Shared service fixtures: PostgreSQL, Redis and a SeaweedFS S3 server.
+"""Shared fixtures: PostgreSQL, Redis, a SeaweedFS S3 server and the built-in model.
 
 Each fixture skips its test with a message when the service cannot be reached, and fails it
 instead when ``LORAGATE_REQUIRE_SERVICES=1`` (set by ``.ci/run``), so CI never passes by
 skipping. Nothing else is registered here on purpose: area fixtures live next to their tests.
+The built-in model is here because three areas serve it and it costs seconds to generate.
 
 - ``postgres_url``: ``postgresql+asyncpg://...`` of a fresh database created once per test
   session on the server of ``LORAGATE_TEST_POSTGRES_URL`` (default
   ``postgresql://postgres@127.0.0.1:5432/test``) and dropped at the end.
 - ``redis_url``: ``redis://127.0.0.1:6379/15`` (``LORAGATE_TEST_REDIS_URL``); that database
   index is flushed before each test that uses it.
+- ``base_model_dir``: the built-in model, generated once per test session (the gateway,
+  fault and security tests all serve it).
 - ``s3_server``: a SeaweedFS ``weed mini`` bound to 127.0.0.1 on free ports with its own
   random credentials and one bucket; an ``S3Server`` with endpoint, bucket and credentials.
 - ``seaweedfs``: the same, but the test's own ``SeaweedFS``, which it may stop and start
@@ -282,3 +285,13 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield seaweed
     finally:
         seaweed.stop()
+
+
+# ---------------------------------------------------------------------- built-in model
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from runtime.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")

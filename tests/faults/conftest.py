@@ -19,13 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "gateway"))
 
 
 @pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime.builtin import ensure_builtin_model
-
-    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
-
-
-@pytest.fixture(scope="session")
 def peft_adapter(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gw_helpers import make_peft_adapter
 

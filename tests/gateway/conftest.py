@@ -1,4 +1,5 @@
-"""Fixtures of the gateway tests: the built-in model, a real PEFT adapter, an app per test."""
+"""Fixtures of the gateway tests: real PEFT adapters and an app per test (the built-in model is
+the session fixture `base_model_dir` of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,6 @@ from litestar.testing import AsyncTestClient
 from adapters.db import upgrade_database
 from gateway.app import create_app
 from gateway.settings import Settings
-
-
-@pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime.builtin import ensure_builtin_model
-
-    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
 
 
 @pytest.fixture(scope="session")

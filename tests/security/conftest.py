@@ -1,4 +1,4 @@
-"""Fixtures of the security checks: the built-in model, adapter files, a capped stub runtime,
+"""Fixtures of the security checks: base model facts, adapter files, a capped stub runtime,
 and a report of fuzz counts printed at the end of the run (`make fuzz-api`,
 `make fuzz-adapters`).
 
@@ -32,13 +32,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("security fuzz counts")
         for line in REPORT:
             terminalreporter.write_line(line)
-
-
-@pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime.builtin import ensure_builtin_model
-
-    return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
 
 
 @pytest.fixture(scope="session")
