@@ -16,9 +16,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from fault_procs import Proc, start_gateway
+from stub_procs import start_stub, stop
 
 START_TIMEOUT_S = 60.0  # a loaded 2-core machine may take a while to bring a server up
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
@@ -171,3 +174,21 @@ class PrivatePostgres:
             return self.log_path.read_text(errors="replace")[-2000:]
         except OSError:
             return ""
+
+
+def gateway_on_private_redis(cleanup: ExitStack, tmp_path: Path, base_model_dir: Path,
+                             database_url: str, **env: str) -> tuple[Proc, PrivateRedis, Path]:
+    """A private Redis, a stub runtime and a gateway process on `database_url` and that
+    Redis (extra `env` for the gateway); `cleanup` stops all three. Returns the gateway's
+    Proc, the Redis and the gateway's data dir."""
+    redis = PrivateRedis(tmp_path / "redis.log")
+    redis.start()
+    cleanup.callback(redis.stop)
+    stub, stub_url = start_stub()
+    cleanup.callback(stop, stub)
+    data_dir = tmp_path / "data"
+    gateway = start_gateway(data_dir, base_model_dir, [stub_url], tmp_path / "gateway.log",
+                            LORAGATE_DATABASE_URL=database_url, LORAGATE_REDIS_URL=redis.url,
+                            **env)
+    cleanup.callback(gateway.stop)
+    return gateway, redis, data_dir

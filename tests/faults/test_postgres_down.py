@@ -24,10 +24,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import new_tenant, start_gateway, upload, wait_until
+from fault_procs import new_tenant, upload, wait_until
 from gw_helpers import admin, bearer
-from private_services import PrivatePostgres, PrivateRedis
-from stub_procs import start_stub, stop
+from private_services import PrivatePostgres, gateway_on_private_redis
 
 from adapters.db import upgrade_database
 
@@ -102,16 +101,8 @@ async def version_rows(url: str, tenant: str) -> list[tuple[str, int]]:
 def test_postgres_down_then_back(tmp_path: Path, base_model_dir: Path, peft_adapter: Path,
                                  peft_adapter_v2: Path, postgres: PrivatePostgres) -> None:
     with ExitStack() as stack:
-        redis = PrivateRedis(tmp_path / "redis.log")
-        redis.start()
-        stack.callback(redis.stop)
-        stub, stub_url = start_stub()
-        stack.callback(stop, stub)
-        data_dir = tmp_path / "data"
-        gateway = start_gateway(data_dir, base_model_dir, [stub_url], tmp_path / "gateway.log",
-                                LORAGATE_DATABASE_URL=postgres.url,
-                                LORAGATE_REDIS_URL=redis.url)
-        stack.callback(gateway.stop)
+        gateway, _, data_dir = gateway_on_private_redis(stack, tmp_path, base_model_dir,
+                                                        postgres.url)
         url = gateway.url
         artifacts = data_dir / "artifacts"
 

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import Proc, start_gateway, upload, wait_until
+from fault_procs import Proc, upload, wait_until
 from gw_helpers import admin, bearer
-from private_services import PrivateRedis
-from stub_procs import start_stub, stop
+from private_services import PrivateRedis, gateway_on_private_redis
 
 from adapters.db import upgrade_database
 from gateway.auth import REVOCATION_CHANNEL
@@ -55,17 +54,9 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path, base_model_dir: Path,
           postgres_url: str) -> Iterator[Stack]:
     upgrade_database(postgres_url)
     with ExitStack() as cleanup:
-        redis = PrivateRedis(tmp_path / "redis.log")
-        redis.start()
-        cleanup.callback(redis.stop)
-        stub, stub_url = start_stub()
-        cleanup.callback(stop, stub)
-        data_dir = tmp_path / "data"
-        gateway = start_gateway(
-            data_dir, base_model_dir, [stub_url], tmp_path / "gateway.log",
-            LORAGATE_DATABASE_URL=postgres_url, LORAGATE_REDIS_URL=redis.url,
+        gateway, redis, data_dir = gateway_on_private_redis(
+            cleanup, tmp_path, base_model_dir, postgres_url,
             LORAGATE_RATELIMIT_FAIL_OPEN=str(request.param).lower())
-        cleanup.callback(gateway.stop)
         yield Stack(gateway, redis, request.param, data_dir)
 
 
