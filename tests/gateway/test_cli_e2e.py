@@ -229,4 +229,8 @@ def test_gateway_outlives_its_runtime_child_and_reports_it(tmp_path: Path) -> No
         assert ready.json()["missing"] == ["no runtime has its base model loaded"]
         assert httpx.get(f"{url}/healthz").status_code == 200
         assert proc.poll() is None
+        # The router's probe may see the runtime gone before serve's child watcher polls;
+        # wait for the watcher's line while serve still runs (stopping it cancels the watcher).
+        while "runtime child exited" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
     assert "runtime child exited" in log.read_text()
