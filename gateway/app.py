@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from gateway import errors
-from gateway.routes import admin, ops
+from gateway.api.routes import admin, ops
 from gateway.services import Services, build_services
 from gateway.settings import Settings
 
@@ -52,13 +52,13 @@ def _wire_inference(services: Services) -> list[Any]:
     # --- inference wiring (begin) ----------------------------------------------------------
     import httpx
 
-    from gateway.experiments import ExperimentStats
-    from gateway.metrics import Metrics
-    from gateway.ratelimit import RateLimiter
-    from gateway.resolver import Resolver
-    from gateway.router import Router
-    from gateway.routes import openai
-    from gateway.shadow import Background
+    from gateway.api.routes import openai
+    from gateway.inference.experiments import ExperimentStats
+    from gateway.inference.metrics import Metrics
+    from gateway.inference.ratelimit import RateLimiter
+    from gateway.inference.resolver import Resolver
+    from gateway.inference.router import Router
+    from gateway.inference.shadow import Background
 
     settings = services.settings
     # Runtime traffic gets a pool of its own, sized for many concurrent streams.

@@ -31,7 +31,7 @@ from private_services import PrivateRedis, gateway_on_private_redis
 
 from adapters.db import upgrade_database
 from gateway.auth import REVOCATION_CHANNEL
-from gateway.resolver import CHANNEL as CATALOG_CHANNEL
+from gateway.inference.resolver import CHANNEL as CATALOG_CHANNEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapters.db import head_revision
-from gateway.cli import main
+from gateway.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from adapters.views import ExperimentView, VariantView
-from gateway.experiments import SHADOW, ExperimentStats, assign, bucket_of, pick_variant
+from gateway.inference.experiments import SHADOW, ExperimentStats, assign, bucket_of, pick_variant
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.metrics import OTHER, LabelCap, Metrics
+from gateway.inference.metrics import OTHER, LabelCap, Metrics
 
 pytestmark = pytest.mark.unit
 

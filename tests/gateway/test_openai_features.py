@@ -130,7 +130,7 @@ def test_client_disconnect_aborts_the_runtime_stream(
 async def test_runtimes_come_from_the_redis_registry(redis_url: str, slow_stub: str) -> None:
     import redis.asyncio as aioredis
 
-    from gateway.router import Router
+    from gateway.inference.router import Router
 
     client = aioredis.from_url(redis_url)
     try:

@@ -54,7 +54,7 @@ def test_serve_refuses_an_unmigrated_shared_database(
     tmp_path: Path, base_model_dir: Path, postgres_url: str
 ) -> None:
     from adapters.db import run_migrations
-    from gateway.serve import prepare_data_dir
+    from gateway.cli.serve import prepare_data_dir
 
     settings = make_settings(tmp_path / "data", base_model_dir, database_url=postgres_url)
     upgrade_database(postgres_url)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.errors import RateLimited
-from gateway.ratelimit import RateLimiter
+from gateway.inference.ratelimit import RateLimiter
 
 pytestmark = pytest.mark.unit
 

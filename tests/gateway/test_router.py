@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from gateway.errors import BadRequest, Unavailable
-from gateway.router import Router, rendezvous_order
-from gateway.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
+from gateway.inference.router import Router, rendezvous_order
+from gateway.inference.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
 
 pytestmark = pytest.mark.unit

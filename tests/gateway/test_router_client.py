@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from stub_procs import free_port, start_stub, stop
 
-from gateway.runtime_client import RuntimeClient, RuntimeUnreachable
+from gateway.inference.runtime_client import RuntimeClient, RuntimeUnreachable
 from runtime.protocol import FinishEvent, StartEvent, TokenEvent
 
 pytestmark = pytest.mark.unit

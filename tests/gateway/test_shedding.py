@@ -19,8 +19,13 @@ from litestar.testing import AsyncTestClient
 from adapters.db import upgrade_database
 from gateway.app import create_app
 from gateway.errors import BadRequest, Unavailable
-from gateway.router import DEFAULT_MAX_RUNNING, INFLIGHT_PER_RUNNING, Router, rendezvous_order
-from gateway.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
+from gateway.inference.router import (
+    DEFAULT_MAX_RUNNING,
+    INFLIGHT_PER_RUNNING,
+    Router,
+    rendezvous_order,
+)
+from gateway.inference.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
 from runtime.server import RuntimeInfo, create_runtime_app
 

@@ -131,7 +131,7 @@ async def test_in_process_debug_logs_and_answers_hold_no_secret(
     tmp_path: Path, base_model_dir: Path, base_spec: Any, stub_url: str,
     caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway.cli import LOGGER_FLOORS
+    from gateway.cli.main import LOGGER_FLOORS
 
     caplog.set_level(logging.DEBUG)  # every logger, third-party ones (SQL, HTTP) included
     # The app never configures logging (the CLI does, for `serve`); an embedder applies the

@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway.settings import Settings, SettingsError
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "admin":
-        from gateway import admin_client
+        from gateway.cli import admin_client
 
         url = args.url or f"http://{settings.host}:{settings.port}"
         return admin_client.run(args, url, settings.admin_token)
@@ -176,14 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     _configure_logging(settings)
     if args.command == "serve":
-        from gateway.serve import serve
+        from gateway.cli.serve import serve
 
         return serve(settings)
     if args.command == "runtime":
         return _runtime(args, settings)
     return _migrate(args, settings)
-
-
-if __name__ == "__main__":
-    # `python -m gateway.cli ...`: how `serve` starts its runtime child.
-    sys.exit(main())

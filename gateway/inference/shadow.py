@@ -16,9 +16,9 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from gateway.api.openai_format import Collected
 from gateway.errors import GatewayError
-from gateway.experiments import SHADOW, ExperimentStats
-from gateway.openai_format import Collected
+from gateway.inference.experiments import SHADOW, ExperimentStats
 
 logger = logging.getLogger("loragate.gateway.shadow")
 

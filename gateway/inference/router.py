@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import BadRequest, Unavailable
-from gateway.runtime_client import (
+from gateway.inference.runtime_client import (
     RuntimeBusy,
     RuntimeClient,
     RuntimeRefused,

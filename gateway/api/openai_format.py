@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.openai_schemas import (
+from gateway.api.schemas.openai import (
     ChatChoice,
     ChatCompletion,
     ChatMessageOut,

@@ -24,9 +24,7 @@ from litestar.params import JSONBody, Parameter, PathParameter
 
 from adapters.queries import NAME_RE
 from adapters.views import ShadowSpec, VariantSpec
-from gateway.auth import require_admin
-from gateway.errors import BadRequest
-from gateway.schemas import (
+from gateway.api.schemas.admin import (
     NAME_PATTERN,
     Adapter,
     AdapterActivate,
@@ -39,8 +37,10 @@ from gateway.schemas import (
     Version,
     experiment_out,
 )
+from gateway.api.uploads import CONFIG_PART, MODEL_PART, receive_adapter_upload
+from gateway.auth import require_admin
+from gateway.errors import BadRequest
 from gateway.services import Services
-from gateway.uploads import CONFIG_PART, MODEL_PART, receive_adapter_upload
 
 
 def _binary_part(description: str) -> Schema:

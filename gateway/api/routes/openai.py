@@ -23,10 +23,7 @@ from litestar import Request, Response, get, post
 from litestar.response import Stream
 
 from adapters.views import ResolvedAdapter
-from gateway import experiments as ab
-from gateway.auth import require_tenant, tenant_of
-from gateway.errors import BadRequest, GatewayError, Unavailable, spec_for
-from gateway.openai_format import (
+from gateway.api.openai_format import (
     DONE,
     ChunkWriter,
     Collected,
@@ -34,7 +31,7 @@ from gateway.openai_format import (
     completion_body,
     error_chunk,
 )
-from gateway.openai_schemas import (
+from gateway.api.schemas.openai import (
     ChatRequest,
     CompletionRequest,
     ModelCard,
@@ -44,7 +41,10 @@ from gateway.openai_schemas import (
     message_text,
     stop_list,
 )
-from gateway.openapi_bodies import body_operation
+from gateway.api.schemas.openapi import body_operation
+from gateway.auth import require_tenant, tenant_of
+from gateway.errors import BadRequest, GatewayError, Unavailable, spec_for
+from gateway.inference import experiments as ab
 from gateway.services import Services
 from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
 

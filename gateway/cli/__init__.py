@@ -1,0 +1,1 @@
+"""The `loragate` command line: `main.py` parses it, `serve.py` and `admin_client.py` run it."""

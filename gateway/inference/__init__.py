@@ -1,0 +1,1 @@
+"""One inference request after auth, in call order: see pipeline.py."""
