@@ -4,12 +4,17 @@ Every query is scoped by tenant name except the two key operations that are glob
 nature (revoke by key id, look up by key prefix). Store calls are blocking and run in worker
 threads. Upload order: validate -> put objects -> insert rows in one transaction; objects
 this upload created are removed again when the insert fails.
+
+Changes are announced here, not by the callers: listeners registered once with `on_change`
+hear the tenant's name after every write that can make a cached answer about that tenant
+stale (a key revoked; a version added, activated or deleted; an experiment put or deleted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sqlalchemy import select
@@ -38,6 +43,7 @@ from adapters.views import (
 )
 
 _RETRIES = 3  # a 48-bit key prefix clash: draw again
+ChangeListener = Callable[[str], Awaitable[None]]  # called with the tenant's name
 
 
 def _tenant_view(row: Tenant) -> TenantView:
@@ -70,6 +76,16 @@ class Catalog:
         self.base_model = base_model
         self.max_rank = max_rank
         self.max_adapter_bytes = max_adapter_bytes
+        self._listeners: list[ChangeListener] = []
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(tenant)` after each announced write (see the module docstring).
+        Listeners run in registration order; one that raises fails the call that wrote."""
+        self._listeners.append(listener)
+
+    async def _changed(self, tenant: str) -> None:
+        for listener in self._listeners:
+            await listener(tenant)
 
     # ------------------------------------------------------------------ tenants
     async def create_tenant(
@@ -149,7 +165,9 @@ class Catalog:
             row, tenant = found
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
-            return _key_view(row, tenant)
+            view = _key_view(row, tenant)
+        await self._changed(tenant)
+        return view
 
     async def lookup_key(self, prefix: str) -> KeyRecord | None:
         async with self._sessions() as session:
@@ -211,6 +229,7 @@ class Catalog:
         for path, sha in objects:
             if not await asyncio.to_thread(self.store.exists, sha):
                 await asyncio.to_thread(self.store.put_file, path, sha)
+        await self._changed(tenant)
         return view
 
     async def list_adapters(self, tenant: str) -> list[AdapterView]:
@@ -258,7 +277,9 @@ class Catalog:
             await q.lock_adapter(session, row.id)
             target = await q.version_row(session, row, version)
             await q.set_active(session, row.id, target.id)
-        return await self.get_adapter(tenant, adapter)
+        view = await self.get_adapter(tenant, adapter)
+        await self._changed(tenant)
+        return view
 
     async def delete_version(self, tenant: str, adapter: str, version: int) -> None:
         in_use = Conflict(f"version {version} of {adapter!r} is used by an experiment")
@@ -277,6 +298,7 @@ class Catalog:
         except IntegrityError:  # an experiment pinned it between our check and the delete
             raise in_use from None
         await versions.drop_unreferenced(self._sessions, self.store, shas)
+        await self._changed(tenant)
 
     # -------------------------------------------------------------- experiments
     async def put_experiment(
@@ -286,7 +308,9 @@ class Catalog:
         variants: list[VariantSpec],
         shadow: ShadowSpec | None = None,
     ) -> ExperimentView:
-        return await exp.put_experiment(self._sessions, tenant, name, variants, shadow)
+        view = await exp.put_experiment(self._sessions, tenant, name, variants, shadow)
+        await self._changed(tenant)
+        return view
 
     async def get_experiment(self, tenant: str, name: str) -> ExperimentView:
         async with self._sessions() as session:
@@ -300,6 +324,7 @@ class Catalog:
 
     async def delete_experiment(self, tenant: str, name: str) -> None:
         await exp.delete_experiment(self._sessions, tenant, name)
+        await self._changed(tenant)
 
     # --------------------------------------------------------------- resolution
     async def resolve(self, tenant: str, model: str) -> Resolution:

@@ -42,7 +42,7 @@ class Settings:
     ratelimit_fail_open: bool = True  # availability over strictness when Redis is unreachable
     request_timeout_s: float = 300.0
     # Requests in flight per runtime before the gateway sheds (503 + Retry-After); 0 derives
-    # it from each runtime's max_running (gateway/router.py INFLIGHT_PER_RUNNING).
+    # it from each runtime's max_running (gateway/inference/router.py INFLIGHT_PER_RUNNING).
     max_inflight_per_runtime: int = 0
     # How long a verified tenant key stays cached. Without Redis no replica can hear of a
     # revocation, so the cache is capped at KEY_CACHE_TTL_WITHOUT_REDIS_S instead.

@@ -1,63 +1,59 @@
-"""Runtime events (docs/internals.md) to OpenAI's completion and chat bodies and chunks.
+"""OpenAI's API to the runtime's wire format and back (docs/internals.md).
 
-`Collected` gathers one request's events; the functions below turn it, or one token event,
-into exactly the JSON OpenAI's API answers, so that OpenAI's own clients parse it.
+`completion_input` / `chat_input` turn a decoded OpenAI request into the runtime's
+`GenerateBody` (the pipeline adds tenant and adapter). The functions below turn a request's
+collected events, or one token event, into exactly the JSON OpenAI's API answers, so that
+OpenAI's own clients parse it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from gateway.api.schemas.openai import (
+    DEFAULT_MAX_TOKENS,
     ChatChoice,
     ChatCompletion,
     ChatMessageOut,
+    ChatRequest,
     Completion,
     CompletionChoice,
+    CompletionRequest,
     Usage,
+    message_text,
+    stop_list,
 )
-from runtime.protocol import ErrorEvent, Event, FinishEvent, LogprobEntry, StartEvent, TokenEvent
+from gateway.inference.runtime_client import Collected
+from runtime.protocol import ChatMessage, GenerateBody, LogprobEntry, SamplingBody, TokenEvent
 
 _encoder = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 
 
-@dataclass(slots=True)
-class Collected:
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[LogprobEntry] = field(default_factory=list)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    error: ErrorEvent | None = None
+def completion_input(req: CompletionRequest, request_id: str) -> GenerateBody:
+    text, ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
+    sampling = SamplingBody(max_tokens=req.max_tokens, temperature=req.temperature,
+                            top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
+                            logprobs=req.logprobs)
+    return GenerateBody(request_id=request_id, prompt=text, prompt_token_ids=ids,
+                        sampling=sampling)
 
-    def add(self, event: Event) -> None:
-        if isinstance(event, TokenEvent):
-            self.text.append(event.text)
-            self.token_ids.extend(event.token_ids)
-            if event.logprobs:
-                self.logprobs.extend(event.logprobs)
-        elif isinstance(event, StartEvent):
-            self.prompt_tokens = event.prompt_tokens
-        elif isinstance(event, FinishEvent):
-            self.finish_reason = event.finish_reason
-            self.prompt_tokens = event.usage.prompt_tokens
-            self.completion_tokens = event.usage.completion_tokens
-        elif isinstance(event, ErrorEvent):
-            self.error = event
 
-    @property
-    def output(self) -> str:
-        return "".join(self.text)
+def chat_input(req: ChatRequest, request_id: str) -> GenerateBody:
+    # The runtime applies the chat template; it takes each message's text.
+    messages = [ChatMessage(m.role, message_text(m)) for m in req.messages]
+    sampling = SamplingBody(
+        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    return GenerateBody(request_id=request_id, messages=messages, sampling=sampling)
 
-    def usage(self) -> Usage:
-        completion = self.completion_tokens or len(self.token_ids)
-        return Usage(self.prompt_tokens, completion, self.prompt_tokens + completion)
+
+def usage_of(got: Collected) -> Usage:
+    return Usage(got.prompt_tokens, got.num_completion_tokens, got.num_tokens)
 
 
 def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:
@@ -97,7 +93,7 @@ def completion_body(
         finish_reason=got.finish_reason,
         token_ids=list(got.token_ids) if token_ids else None,
     )
-    return Completion(request_id, int(time.time()), model, [choice], usage=got.usage())
+    return Completion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
 
 
 def chat_body(
@@ -109,7 +105,7 @@ def chat_body(
         finish_reason=got.finish_reason,
         token_ids=list(got.token_ids) if token_ids else None,
     )
-    return ChatCompletion(request_id, int(time.time()), model, [choice], usage=got.usage())
+    return ChatCompletion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
 
 
 def sse(payload: Any) -> bytes:

@@ -22,7 +22,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.auth import ensure_admin_token
-from gateway.services import Hook, build_services
+from gateway.services import Part
 from gateway.settings import Settings
 
 logger = logging.getLogger("loragate.serve")
@@ -111,8 +111,8 @@ class _Server(uvicorn.Server):
             print(f"loragate listening on {self.url}", flush=True)
 
 
-def _watch_child(child: subprocess.Popen[bytes]) -> tuple[Hook, Hook]:
-    """Startup and shutdown hooks of a task that logs the child's death (serve stays up)."""
+def _child_watcher(child: subprocess.Popen[bytes]) -> Part:
+    """A part whose task logs the child's death (serve stays up, /readyz turns 503)."""
 
     async def watch() -> None:
         # Polling: Popen has no awaitable exit, and a thread blocked in wait() would
@@ -130,7 +130,7 @@ def _watch_child(child: subprocess.Popen[bytes]) -> tuple[Hook, Hook]:
         for task in tasks:
             task.cancel()
 
-    return start, stop
+    return Part("runtime child watcher", start, stop)
 
 
 def serve(settings: Settings) -> int:
@@ -142,12 +142,8 @@ def serve(settings: Settings) -> int:
         child, runtime_url = start_runtime_child(settings)
         settings = replace(settings, runtimes=(runtime_url,))
     try:
-        services = build_services(settings)
-        if child is not None:
-            start, stop = _watch_child(child)
-            services.on_startup.append(start)
-            services.on_shutdown.append(stop)
-        app = create_app(settings, services)
+        watcher = [_child_watcher(child)] if child is not None else []
+        app = create_app(settings, extra_parts=watcher)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None)
         server = _Server(config, f"http://{settings.host}:{settings.port}")
         # uvicorn shuts down gracefully, then re-raises the signal under the handler that was

@@ -8,7 +8,8 @@ weight; promotion and rollback are `activate` on the adapter.
 
 Figures per variant: requests, errors, p50/p95 latency (over the last `LATENCY_WINDOW`
 answers), tokens in and out; for the shadow, also how many of its outputs were identical to
-the primary's. They live in Redis when configured (shared by every gateway), else here.
+the primary's (whether a copy is sent at all is shadow.py's). They live in Redis when
+configured (shared by every gateway), else here.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ def assign(
     else:
         bucket = (rng or random).randrange(NUM_BUCKETS)  # noqa: S311 (not a secret)
     return pick_variant(experiment.variants, bucket)
-
-
-def sample_shadow(rate: float, rng: random.Random | None = None) -> bool:
-    return rate > 0 and (rng or random).random() < rate  # noqa: S311
 
 
 @dataclass(slots=True)

@@ -4,10 +4,11 @@ Order (API.md): an experiment of the tenant, an adapter (its active version), `a
 the base model's id; anything else is `ModelNotFound` (404 `model_not_found`), with one
 message for every unknown name so that another tenant's names cannot be probed.
 
-Every answer, negative ones included, is cached per (tenant, model) for `ttl_s`. An admin
-change calls `invalidate(tenant)` (through `Services.on_catalog_change`), which drops the
-tenant's entries here and publishes the tenant's name on `CHANNEL`; every gateway listens
-and drops them too, so a promote or rollback is seen everywhere within the pub/sub delay.
+Every answer, negative ones included, is cached per (tenant, model) for `ttl_s`. A catalog
+change calls `invalidate(tenant)` (the catalog's `on_change` listener, registered by
+gateway/app.py), which drops the tenant's entries here and publishes the tenant's name on
+`CHANNEL`; every gateway listens and drops them too, so a promote or rollback is seen
+everywhere within the pub/sub delay.
 The TTL is the safety net for a message lost while a gateway was disconnected; after a
 reconnect the whole cache is dropped, since messages may have been missed.
 """

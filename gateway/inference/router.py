@@ -43,7 +43,7 @@ from gateway.inference.runtime_client import (
     RuntimeUnreachable,
 )
 from gateway.services import RuntimeHealth
-from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
+from runtime.protocol import ErrorEvent, Event, FinishEvent, GenerateBody, TokenEvent
 
 logger = logging.getLogger("loragate.gateway.router")
 MAX_ATTEMPTS = 3
@@ -218,7 +218,8 @@ class Router:
 
     # ------------------------------------------------------------------------ requests
 
-    async def generate(self, body: dict[str, Any], adapter_key: str | None) -> AsyncIterator[Event]:
+    async def generate(self, body: GenerateBody, adapter_key: str | None
+                       ) -> AsyncIterator[Event]:
         """Events of one request. Raises `Unavailable` when no runtime could take it and
         `BadRequest` when the runtime refused it; a failure after the first token ends the
         stream with an ErrorEvent (code `runtime_failed`) instead of raising."""

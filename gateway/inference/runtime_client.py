@@ -11,6 +11,10 @@ may be tried: `RuntimeUnreachable` (connection failed), `RuntimeBusy` (503: drai
 loading, queue full), `RuntimeRefused` (400/413: the request itself is wrong, no retry).
 Closing a stream before its end closes the connection, which is how the runtime learns that
 the client went away and aborts the request.
+
+The body is the runtime's own wire type (`runtime.protocol.GenerateBody`), encoded here;
+`adapter_body` is the one mapping from the catalog's view of a version to the runtime's, and
+`Collected` gathers the events a stream brought back.
 """
 
 from __future__ import annotations
@@ -18,16 +22,78 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import msgspec
 
-from runtime.protocol import Event, decode_event
+from adapters.views import ResolvedAdapter
+from runtime.protocol import (
+    AdapterBody,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    GenerateBody,
+    LogprobEntry,
+    StartEvent,
+    TokenEvent,
+    decode_event,
+)
 
 MAX_IDLE_PER_RUNTIME = 256
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one NDJSON event; a token event is far smaller
 _encoder = msgspec.json.Encoder()
+
+
+def adapter_body(tenant: str, adapter: ResolvedAdapter | None) -> AdapterBody | None:
+    """The runtime's reference to a catalog version: all it needs to fetch and apply it."""
+    if adapter is None:
+        return None
+    ref = adapter.ref
+    return AdapterBody(key=ref.key, uri=ref.uri, rank=ref.rank, alpha=ref.alpha,
+                       target_modules=list(ref.target_modules), use_rslora=ref.use_rslora,
+                       name=f"{tenant}/{adapter.name}@{adapter.version}")
+
+
+@dataclass(slots=True)
+class Collected:
+    """The events of one stream, gathered: text, token ids, logprobs, counts, the error."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[LogprobEntry] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: ErrorEvent | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            self.text.append(event.text)
+            self.token_ids.extend(event.token_ids)
+            if event.logprobs:
+                self.logprobs.extend(event.logprobs)
+        elif isinstance(event, StartEvent):
+            self.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, FinishEvent):
+            self.finish_reason = event.finish_reason
+            self.prompt_tokens = event.usage.prompt_tokens
+            self.completion_tokens = event.usage.completion_tokens
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+
+    @property
+    def output(self) -> str:
+        return "".join(self.text)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        # A stream that ended without its finish event has no usage: count what it carried.
+        return self.completion_tokens or len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_completion_tokens
 
 
 class RuntimeCallError(Exception):
@@ -126,7 +192,7 @@ class RuntimeClient:
         self.connect_timeout_s = connect_timeout_s
         self._idle: dict[str, list[Conn]] = {}
 
-    async def open_generate(self, url: str, body: dict[str, Any],
+    async def open_generate(self, url: str, body: GenerateBody,
                             deadline: float | None = None) -> GenerateStream:
         """`deadline` (event loop time) bounds every read of the answer, headers included."""
         parts = urlsplit(url)

@@ -12,9 +12,9 @@ from gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
+from gateway.app import build_services
 from gateway.auth import Authenticator
 from gateway.errors import Unauthorized
-from gateway.services import build_services
 
 pytestmark = pytest.mark.unit
 

@@ -176,7 +176,7 @@ async def test_multipart_filenames_and_part_names_never_reach_the_filesystem(
                                   "\u202ejson.exe"]):
         r = await client.post(f"/admin/tenants/acme/adapters/a{i}/versions",
                               files=_files(good_adapter, filename, filename), headers=admin())
-        # Part filenames are ignored (gateway/uploads.py): the upload is judged on its bytes,
+        # Part filenames are ignored (gateway/api/uploads.py): the upload is judged on its bytes,
         # except that a filename past the multipart parser's header limit is a 400.
         if len(filename) > 1000:
             _assert_shaped_4xx(r, "overlong filename")

@@ -1,7 +1,8 @@
 """Admin API of API.md: tenants, keys, adapter versions, experiments. Admin token only.
 
-Thin handlers: parse with the Structs of gateway/schemas.py, call the catalog, convert its
-views. Every catalog error becomes an HTTP answer through gateway/errors.py's table.
+Thin handlers: parse with the Structs of gateway/api/schemas/admin.py, call the catalog,
+convert its views. Every catalog error becomes an HTTP answer through gateway/errors.py's
+table. The catalog announces its own changes (caches of resolutions listen at composition).
 """
 
 from __future__ import annotations
@@ -119,16 +120,16 @@ class AdminController(Controller):
 
     @delete("/keys/{key_id:str}", status_code=204)
     async def revoke_key(self, key_id: PathStr, services: Svc) -> None:
-        view = await services.catalog.revoke_key(key_id)
+        await services.catalog.revoke_key(key_id)
+        # Verified keys are cached by auth on every replica, apart from the catalog's caches.
         await services.auth.key_revoked()
-        await services.catalog_changed(view.tenant)
 
     # ------------------------------------------------------------- adapters and versions
 
     @post(
         "/tenants/{tenant:str}/adapters/{adapter:str}/versions",
         status_code=201,
-        request_max_body_size=None,  # gateway/uploads.py enforces LORAGATE_MAX_ADAPTER_BYTES
+        request_max_body_size=None,  # gateway/api/uploads.py enforces LORAGATE_MAX_ADAPTER_BYTES
         operation_class=_UploadOperation,
     )
     async def upload_version(
@@ -157,7 +158,6 @@ class AdminController(Controller):
             view = await services.catalog.upload_version(
                 tenant, adapter, upload.config_path, upload.model_path, activate=activate
             )
-        await services.catalog_changed(tenant)
         return msgspec.convert(view.to_dict(), Version)
 
     @get("/tenants/{tenant:str}/adapters")
@@ -170,7 +170,6 @@ class AdminController(Controller):
         self, tenant: PathStr, adapter: PathStr, data: JSONBody[AdapterActivate], services: Svc
     ) -> Adapter:
         view = await services.catalog.activate(tenant, adapter, data.version)
-        await services.catalog_changed(tenant)
         return msgspec.convert(view.to_dict(), Adapter)
 
     @delete("/tenants/{tenant:str}/adapters/{adapter:str}/versions/{version:int}", status_code=204)
@@ -178,7 +177,6 @@ class AdminController(Controller):
         self, tenant: PathStr, adapter: PathStr, version: PathInt, services: Svc
     ) -> None:
         await services.catalog.delete_version(tenant, adapter, version)
-        await services.catalog_changed(tenant)
 
     # ---------------------------------------------------------------------- experiments
 
@@ -193,18 +191,16 @@ class AdminController(Controller):
             else None
         )
         view = await services.catalog.put_experiment(tenant, name, variants, shadow)
-        await services.catalog_changed(tenant)
-        return experiment_out(view.to_dict(), await services.experiment_figures(tenant, name))
+        return experiment_out(view.to_dict(), await services.experiment_stats.figures(tenant, name))
 
     @get("/tenants/{tenant:str}/experiments/{name:str}")
     async def get_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> Experiment:
         view = await services.catalog.get_experiment(tenant, name)
-        return experiment_out(view.to_dict(), await services.experiment_figures(tenant, name))
+        return experiment_out(view.to_dict(), await services.experiment_stats.figures(tenant, name))
 
     @delete("/tenants/{tenant:str}/experiments/{name:str}", status_code=204)
     async def delete_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> None:
         await services.catalog.delete_experiment(tenant, name)
-        await services.catalog_changed(tenant)
 
 
 routes = [AdminController]

@@ -1,35 +1,29 @@
-"""OpenAI-compatible tenant API (API.md): /v1/models, /v1/completions, /v1/chat/completions,
-and the unauthenticated GET /metrics.
+"""OpenAI-compatible tenant API (API.md): /v1/models, /v1/completions, /v1/chat/completions.
 
-One request: the key (guard) -> resolve the model (cached) -> A/B variant -> rate limit ->
-router (which may retry on another runtime before the first token) -> the answer, whole or
-as SSE chunks ending `data: [DONE]`. Book-keeping (metrics, the tokens charged to the
-tenant, experiment figures, the shadow copy) runs after the answer, in a background task,
-so it never delays or changes it.
+Each handler decodes the request, hands it to the inference pipeline
+(gateway/inference/pipeline.py: resolve, assign, limit, route, book) and writes the answer,
+whole or as SSE chunks ending `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from adapters.views import ResolvedAdapter
 from gateway.api.openai_format import (
     DONE,
     ChunkWriter,
-    Collected,
     chat_body,
+    chat_input,
     completion_body,
+    completion_input,
     error_chunk,
+    usage_of,
 )
 from gateway.api.schemas.openai import (
     ChatRequest,
@@ -38,38 +32,14 @@ from gateway.api.schemas.openai import (
     ModelList,
     decode_chat,
     decode_completion,
-    message_text,
-    stop_list,
 )
 from gateway.api.schemas.openapi import body_operation
 from gateway.auth import require_tenant, tenant_of
-from gateway.errors import BadRequest, GatewayError, Unavailable, spec_for
-from gateway.inference import experiments as ab
+from gateway.inference.pipeline import Inference
 from gateway.services import Services
-from runtime.protocol import ErrorEvent, Event, FinishEvent, TokenEvent
+from runtime.protocol import ErrorEvent, FinishEvent, GenerateBody, TokenEvent
 
 _encoder = msgspec.json.Encoder()
-logger = logging.getLogger("loragate.gateway.openai")
-
-
-@dataclass(slots=True)
-class Plan:
-    """What serves one request, decided before it is sent."""
-
-    tenant: str
-    tpm: int | None
-    adapter: ResolvedAdapter | None
-    experiment: Any  # ExperimentView | None
-    variant: str | None
-    started: float
-
-    def headers(self) -> dict[str, str]:
-        headers = {}
-        if self.adapter is not None:
-            headers["X-Loragate-Adapter"] = f"{self.adapter.name}@{self.adapter.version}"
-        if self.variant is not None:
-            headers["X-Loragate-Variant"] = self.variant
-        return headers
 
 
 def _services(request: Request[Any, Any, Any]) -> Services:
@@ -77,157 +47,45 @@ def _services(request: Request[Any, Any, Any]) -> Services:
     return services
 
 
-def _adapter_body(adapter: ResolvedAdapter | None, tenant: str) -> dict[str, Any] | None:
-    if adapter is None:
-        return None
-    ref = adapter.ref
-    return {"key": ref.key, "uri": ref.uri, "rank": ref.rank, "alpha": ref.alpha,
-            "target_modules": list(ref.target_modules), "use_rslora": ref.use_rslora,
-            "name": f"{tenant}/{adapter.name}@{adapter.version}"}
+async def _send(request: Request[Any, Any, Any], req: CompletionRequest | ChatRequest,
+                body: GenerateBody) -> Inference:
+    # The A/B identity: the request's `user`, else the X-User-Id header (API.md).
+    user = req.user or request.headers.get("x-user-id")
+    return await _services(request).pipeline.send(tenant_of(request), req.model, user, body)
 
 
-async def _plan(request: Request[Any, Any, Any], model: str, user: str | None) -> Plan:
-    services = _services(request)
-    principal = tenant_of(request)
-    resolution = await services.resolver.resolve(principal.tenant, model)
-    adapter, variant, experiment = resolution.adapter, None, None
-    if resolution.kind == "experiment":
-        experiment = resolution.experiment
-        chosen = ab.assign(experiment, user or request.headers.get("x-user-id"))
-        adapter, variant = chosen.resolved, chosen.name
-    await services.rate_limiter.admit(principal.tenant, principal.requests_per_minute,
-                                      principal.tokens_per_minute)
-    return Plan(principal.tenant, principal.tokens_per_minute, adapter, experiment, variant,
-                time.perf_counter())
+def _stream(inference: Inference, writer: ChunkWriter, include_usage: bool) -> Stream:
+    return Stream(_sse(inference, writer, include_usage), media_type="text/event-stream",
+                  headers=inference.plan.headers())
 
 
-def _runtime_body(plan: Plan, request_id: str, sampling: dict[str, Any],
-                  prompt: dict[str, Any]) -> dict[str, Any]:
-    return {"request_id": request_id, "tenant": plan.tenant, **prompt, "sampling": sampling,
-            "adapter": _adapter_body(plan.adapter, plan.tenant)}
-
-
-async def _after(services: Services, plan: Plan, body: dict[str, Any], got: Collected,
-                 status: int, ttft: float | None) -> None:
-    """Book-keeping once the answer is out: metrics, token charge, A/B figures, shadow."""
-    total = time.perf_counter() - plan.started
-    usage = got.usage()
-    adapter = plan.adapter.name if plan.adapter is not None else "base"
-    labels = services.metrics.labels(plan.tenant, adapter, plan.variant or "")
-    services.metrics.observe(labels, status=status, ttft_s=ttft, total_s=total,
-                             tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens)
-    await services.rate_limiter.charge_tokens(plan.tenant, plan.tpm, usage.total_tokens)
-    if plan.experiment is None or plan.variant is None:
-        return
-    ok = status == 200 and got.error is None
-    await services.experiment_stats.record(
-        plan.tenant, plan.experiment.name, plan.variant, ok=ok, latency_s=total,
-        tokens_in=usage.prompt_tokens, tokens_out=usage.completion_tokens)
-    shadow = plan.experiment.shadow
-    if ok and shadow is not None and shadow.resolved is not None and ab.sample_shadow(
-            shadow.sample_rate):
-        shadow_body = {**body, "request_id": f"shadow-{uuid.uuid4().hex}",
-                       "adapter": _adapter_body(shadow.resolved, plan.tenant)}
-        await services.background.run(plan.tenant, plan.experiment.name, shadow_body, got.output)
-
-
-def _book(services: Services, *args: Any) -> None:
-    services.background.spawn(_after(services, *args))
-
-
-def _for_tenant(error: ErrorEvent, plan: Plan) -> ErrorEvent:
-    """The runtime's error as the tenant may see it.
-
-    An adapter load failure's message is written for operators: it carries the artifact
-    store's endpoint URL, bucket, prefix or file path. It goes to the log; the tenant gets a
-    fixed sentence naming the adapter and the artifact store instead.
-    """
-    if error.code != "adapter_load_failed":
-        return error
-    name = f"{plan.adapter.name}@{plan.adapter.version}" if plan.adapter else "the adapter"
-    logger.warning("tenant %s, adapter %s: %s", plan.tenant, name, error.message)
-    return ErrorEvent(error.code, f"adapter {name} could not be loaded: its artifact could not "
-                      "be fetched from the artifact store or is unusable; try again later")
-
-
-def _raise_for(error: ErrorEvent) -> None:
-    if error.code in ("invalid_request", "prompt_too_long"):
-        raise BadRequest(error.message, code=error.code)
-    raise Unavailable(error.message, code=error.code, retry_after=1)
-
-
-async def _serve(request: Request[Any, Any, Any], req: CompletionRequest | ChatRequest,
-                 prompt: dict[str, Any], sampling: dict[str, Any], *, chat: bool,
-                 want_logprobs: bool) -> Response[Any] | Stream:
-    services = _services(request)
-    plan = await _plan(request, req.model, req.user)
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    body = _runtime_body(plan, request_id, sampling, prompt)
-    got = Collected()
-    events = services.router.generate(body, plan.adapter.ref.key if plan.adapter else None)
-    try:
-        first = await anext(events)
-    except GatewayError as exc:
-        _book(services, plan, body, got, spec_for(exc).status, None)
-        raise
-    if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        writer = ChunkWriter(request_id, req.model, chat=chat, logprobs=want_logprobs,
-                             token_ids=req.return_token_ids)
-        return Stream(_sse(services, plan, body, got, first, events, writer, include_usage),
-                      media_type="text/event-stream", headers=plan.headers())
-    ttft = None
-    try:
-        got.add(first)
-        async for event in events:
-            if ttft is None and isinstance(event, TokenEvent):
-                ttft = time.perf_counter() - plan.started
-            got.add(event)
-        if got.error is not None:
-            _raise_for(_for_tenant(got.error, plan))
-    except GatewayError as exc:
-        _book(services, plan, body, got, spec_for(exc).status, ttft)
-        raise
-    _book(services, plan, body, got, 200, ttft)
-    make = chat_body if chat else completion_body
-    answer = make(request_id, req.model, got, logprobs=want_logprobs,
-                  token_ids=req.return_token_ids)
-    return Response(_encoder.encode(answer), media_type="application/json",
-                    headers=plan.headers())
-
-
-async def _sse(services: Services, plan: Plan, body: dict[str, Any], got: Collected,
-               first: Event, events: AsyncIterator[Event], writer: ChunkWriter,
+async def _sse(inference: Inference, writer: ChunkWriter,
                include_usage: bool) -> AsyncIterator[bytes]:
-    ttft = None
     try:
         if writer.chat:
             yield writer.role()
-
-        async def all_events() -> AsyncIterator[Event]:
-            yield first
-            async for event in events:
-                yield event
-
-        async for event in all_events():
-            got.add(event)
+        async for event in inference.events():
             if isinstance(event, TokenEvent):
-                if ttft is None:
-                    ttft = time.perf_counter() - plan.started
                 yield writer.token(event)
             elif isinstance(event, FinishEvent):
                 yield writer.finish(event.finish_reason)
             elif isinstance(event, ErrorEvent):
-                shown = _for_tenant(event, plan)
-                yield error_chunk(shown.message, shown.code)
-        if include_usage and got.error is None:
-            yield writer.usage(got.usage())
+                yield error_chunk(event.message, event.code)
+        if include_usage and inference.got.error is None:
+            yield writer.usage(usage_of(inference.got))
         yield DONE
     finally:
-        # Runs on a client disconnect too: closing `events` closes the runtime's stream,
-        # which aborts the request there.
-        await asyncio.shield(events.aclose())  # type: ignore[attr-defined]
-        _book(services, plan, body, got, 200, ttft)
+        # Runs on a client disconnect too: the runtime aborts the request.
+        await inference.close()
+
+
+def _whole(answer: Any, inference: Inference) -> Response[Any]:
+    return Response(_encoder.encode(answer), media_type="application/json",
+                    headers=inference.plan.headers())
+
+
+def _include_usage(req: CompletionRequest | ChatRequest) -> bool:
+    return req.stream_options is not None and req.stream_options.include_usage
 
 
 # The tenant key as a bearer token, declared so the OpenAPI document says how to call these.
@@ -238,28 +96,31 @@ _BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
       operation_class=body_operation(CompletionRequest))
 async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
     req = decode_completion(await request.body())
-    prompt: dict[str, Any] = (
-        {"prompt": req.prompt} if isinstance(req.prompt, str) else
-        {"prompt_token_ids": req.prompt}
-    )
-    sampling = {"max_tokens": req.max_tokens, "temperature": req.temperature,
-                "top_p": req.top_p, "seed": req.seed, "stop": stop_list(req.stop),
-                "logprobs": req.logprobs}
-    return await _serve(request, req, prompt, sampling, chat=False,
-                        want_logprobs=req.logprobs is not None)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    inference = await _send(request, req, completion_input(req, request_id))
+    logprobs = req.logprobs is not None
+    if req.stream:
+        writer = ChunkWriter(request_id, req.model, chat=False, logprobs=logprobs,
+                             token_ids=req.return_token_ids)
+        return _stream(inference, writer, _include_usage(req))
+    got = await inference.collect()
+    return _whole(completion_body(request_id, req.model, got, logprobs=logprobs,
+                                  token_ids=req.return_token_ids), inference)
 
 
 @post("/v1/chat/completions", guards=[require_tenant], status_code=200, security=_BEARER,
       operation_class=body_operation(ChatRequest))
 async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream:
     req = decode_chat(await request.body())
-    messages = [{"role": m.role, "content": message_text(m)} for m in req.messages]
-    sampling = {"max_tokens": req.max_completion_tokens or req.max_tokens or 16,
-                "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
-                "stop": stop_list(req.stop),
-                "logprobs": (req.top_logprobs or 0) if req.logprobs else None}
-    return await _serve(request, req, {"messages": messages}, sampling, chat=True,
-                        want_logprobs=req.logprobs)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    inference = await _send(request, req, chat_input(req, request_id))
+    if req.stream:
+        writer = ChunkWriter(request_id, req.model, chat=True, logprobs=req.logprobs,
+                             token_ids=req.return_token_ids)
+        return _stream(inference, writer, _include_usage(req))
+    got = await inference.collect()
+    return _whole(chat_body(request_id, req.model, got, logprobs=req.logprobs,
+                            token_ids=req.return_token_ids), inference)
 
 
 @get("/v1/models", guards=[require_tenant], security=_BEARER)
@@ -272,9 +133,4 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     return ModelList(cards)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", include_in_schema=False)
-async def metrics(request: Request[Any, Any, Any]) -> bytes:
-    return bytes(_services(request).metrics.render())
-
-
-routes = [completions, chat_completions, list_models, metrics]
+routes = [completions, chat_completions, list_models]

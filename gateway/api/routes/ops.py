@@ -1,7 +1,4 @@
-"""Operations routes without authentication: liveness and readiness.
-
-`/metrics` belongs to gateway/metrics.py and is added by the app's inference wiring.
-"""
+"""Operations routes without authentication: liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -51,4 +48,11 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[Readiness]:
     return Response(body, status_code=503 if missing else 200)
 
 
-routes = [healthz, readyz]
+@get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> bytes:
+    """Prometheus text of gateway/inference/metrics.py's registry."""
+    services: Services = request.app.state.services
+    return bytes(services.metrics.render())
+
+
+routes = [healthz, readyz, metrics]

@@ -17,6 +17,7 @@ from msgspec import Meta, Struct
 from gateway.errors import BadRequest
 
 MAX_TOKENS_LIMIT = 1 << 20  # a sanity bound; the runtime answers 400 past its context
+DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat without a limit gets it too
 MAX_STOP = 4
 MAX_MESSAGES = 4096
 
@@ -37,7 +38,7 @@ class StreamOptions(Struct):
 class CompletionRequest(Struct):
     model: str
     prompt: str | Annotated[list[TokenId], Meta(min_length=1)]
-    max_tokens: MaxTokens = 16
+    max_tokens: MaxTokens = DEFAULT_MAX_TOKENS
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     seed: Seed | None = None
