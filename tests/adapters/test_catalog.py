@@ -91,6 +91,34 @@ async def test_versions_number_activate_and_roll_back(any_catalog: Catalog, tmp_
         await any_catalog.delete_version("acme", "support", 1)
 
 
+async def test_writes_that_can_stale_a_cache_announce_their_tenant(
+    any_catalog: Catalog, tmp_path: Path
+) -> None:
+    heard: list[str] = []
+
+    async def listener(tenant: str) -> None:
+        heard.append(tenant)
+
+    any_catalog.on_change(listener)
+    await any_catalog.create_tenant("acme")
+    await any_catalog.create_tenant("beta")
+    key, _ = await any_catalog.create_key("acme", "ci")
+    assert heard == []  # nothing about a new tenant or key can be cached yet
+    await any_catalog.revoke_key(key.id)
+    await _upload(any_catalog, tmp_path, "beta", "support", 1)
+    await _upload(any_catalog, tmp_path, "beta", "support", 2)
+    await any_catalog.activate("beta", "support", 2)
+    await any_catalog.delete_version("beta", "support", 1)
+    await any_catalog.put_experiment("beta", "ab", [VariantSpec("a", "support", None, 1.0)])
+    await any_catalog.delete_experiment("beta", "ab")
+    assert heard == ["acme"] + ["beta"] * 6
+    with pytest.raises(Conflict):
+        await any_catalog.delete_version("beta", "support", 2)  # the active one
+    with pytest.raises(NotFound):
+        await any_catalog.activate("beta", "support", 9)
+    assert len(heard) == 7  # a refused write announces nothing
+
+
 async def test_concurrent_uploads_get_distinct_numbers(
     any_catalog: Catalog, tmp_path: Path
 ) -> None:

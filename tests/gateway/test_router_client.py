@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 from stub_procs import free_port, start_stub, stop
 
-from gateway.inference.runtime_client import RuntimeClient, RuntimeUnreachable
-from runtime.protocol import FinishEvent, StartEvent, TokenEvent
+from adapters.views import AdapterRefData, ResolvedAdapter
+from gateway.inference.runtime_client import RuntimeClient, RuntimeUnreachable, adapter_body
+from runtime.protocol import FinishEvent, GenerateBody, StartEvent, TokenEvent, decode_generate
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +53,16 @@ async def test_deadline_bounds_every_read(stub: str) -> None:
 async def test_nothing_listening_is_unreachable() -> None:
     with pytest.raises(RuntimeUnreachable):
         await RuntimeClient().open_generate(f"http://127.0.0.1:{free_port()}", body(1))
+
+
+def test_a_catalog_version_maps_to_the_runtimes_adapter_reference() -> None:
+    ref = AdapterRefData("ab" * 32, "file:///store/sha256/ab/x", 8, 16.0, ("q_proj", "v_proj"),
+                         use_rslora=True)
+    adapter = adapter_body("acme", ResolvedAdapter("support", 3, ref))
+    assert adapter is not None and adapter_body("acme", None) is None
+    sent = decode_generate(msgspec.json.encode(GenerateBody("r1", prompt="x", adapter=adapter)))
+    assert sent.adapter == adapter
+    assert (adapter.key, adapter.uri, adapter.rank, adapter.alpha) == (
+        "ab" * 32, "file:///store/sha256/ab/x", 8, 16.0)
+    assert (adapter.target_modules, adapter.use_rslora) == (["q_proj", "v_proj"], True)
+    assert adapter.name == "acme/support@3"
