@@ -7,13 +7,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from gw_helpers import admin, bearer, create_tenant, make_settings, upload
 from litestar.testing import AsyncTestClient
 from stub_procs import start_stub, stop
 
 from adapters.db import upgrade_database
+from gateway.api.openai_format import chat_input, completion_input
+from gateway.api.schemas.openai import DEFAULT_MAX_TOKENS, decode_chat, decode_completion
 from gateway.app import create_app
+from runtime.protocol import decode_generate
 
 pytestmark = pytest.mark.unit
 
@@ -104,6 +108,20 @@ async def test_out_of_range_fields_are_400_in_openai_shape(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == field
+
+
+def test_bounds_the_runtime_owns_travel_to_it_in_its_own_wire_type() -> None:
+    # A token id past the vocabulary, a max_tokens past the context and a negative seed are
+    # the runtime's to refuse (it answers 400 itself): the gateway does not restate them.
+    raw = b'{"model": "m", "prompt": [70000, -1], "max_tokens": 2000000, "seed": -5}'
+    body = completion_input(decode_completion(raw), "cmpl-1")
+    sent = decode_generate(msgspec.json.encode(body))
+    assert sent.request_id == "cmpl-1" and sent.prompt_token_ids == [70000, -1]
+    assert (sent.sampling.max_tokens, sent.sampling.seed) == (2000000, -5)
+    chat = decode_chat(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    sent = decode_generate(msgspec.json.encode(chat_input(chat, "chatcmpl-1")))
+    assert sent.messages is not None and sent.messages[0].content == "hi"
+    assert sent.sampling.max_tokens == DEFAULT_MAX_TOKENS
 
 
 async def test_unknown_model_is_404_model_not_found(gw: AsyncTestClient[Any], key: str) -> None:

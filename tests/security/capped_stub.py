@@ -1,6 +1,6 @@
 """The bench stub runtime, made to refuse and cap like a real runtime for fuzzing.
 
-Fuzzed requests ask for up to 2**20 tokens and for token ids past the vocabulary. A real
+Fuzzed requests ask for any number of tokens and for token ids past the vocabulary. A real
 runtime stops at its context ("length") and answers 400 `invalid_request` for such ids; the
 plain stub would build a million-line answer instead. This wrapper does what the real one
 does, so generated calls stay fast and the gateway's handling of a runtime 400 is exercised.

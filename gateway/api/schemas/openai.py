@@ -4,6 +4,11 @@ Requests are decoded with `decode_completion` / `decode_chat`: msgspec checks ty
 in one pass, and any failure becomes `BadRequest` (400 in OpenAI's error shape) naming the
 field. Unknown fields are ignored on purpose: OpenAI clients send fields we do not serve
 (`frequency_penalty`, `stream_options`, ...) and must not fail for it.
+
+The bounds here are the ones OpenAI's API and API.md define. What depends on the model
+(a max_tokens past its context, a token id past its vocabulary) or only on the runtime's
+sampler (a seed's range) is the runtime's rule: it answers 400 itself, and the router passes
+that on, so it is not restated here.
 """
 
 from __future__ import annotations
@@ -16,17 +21,15 @@ from msgspec import Meta, Struct
 
 from gateway.errors import BadRequest
 
-MAX_TOKENS_LIMIT = 1 << 20  # a sanity bound; the runtime answers 400 past its context
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat without a limit gets it too
 MAX_STOP = 4
 MAX_MESSAGES = 4096
 
-MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 TopLogprobs = Annotated[int, Meta(ge=0, le=5)]
-Seed = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]  # the runtime's range
-TokenId = Annotated[int, Meta(ge=0, le=(1 << 31) - 1)]
+Seed = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # OpenAI's int64
 UserId = Annotated[str, Meta(max_length=256)]
 StopList = Annotated[list[str], Meta(max_length=MAX_STOP)]
 
@@ -37,7 +40,7 @@ class StreamOptions(Struct):
 
 class CompletionRequest(Struct):
     model: str
-    prompt: str | Annotated[list[TokenId], Meta(min_length=1)]
+    prompt: str | Annotated[list[int], Meta(min_length=1)]
     max_tokens: MaxTokens = DEFAULT_MAX_TOKENS
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
