@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,7 @@ class Inference:
     `events()` for a stream followed by `close()`. Either way it is booked exactly once."""
 
     def __init__(self, pipeline: Pipeline, plan: Plan, body: GenerateBody,
-                 events: AsyncIterator[Event]) -> None:
+                 events: AsyncGenerator[Event, None]) -> None:
         self.plan = plan
         self.body = body
         self.got = Collected()
@@ -174,7 +174,7 @@ class Inference:
         runtime's stream, which aborts the request there, and book it. Its status line (200)
         went out before the first chunk, whatever followed."""
         # Shielded: a cancelled client must still close the runtime's stream.
-        await asyncio.shield(self._events.aclose())  # type: ignore[attr-defined]
+        await asyncio.shield(self._events.aclose())
         self._book(200)
 
     def _book(self, status: int) -> None:

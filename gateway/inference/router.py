@@ -30,7 +30,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import httpx
@@ -219,7 +219,7 @@ class Router:
     # ------------------------------------------------------------------------ requests
 
     async def generate(self, body: GenerateBody, adapter_key: str | None
-                       ) -> AsyncIterator[Event]:
+                       ) -> AsyncGenerator[Event, None]:
         """Events of one request. Raises `Unavailable` when no runtime could take it and
         `BadRequest` when the runtime refused it; a failure after the first token ends the
         stream with an ErrorEvent (code `runtime_failed`) instead of raising."""
