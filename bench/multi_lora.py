@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.builtin import ensure_builtin_model  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.engine import LLMEngine  # noqa: E402
+from runtime.model.builtin import ensure_builtin_model  # noqa: E402
 from runtime.types import AdapterRef, EngineRequest, SamplingParams  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

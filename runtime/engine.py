@@ -13,16 +13,17 @@ from typing import Any
 
 import torch
 
-from runtime.adapter_protocol import AdapterProvider
 from runtime.config import RuntimeConfig
-from runtime.kv_cache import KVCache, build_metadata, bytes_per_block
-from runtime.model import LlamaModel
-from runtime.sampler import make_generator, sample
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence
-from runtime.tokenizer import TextStream, Tokenizer
+from runtime.lora.protocol import AdapterProvider
+from runtime.model.attention import build_metadata
+from runtime.model.kv_cache import KVCache, bytes_per_block
+from runtime.model.llama import LlamaModel
+from runtime.model.sampler import make_generator, sample
+from runtime.model.tokenizer import TextStream, Tokenizer
+from runtime.model.weights import ModelArgs
+from runtime.scheduling.scheduler import Scheduler
+from runtime.scheduling.sequence import Sequence
 from runtime.types import EngineRequest, FinishReason, RequestOutput
-from runtime.weights import ModelArgs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,7 +56,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         if lora is None and adapters is None and config.max_gpu_adapters > 0:
-            from runtime.lora_layers import build_lora_runtime
+            from runtime.lora.layers import build_lora_runtime
 
             lora, adapters = build_lora_runtime(config, args, self.dtype)
         self.scheduler = Scheduler(

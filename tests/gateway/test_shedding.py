@@ -21,8 +21,8 @@ from gateway.app import create_app
 from gateway.errors import BadRequest, Unavailable
 from gateway.router import DEFAULT_MAX_RUNNING, INFLIGHT_PER_RUNNING, Router, rendezvous_order
 from gateway.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
+from runtime.http.app import RuntimeInfo, create_runtime_app
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
-from runtime.server import RuntimeInfo, create_runtime_app
 
 pytestmark = pytest.mark.unit
 URLS = ("http://r1", "http://r2")

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from runtime.adapter_cache import AdapterCache, AdapterUnavailable, LoadResult, LruTier, SlotTable
+from runtime.lora.cache import AdapterCache, AdapterUnavailable, LoadResult, LruTier, SlotTable
 from runtime.types import AdapterRef
 
 pytestmark = pytest.mark.unit

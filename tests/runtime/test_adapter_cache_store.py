@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.adapter_store import AdapterLoader, ArtifactFetcher, DiskCache, FetchError
+from runtime.lora.store import AdapterLoader, ArtifactFetcher, DiskCache, FetchError
 from runtime.types import AdapterRef
 
 

@@ -85,7 +85,7 @@ def test_continuous_batching_chunked_prefill_and_preemption_change_nothing(model
 
 
 def _block_bytes(engine: LLMEngine) -> int:
-    from runtime.kv_cache import bytes_per_block
+    from runtime.model.kv_cache import bytes_per_block
 
     return bytes_per_block(engine.model.args, engine.config.block_size, engine.dtype)
 

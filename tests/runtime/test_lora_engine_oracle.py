@@ -17,12 +17,12 @@ import pytest
 import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
-from runtime.builtin import ensure_builtin_model
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
-from runtime.lora_layers import build_lora_runtime
+from runtime.lora.layers import build_lora_runtime
+from runtime.model.builtin import ensure_builtin_model
+from runtime.model.weights import ModelArgs
 from runtime.types import EngineRequest, FinishReason, SamplingParams
-from runtime.weights import ModelArgs
 
 pytestmark = pytest.mark.unit
 MAX_TOKENS = 6

@@ -10,9 +10,9 @@ import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter
 from safetensors.torch import load_file, save
 
-from runtime.builtin import ensure_builtin_model
-from runtime.lora_layers import PEFT_MODULES, PROJECTIONS, LoraManager, parse_peft_adapter
-from runtime.weights import ModelArgs
+from runtime.lora.layers import PEFT_MODULES, PROJECTIONS, LoraManager, parse_peft_adapter
+from runtime.model.builtin import ensure_builtin_model
+from runtime.model.weights import ModelArgs
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from runtime.kv_cache import AttentionMetadata, KVCache, paged_attention
-from runtime.weights import ModelArgs, load_weights
+from runtime.model.attention import AttentionMetadata, paged_attention
+from runtime.model.kv_cache import KVCache
+from runtime.model.weights import ModelArgs, load_weights
 
 
 class LoraHook(Protocol):

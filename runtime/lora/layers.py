@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 import kernels
-from runtime.adapter_cache import AdapterCache
-from runtime.adapter_store import AdapterLoader, ArtifactFetcher, DiskCache
 from runtime.config import RuntimeConfig
+from runtime.lora.cache import AdapterCache
+from runtime.lora.store import AdapterLoader, ArtifactFetcher, DiskCache
+from runtime.model.weights import ModelArgs
 from runtime.types import AdapterRef
-from runtime.weights import ModelArgs
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # PEFT module name -> (our fused projection, slice index); see docs/internals.md.

@@ -1,6 +1,6 @@
 """The runtime's HTTP face: `POST /generate` (NDJSON stream), `POST /abort/{id}`, `/health`,
-`/stats` (docs/internals.md, "Runtime wire protocol"), and `serve()`, which loads the engine,
-registers in Redis, runs uvicorn and drains on SIGTERM.
+`/stats` (docs/internals.md, "Runtime wire protocol"). The process around it (engine loading,
+uvicorn, the registry, draining) is `runtime/http/process.py`.
 
 `create_runtime_app` takes an already built front (`AsyncLLMEngine` or anything with its
 interface) so tests can drive the HTTP layer with a fake engine. Handlers stay thin: parsing
@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
@@ -32,9 +32,6 @@ from runtime.protocol import (
     output_events,
 )
 from runtime.types import EngineRequest, RequestOutput
-
-if TYPE_CHECKING:
-    from runtime.config import RuntimeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -290,22 +287,3 @@ def create_runtime_app(
         openapi_config=None,
     )
 
-
-def serve(
-    config: RuntimeConfig,
-    host: str,
-    port: int,
-    redis_url: str | None,
-    public_url: str | None = None,
-    parent_pid: int | None = None,
-) -> None:
-    """Run one runtime until SIGTERM/SIGINT (blocking); see runtime/serving.py for the order.
-
-    `public_url` is what the registry advertises (default: http://host:port); with
-    `parent_pid` the runtime drains and exits once that process is no longer its parent.
-    Raises RuntimeError when the engine or the registry fails to start.
-    """
-    # Imported here: the app factory above must not pull in torch and uvicorn's server.
-    from runtime.serving import run
-
-    run(config, host, port, redis_url, public_url, parent_pid)

@@ -1,10 +1,10 @@
 """One runtime process: load the engine, serve HTTP with uvicorn, register, drain on SIGTERM.
 
-Reached through `runtime.server.serve` (what `loragate runtime` calls). The order of a
-shutdown: the first SIGTERM or SIGINT stops admitting (/generate and /health answer 503)
-and removes the registry key so gateways stop picking this runtime; running streams finish
-(up to `DRAIN_TIMEOUT_S`, then they are aborted); uvicorn stops; the engine shuts down; the
-process returns normally, so it exits 0. A second signal forces an immediate exit.
+`serve()` is what `loragate runtime` calls. The order of a shutdown: the first SIGTERM or
+SIGINT stops admitting (/generate and /health answer 503) and removes the registry key so
+gateways stop picking this runtime; running streams finish (up to `DRAIN_TIMEOUT_S`, then they
+are aborted); uvicorn stops; the engine shuts down; the process returns normally, so it exits
+0. A second signal forces an immediate exit.
 
 With `parent_pid` (what `loragate serve` passes its runtime child), the runtime also drains
 and exits once that process is no longer its parent: a gateway killed with SIGKILL cannot
@@ -25,8 +25,8 @@ from typing import Any
 import uvicorn
 
 from runtime.config import RuntimeConfig
-from runtime.registry import RuntimeRegistry
-from runtime.server import RuntimeInfo, RuntimeState, create_runtime_app
+from runtime.http.app import RuntimeInfo, RuntimeState, create_runtime_app
+from runtime.http.registry import RuntimeRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Loaded:
     """A loaded engine as the process needs it."""
 
     front: Any  # AsyncLLMEngine
-    tokenizer: Any  # runtime.tokenizer.Tokenizer
+    tokenizer: Any  # runtime.model.tokenizer.Tokenizer
     info: RuntimeInfo
     adapters: Any  # AdapterCache: its loader threads stop at shutdown
 
@@ -87,8 +87,8 @@ def build_front(config: RuntimeConfig) -> Loaded:
 
     from runtime.async_engine import AsyncLLMEngine
     from runtime.engine import LLMEngine
-    from runtime.lora_layers import build_lora_runtime
-    from runtime.weights import ModelArgs
+    from runtime.lora.layers import build_lora_runtime
+    from runtime.model.weights import ModelArgs
 
     on_cuda = torch.device(config.device).type == "cuda"
     dtype = getattr(torch, config.dtype or ("bfloat16" if on_cuda else "float32"))
@@ -204,10 +204,21 @@ class RuntimeProcess:
             self.loaded.adapters.close()
 
 
-def run(
-    config: RuntimeConfig, host: str, port: int, redis_url: str | None, public_url: str | None,
+
+def serve(
+    config: RuntimeConfig,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    public_url: str | None = None,
     parent_pid: int | None = None,
 ) -> None:
+    """Run one runtime until SIGTERM/SIGINT (blocking), in the order this module's docstring says.
+
+    `public_url` is what the registry advertises (default: http://host:port); with
+    `parent_pid` the runtime drains and exits once that process is no longer its parent.
+    Raises RuntimeError when the engine or the registry fails to start.
+    """
     url = public_url or public_url_for(host, port)
     process = RuntimeProcess(config, host, port, redis_url, url, parent_pid)
     asyncio.run(process.run())

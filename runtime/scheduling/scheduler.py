@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from runtime.adapter_protocol import AdapterProvider, AdapterUnavailable
-from runtime.block_manager import BlockManager
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.lora.protocol import AdapterProvider, AdapterUnavailable
+from runtime.scheduling.block_manager import BlockManager
+from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import FinishReason
 
 OUTPUT_TOKEN_WEIGHT = 2.0

@@ -27,8 +27,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from runtime.adapter_lru import LruTier, SlotTable
-from runtime.adapter_protocol import AdapterUnavailable
+from runtime.lora.lru import LruTier, SlotTable
+from runtime.lora.protocol import AdapterUnavailable
 from runtime.types import AdapterRef
 
 __all__ = ["AdapterCache", "AdapterUnavailable", "CacheEvent", "LoadResult", "LruTier", "SlotTable"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from runtime.adapter_cache import ADAPTER_KEY_RE, LoadResult, LruTier
+from runtime.lora.cache import ADAPTER_KEY_RE, LoadResult, LruTier
 from runtime.types import AdapterRef
 
 log = logging.getLogger(__name__)
