@@ -56,7 +56,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         if lora is None and adapters is None and config.max_gpu_adapters > 0:
-            from runtime.lora.layers import build_lora_runtime
+            from runtime.lora.manager import build_lora_runtime
 
             lora, adapters = build_lora_runtime(config, args, self.dtype)
         self.scheduler = Scheduler(

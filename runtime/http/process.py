@@ -87,7 +87,7 @@ def build_front(config: RuntimeConfig) -> Loaded:
 
     from runtime.async_engine import AsyncLLMEngine
     from runtime.engine import LLMEngine
-    from runtime.lora.layers import build_lora_runtime
+    from runtime.lora.manager import build_lora_runtime
     from runtime.model.weights import ModelArgs
 
     on_cuda = torch.device(config.device).type == "cuda"

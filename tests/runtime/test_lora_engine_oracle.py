@@ -19,7 +19,7 @@ from lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
-from runtime.lora.layers import build_lora_runtime
+from runtime.lora.manager import build_lora_runtime
 from runtime.model.builtin import ensure_builtin_model
 from runtime.model.weights import ModelArgs
 from runtime.types import EngineRequest, FinishReason, SamplingParams

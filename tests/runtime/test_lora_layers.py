@@ -10,7 +10,9 @@ import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter
 from safetensors.torch import load_file, save
 
-from runtime.lora.layers import PEFT_MODULES, PROJECTIONS, LoraManager, parse_peft_adapter
+from runtime.lora.layers import LoraManager
+from runtime.lora.peft import parse_peft_adapter
+from runtime.lora.protocol import LORA_TARGETS, PROJECTIONS
 from runtime.model.builtin import ensure_builtin_model
 from runtime.model.weights import ModelArgs
 
@@ -55,7 +57,7 @@ def test_mixed_slots_match_peft_modules_in_every_layer_and_projection(adapters) 
     manager.prepare(torch.tensor(token_to_slot, dtype=torch.int32))
     assert manager.active
     inverse = {}
-    for module, (proj, j) in PEFT_MODULES.items():
+    for module, (proj, j) in LORA_TARGETS.items():
         inverse.setdefault(proj, []).append((j, module))
     for layer in range(manager.shapes.num_layers):
         for proj in PROJECTIONS:
