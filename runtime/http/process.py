@@ -78,33 +78,31 @@ class Loaded:
     front: Any  # AsyncLLMEngine
     tokenizer: Any  # runtime.model.tokenizer.Tokenizer
     info: RuntimeInfo
-    adapters: Any  # AdapterCache: its loader threads stop at shutdown
+    adapters: Any  # AdapterCache or None: its loader threads stop at shutdown
 
 
 def build_front(config: RuntimeConfig) -> Loaded:
     """Load the engine with its LoRA layers and adapter cache (blocking) and describe it."""
-    import torch
-
+    # Imported here: torch and the model load in the loading thread, while uvicorn already
+    # answers /health with 503 "loading".
     from runtime.async_engine import AsyncLLMEngine
-    from runtime.engine import LLMEngine
-    from runtime.lora.manager import build_lora_runtime
-    from runtime.model.weights import ModelArgs
+    from runtime.engine import build_engine
 
-    on_cuda = torch.device(config.device).type == "cuda"
-    dtype = getattr(torch, config.dtype or ("bfloat16" if on_cuda else "float32"))
-    lora, adapters = build_lora_runtime(config, ModelArgs.from_model_dir(config.model_dir), dtype)
-    engine = LLMEngine(config, lora=lora, adapters=adapters)
+    engine = build_engine(config)
+    limits = engine.limits
     info = RuntimeInfo(
         model=config.model_dir.resolve().name,
         device=str(config.device),
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.model.args.vocab_size,
+        max_model_len=limits.max_model_len,
+        vocab_size=limits.vocab_size,
         max_running=config.max_running,
         max_waiting=config.max_waiting,
-        max_gpu_adapters=config.max_gpu_adapters,
-        max_lora_rank=config.max_lora_rank,
+        max_gpu_adapters=config.max_gpu_adapters if limits.serves_adapters else 0,
+        max_lora_rank=limits.max_lora_rank,
     )
-    return Loaded(AsyncLLMEngine(engine), engine.tokenizer, info, adapters)
+    # The app checks every request against info.limits (== engine.limits) as it decodes it.
+    front = AsyncLLMEngine(engine, requests_checked=True)
+    return Loaded(front, engine.tokenizer, info, engine.adapters)
 
 
 class RuntimeProcess:
@@ -200,7 +198,7 @@ class RuntimeProcess:
             await self.registry.stop()
         if self.state.front is not None:
             await self.state.front.shutdown(drain=False)
-        if self.loaded is not None:
+        if self.loaded is not None and self.loaded.adapters is not None:
             self.loaded.adapters.close()
 
 

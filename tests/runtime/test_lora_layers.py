@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter
@@ -132,9 +132,9 @@ def test_parse_refuses_what_does_not_fit(adapters) -> None:
         with pytest.raises(ValueError, match=match):
             mgr.parse(raw, r)
 
-    only_q = dataclasses.replace(ref, target_modules=("q_proj",))
+    only_q = msgspec.structs.replace(ref, target_modules=("q_proj",))
     refused(data, "not in the adapter's modules", only_q)
-    refused(data, "do not fit rank 8", dataclasses.replace(ref, rank=8))
+    refused(data, "do not fit rank 8", msgspec.structs.replace(ref, rank=8))
     refused(read(refs["mlp-r32"]), "outside 1..16", refs["mlp-r32"])
     refused(b"garbage", "not a readable safetensors")
     renamed = {k.replace("q_proj", "qq_proj"): v for k, v in tensors.items()}
