@@ -18,6 +18,7 @@ which nothing is admitted behind it until it gets its slot (so a cold adapter ca
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 from runtime.lora.protocol import AdapterProvider, AdapterUnavailable
 from runtime.scheduling.block_manager import BlockManager
@@ -216,7 +217,7 @@ class Scheduler:
         seq.slot = slot
         return True
 
-    def _all_waiting(self):
+    def _all_waiting(self) -> Iterator[Sequence]:
         for queue in self.waiting.values():
             yield from queue
 
