@@ -87,6 +87,33 @@ async def test_greedy_stream_matches_transformers(model_dir: Path) -> None:
     assert first["token_id"] == tokens[0] and first["top"][0]["token_id"] == tokens[0]
 
 
+@pytest.mark.unit
+async def test_each_request_is_checked_once_on_its_way_to_the_engine(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.protocol import RequestLimits
+
+    checked: list[str] = []
+    real_check = RequestLimits.check
+
+    def counting_check(self: RequestLimits, req) -> None:
+        checked.append(req.request_id)
+        real_check(self, req)
+
+    monkeypatch.setattr(RequestLimits, "check", counting_check)
+    _front, app = build_app(model_dir)
+    body = {"request_id": "once", "prompt": "one check", "sampling": {"max_tokens": 2}}
+    async with AsyncTestClient(app) as client:
+        events = [json.loads(line) for line in
+                  (await client.post("/generate", json=body)).text.splitlines()]
+        refused = await client.post("/generate", json={**body, "request_id": "long",
+                                                       "prompt_token_ids": [1] * 2048,
+                                                       "prompt": None})
+    assert events[-1]["type"] == "finish"
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "prompt_too_long"
+    assert checked == ["once", "long"]  # not again in the async front or the engine
+
+
 async def wait_for(predicate, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
