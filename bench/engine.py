@@ -30,9 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.builtin import ensure_builtin_model  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
 from runtime.engine import LLMEngine  # noqa: E402
+from runtime.model.builtin import ensure_builtin_model  # noqa: E402
 from runtime.types import EngineRequest, SamplingParams  # noqa: E402
 
 # ~100M parameters: 2 x 16000 x 768 embeddings + 12 layers of ~6.3M.

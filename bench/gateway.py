@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gateway.json"))
     args = parser.parse_args()
 
-    from runtime.builtin import ensure_builtin_model
+    from runtime.model.builtin import ensure_builtin_model
 
     with tempfile.TemporaryDirectory() as tmp:
         base = ensure_builtin_model(Path(tmp) / "builtin")

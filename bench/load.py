@@ -612,7 +612,7 @@ def main() -> None:
     args.multiples = [float(m) for m in args.multiples.split(",")]
 
     from bench.multi_lora import make_adapters  # PEFT-format writer shared with that bench
-    from runtime.builtin import ensure_builtin_model
+    from runtime.model.builtin import ensure_builtin_model
 
     report: dict[str, Any] = {
         "command": "python bench/load.py " + " ".join(sys.argv[1:]),

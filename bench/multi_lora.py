@@ -26,9 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.builtin import ensure_builtin_model  # noqa: E402
 from runtime.config import RuntimeConfig  # noqa: E402
-from runtime.engine import LLMEngine  # noqa: E402
+from runtime.engine import build_engine  # noqa: E402
+from runtime.model.builtin import ensure_builtin_model  # noqa: E402
 from runtime.types import AdapterRef, EngineRequest, SamplingParams  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -88,7 +88,7 @@ def run_engine(model_dir: Path, work, refs, args, adapters: bool, disk_dir: Path
         max_gpu_adapters=args.gpu_slots if adapters else 0, max_host_adapters=args.host_slots,
         max_lora_rank=RANK, adapter_disk_dir=disk_dir, max_waiting=len(work) + 1,
     )
-    engine = LLMEngine(config)
+    engine = build_engine(config)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     start, cpu_start = time.perf_counter(), time.process_time()
     for i, (pick, prompt) in enumerate(work):

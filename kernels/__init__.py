@@ -35,7 +35,9 @@ def _backend(t: torch.Tensor) -> str:
     return "torch"
 
 
-def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraMeta):
+def _check_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraMeta
+) -> None:
     if x.dim() != 2 or lora_a.dim() != 4:
         raise ValueError("x must be [num_tokens, in] and lora_a [num_slices, num_slots, r, in]")
     if x.dtype not in _DTYPES or lora_a.dtype != x.dtype:

@@ -30,6 +30,7 @@ the shrink still fills the GPU; prefill takes larger M tiles and less split.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
@@ -42,7 +43,9 @@ from kernels.metadata import LoraMeta
 _DECODE_MAX_TOKENS = 128  # at or under this many tokens a batch is treated as decode
 
 
-def _shrink_kernel(
+# Triton reads a kernel's parameter annotations (tl.constexpr, dtype hints) to specialise
+# it: the two kernels keep only the annotations Triton itself wants.
+def _shrink_kernel(  # type: ignore[no-untyped-def]
     x_ptr, a_ptr, scales_ptr, out_ptr,
     sorted_ids_ptr, counts_ptr, starts_ptr, active_ptr,
     in_features, max_rank,
@@ -96,7 +99,7 @@ def _shrink_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask)
 
 
-def _expand_kernel(
+def _expand_kernel(  # type: ignore[no-untyped-def]  # annotations: see _shrink_kernel
     h_ptr, b_ptr, y_ptr,
     sorted_ids_ptr, counts_ptr, starts_ptr, active_ptr,
     slice_sizes_ptr, slice_offsets_ptr,
@@ -155,7 +158,7 @@ def _expand_kernel(
 
 
 @functools.cache
-def _compiled(name: str, interpret: bool):
+def _compiled(name: str, interpret: bool) -> Any:  # triton's function objects are untyped
     """One jitted kernel per mode, built here rather than by `@triton.jit` at import, whose
     choice of interpreter is frozen by TRITON_INTERPRET at import time."""
     fn = {"shrink": _shrink_kernel, "expand": _expand_kernel}[name]
@@ -163,7 +166,9 @@ def _compiled(name: str, interpret: bool):
 
 
 @functools.cache
-def _slice_tables(slice_sizes: tuple[int, ...], device: torch.device):
+def _slice_tables(
+    slice_sizes: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Slice widths and offsets as device tensors, made once per layout: a copy from the host
     at every call would break CUDA-graph capture."""
     offsets = [sum(slice_sizes[:j]) for j in range(len(slice_sizes))]
@@ -172,7 +177,7 @@ def _slice_tables(slice_sizes: tuple[int, ...], device: torch.device):
 
 
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, int(triton.next_power_of_2(n)))
 
 
 def _shrink_config(num_tokens: int, in_features: int, max_rank: int) -> dict[str, int]:

@@ -16,20 +16,22 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from runtime.engine import LLMEngine, QueueFull
-from runtime.types import EngineRequest, FinishReason, RequestOutput
+from runtime.engine import LLMEngine
+from runtime.types import EngineDraining, EngineRequest, FinishReason, QueueFull, RequestOutput
+
+__all__ = ["AsyncLLMEngine", "EngineDraining"]
 
 log = logging.getLogger(__name__)
 RATE_WINDOW_S = 10.0  # tokens_per_s is measured over this trailing window
 
 
-class EngineDraining(Exception):  # noqa: N818 (reads as a state, like QueueFull)
-    """shutdown() has begun: no new requests are admitted (HTTP 503)."""
-
-
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, *, requests_checked: bool = False) -> None:
+        """`requests_checked`: every request comes through runtime.http.app, which checks it
+        against the same limits (`engine.limits`) while decoding the body; then `generate`
+        does not check it again, and a request is checked once on its way in."""
         self.engine = engine
+        self._requests_checked = requests_checked
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the inbox below
@@ -61,7 +63,8 @@ class AsyncLLMEngine:
             raise EngineDraining("the runtime is draining")
         if self._thread is None:
             raise RuntimeError("call start() first")
-        self.engine.check_request(req)  # pure: safe outside the worker thread
+        if not self._requests_checked:
+            self.engine.check_request(req)  # pure: safe outside the worker thread
         if self._stats["num_waiting"] + len(self._new) >= self.engine.config.max_waiting:
             raise QueueFull("the waiting queue is full")
         if req.request_id in self._queues:
@@ -121,7 +124,7 @@ class AsyncLLMEngine:
             outputs: list[RequestOutput] = []
             for req in new:
                 try:
-                    engine.add_request(req)
+                    engine.add_request(req, checked=True)  # generate() or the HTTP app did
                 except (ValueError, QueueFull) as exc:
                     outputs.append(_error(req.request_id, str(exc)))
             for rid in aborts:

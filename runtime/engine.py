@@ -1,10 +1,11 @@
 """LLMEngine: wiring of model, KV cache, scheduler, sampler and tokenizer. One `step` = one forward.
 
 Single-threaded: call `add_request`, `abort` and `step` from one thread (the async front
-does). LoRA plugs in through two optional objects: `lora` (attached to the model; prepared
-with the step's token -> slot map before each forward) and `adapters` (the scheduler's
-AdapterProvider). Without them, a request naming an adapter is refused, never served by the
-base model.
+does). LoRA plugs in through two optional objects, built by the caller: `lora` (attached to
+the model; prepared with the step's token -> slot map before each forward) and `adapters`
+(the scheduler's AdapterProvider). Without them, a request naming an adapter is refused,
+never served by the base model. `build_engine(config)` builds both from the config, as the
+runtime process serves it.
 """
 
 from __future__ import annotations
@@ -13,39 +14,61 @@ from typing import Any
 
 import torch
 
-from runtime.adapter_protocol import AdapterProvider
 from runtime.config import RuntimeConfig
-from runtime.kv_cache import KVCache, build_metadata, bytes_per_block
-from runtime.model import LlamaModel
-from runtime.sampler import make_generator, sample
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence
-from runtime.tokenizer import TextStream, Tokenizer
-from runtime.types import EngineRequest, FinishReason, RequestOutput
-from runtime.weights import ModelArgs
+from runtime.lora.manager import build_lora_runtime
+from runtime.lora.protocol import AdapterProvider
+from runtime.model.attention import build_metadata
+from runtime.model.kv_cache import KVCache, bytes_per_block
+from runtime.model.llama import LlamaModel
+from runtime.model.sampler import make_generator, sample
+from runtime.model.tokenizer import TextStream, Tokenizer
+from runtime.model.weights import ModelArgs
+from runtime.protocol import RequestLimits
+from runtime.scheduling.scheduler import Scheduler
+from runtime.scheduling.sequence import Sequence
+from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput
+
+__all__ = ["LLMEngine", "QueueFull", "build_engine", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class QueueFull(Exception):  # noqa: N818 (reads as a condition: "the queue is full")
-    """The waiting queue is at max_waiting; the caller should retry later (HTTP 503)."""
+def resolve_dtype(config: RuntimeConfig) -> torch.dtype:
+    """The configured dtype; by default float32 on CPU (exact) and bfloat16 on CUDA."""
+    default = "bfloat16" if torch.device(config.device).type == "cuda" else "float32"
+    return _DTYPES[config.dtype or default]
+
+
+def build_engine(config: RuntimeConfig) -> LLMEngine:
+    """The engine as `loragate runtime` serves it: with its LoRA runtime unless the config
+    asks for no device slots. The base model's config.json is parsed once, here."""
+    args = ModelArgs.from_model_dir(config.model_dir)
+    lora = adapters = None
+    if config.max_gpu_adapters > 0:
+        lora, adapters = build_lora_runtime(config, args, resolve_dtype(config))
+    return LLMEngine(config, args=args, lora=lora, adapters=adapters)
 
 
 class LLMEngine:
     def __init__(
-        self, config: RuntimeConfig, *, lora: Any = None, adapters: AdapterProvider | None = None
+        self,
+        config: RuntimeConfig,
+        *,
+        args: ModelArgs | None = None,
+        lora: Any = None,
+        adapters: AdapterProvider | None = None,
     ) -> None:
+        """`args`: the base model's parsed config.json (parsed here when not given)."""
         self.config = config
         self.device = torch.device(config.device)
-        default = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.dtype = _DTYPES[config.dtype or default]
-        args = ModelArgs.from_model_dir(config.model_dir)
+        self.dtype = resolve_dtype(config)
+        args = args or ModelArgs.from_model_dir(config.model_dir)
         limits = [args.max_position_embeddings, config.max_model_len, args.sliding_window]
         # A sliding window is not implemented: capping the context at the window keeps
         # Mistral-style models exact (attention never reaches past it).
         self.max_model_len = min(x for x in limits if x)
         self.model = LlamaModel.load(
-            config.model_dir, config.device, self.dtype, self.max_model_len
+            config.model_dir, config.device, self.dtype, self.max_model_len, args=args
         )
         self.tokenizer = Tokenizer.load(config.model_dir)
         num_blocks = self._num_blocks(args)
@@ -54,10 +77,6 @@ class LLMEngine:
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
-        if lora is None and adapters is None and config.max_gpu_adapters > 0:
-            from runtime.lora_layers import build_lora_runtime
-
-            lora, adapters = build_lora_runtime(config, args, self.dtype)
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -70,6 +89,12 @@ class LLMEngine:
         )
         self.lora = lora
         self.adapters = adapters
+        self.limits = RequestLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=args.vocab_size,
+            max_lora_rank=config.max_lora_rank,
+            serves_adapters=lora is not None and adapters is not None,
+        )
         if lora is not None:
             self.model.set_lora(lora)
         self._streams: dict[str, TextStream] = {}
@@ -92,26 +117,15 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------
 
     def check_request(self, req: EngineRequest) -> None:
-        """Raise ValueError when the request can never be served as asked (HTTP 400)."""
-        if not req.prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        if len(req.prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(req.prompt_token_ids)} tokens; this runtime's context "
-                f"length is {self.max_model_len}"
-            )
-        vocab = self.model.args.vocab_size
-        if any(not 0 <= t < vocab for t in req.prompt_token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        req.sampling.validate(self.max_model_len)
-        if req.adapter is not None:
-            if self.adapters is None or self.lora is None:
-                raise ValueError("this runtime serves no adapters")
-            if req.adapter.rank > self.config.max_lora_rank:
-                raise ValueError(f"adapter rank exceeds the max of {self.config.max_lora_rank}")
+        """Raise ValueError (runtime.protocol.ProtocolError: HTTP 400) when the request can
+        never be served as asked. Pure: safe to call from any thread."""
+        self.limits.check(req)
 
-    def add_request(self, req: EngineRequest) -> None:
-        self.check_request(req)
+    def add_request(self, req: EngineRequest, *, checked: bool = False) -> None:
+        """Queue `req`; `checked`: the caller already ran `check_request` (or the same check
+        against `self.limits`), so it is not run a second time."""
+        if not checked:
+            self.check_request(req)
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull("the waiting queue is full")
         self.scheduler.add(Sequence(req, arrival=0))

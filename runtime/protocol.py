@@ -1,20 +1,23 @@
 """The runtime's wire format (docs/internals.md, "Runtime wire protocol") as msgspec Structs.
 
-`decode_generate` turns a raw `/generate` body into a checked `GenerateBody`; `build_request`
-turns that plus the prompt's token ids into an `EngineRequest`. The NDJSON events the server
-streams back are tagged Structs whose tag lands in the `"type"` field. No torch, no litestar:
-this module is plain data and checks, testable alone.
+`decode_generate` turns a raw `/generate` body into a `GenerateBody` (shape, ids, the prompt
+choice); the server tokenizes the prompt; `build_request` turns both into an `EngineRequest`
+and checks it once against the runtime's `RequestLimits`, the one place the request rules
+live (the engine applies the same check to requests that do not come through the wire).
+The NDJSON events the server streams back are tagged Structs whose tag lands in the `"type"`
+field. No torch, no litestar: this module is plain data and checks, testable alone.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
+from runtime.lora.protocol import ADAPTER_KEY_RE, LORA_TARGET_MODULES
 from runtime.types import (
     AdapterRef,
     EngineRequest,
@@ -25,11 +28,6 @@ from runtime.types import (
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a 4 MiB body is far more prompt than any context holds
 MAX_ID_CHARS = 256
-ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-# PEFT names of the projections the model carries LoRA slots for (internals.md).
-LORA_TARGET_MODULES = frozenset(
-    {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-)
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
@@ -56,16 +54,6 @@ class SamplingBody(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
 
 
-class AdapterBody(msgspec.Struct, forbid_unknown_fields=True):
-    key: str
-    uri: str
-    rank: int
-    alpha: float
-    target_modules: list[str]
-    use_rslora: bool = False
-    name: str = ""
-
-
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str
@@ -78,7 +66,7 @@ class GenerateBody(msgspec.Struct, forbid_unknown_fields=True):
     prompt_token_ids: list[int] | None = None
     messages: list[ChatMessage] | None = None
     sampling: SamplingBody = msgspec.field(default_factory=SamplingBody)
-    adapter: AdapterBody | None = None
+    adapter: AdapterRef | None = None
 
 
 def decode_generate(raw: bytes) -> GenerateBody:
@@ -109,8 +97,58 @@ def decode_generate(raw: bytes) -> GenerateBody:
     return body
 
 
-def sampling_params(body: SamplingBody, max_model_len: int) -> SamplingParams:
-    params = SamplingParams(
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What a request is checked against: this runtime's model, context and adapter slots."""
+
+    max_model_len: int
+    vocab_size: int
+    max_lora_rank: int
+    serves_adapters: bool = True
+
+    def check(self, req: EngineRequest) -> None:
+        """Raise ProtocolError (a ValueError: HTTP 400) when `req` can never be served as asked.
+
+        A prompt must leave room for at least one generated token; the engine stops a request
+        with finish reason "length" when prompt plus output reach `max_model_len`.
+        """
+        ids = req.prompt_token_ids
+        if not ids:
+            raise ProtocolError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ProtocolError(
+                f"the prompt has {len(ids)} tokens and this model's context holds "
+                f"{self.max_model_len}: a prompt must be shorter than the context length",
+                code="prompt_too_long",
+            )
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise ProtocolError(f"prompt token ids must be between 0 and {self.vocab_size - 1}")
+        try:
+            req.sampling.validate(self.max_model_len)
+        except ValueError as exc:
+            raise ProtocolError(f"sampling: {exc}") from exc
+        if req.adapter is not None:
+            self._check_adapter(req.adapter)
+
+    def _check_adapter(self, ref: AdapterRef) -> None:
+        if not self.serves_adapters:
+            raise ProtocolError("this runtime serves no adapters")  # never the base model instead
+        if not ADAPTER_KEY_RE.match(ref.key):
+            raise ProtocolError("adapter.key must be a lowercase hex sha256 (64 characters)")
+        if not ref.uri.startswith(("file:///", "s3://")):
+            raise ProtocolError("adapter.uri must be a file:/// or s3:// URI")
+        if not 1 <= ref.rank <= self.max_lora_rank:
+            raise ProtocolError(f"adapter.rank must be between 1 and {self.max_lora_rank}")
+        if not (math.isfinite(ref.alpha) and ref.alpha > 0):
+            raise ProtocolError("adapter.alpha must be a positive finite number")
+        if not ref.target_modules or not LORA_TARGET_MODULES.issuperset(ref.target_modules):
+            known = sorted(LORA_TARGET_MODULES)
+            raise ProtocolError(f"adapter.target_modules must be a non-empty subset of {known}")
+
+
+def sampling_params(body: SamplingBody) -> SamplingParams:
+    """The wire's sampling object as the engine's; SamplingParams.validate owns the bounds."""
+    return SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -120,72 +158,25 @@ def sampling_params(body: SamplingBody, max_model_len: int) -> SamplingParams:
         logprobs=body.logprobs,
         ignore_eos=body.ignore_eos,
     )
-    if not (math.isfinite(params.temperature) and math.isfinite(params.top_p)):
-        raise ProtocolError("sampling: temperature and top_p must be finite numbers")
-    if params.seed is not None and not 0 <= params.seed < 2**63:
-        raise ProtocolError("sampling: seed must be between 0 and 2**63 - 1")
-    try:
-        params.validate(max_model_len)
-    except ValueError as exc:
-        raise ProtocolError(f"sampling: {exc}") from exc
-    return params
-
-
-def adapter_ref(body: AdapterBody, max_lora_rank: int) -> AdapterRef:
-    if not ADAPTER_KEY_RE.match(body.key):
-        raise ProtocolError("adapter.key must be a lowercase hex sha256 (64 characters)")
-    if not body.uri.startswith(("file:///", "s3://")):
-        raise ProtocolError("adapter.uri must be a file:/// or s3:// URI")
-    if not 1 <= body.rank <= max_lora_rank:
-        raise ProtocolError(f"adapter.rank must be between 1 and {max_lora_rank}")
-    if not (math.isfinite(body.alpha) and body.alpha > 0):
-        raise ProtocolError("adapter.alpha must be a positive finite number")
-    unknown = set(body.target_modules) - LORA_TARGET_MODULES
-    if not body.target_modules or unknown:
-        raise ProtocolError(
-            f"adapter.target_modules must be a non-empty subset of {sorted(LORA_TARGET_MODULES)}"
-        )
-    return AdapterRef(
-        key=body.key,
-        uri=body.uri,
-        rank=body.rank,
-        alpha=body.alpha,
-        target_modules=tuple(body.target_modules),
-        use_rslora=body.use_rslora,
-        name=body.name[:MAX_ID_CHARS],
-    )
 
 
 def build_request(
-    body: GenerateBody,
-    prompt_token_ids: list[int],
-    *,
-    max_model_len: int,
-    vocab_size: int,
-    max_lora_rank: int,
+    body: GenerateBody, prompt_token_ids: list[int], limits: RequestLimits
 ) -> EngineRequest:
-    """Check everything that depends on the model and return the engine's request.
-
-    A prompt must leave room for at least one generated token; the engine stops a request
-    with finish reason "length" when prompt plus output reach `max_model_len`.
-    """
-    if not prompt_token_ids:
-        raise ProtocolError("the prompt is empty")
-    if len(prompt_token_ids) >= max_model_len:
-        raise ProtocolError(
-            f"the prompt has {len(prompt_token_ids)} tokens; this model's context holds "
-            f"{max_model_len}, so the prompt must be shorter",
-            code="prompt_too_long",
-        )
-    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
-        raise ProtocolError(f"prompt_token_ids must be between 0 and {vocab_size - 1}")
-    return EngineRequest(
+    """The engine's request for a decoded body and its prompt's ids, checked once."""
+    adapter = body.adapter
+    if adapter is not None and len(adapter.name) > MAX_ID_CHARS:
+        # The name is a label for logs and errors: cut, not refused.
+        adapter = msgspec.structs.replace(adapter, name=adapter.name[:MAX_ID_CHARS])
+    req = EngineRequest(
         request_id=body.request_id,
         prompt_token_ids=list(prompt_token_ids),
-        sampling=sampling_params(body.sampling, max_model_len),
-        adapter=adapter_ref(body.adapter, max_lora_rank) if body.adapter is not None else None,
+        sampling=sampling_params(body.sampling),
+        adapter=adapter,
         tenant=body.tenant,
     )
+    limits.check(req)
+    return req
 
 
 # --- NDJSON events --------------------------------------------------------------------------

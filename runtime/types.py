@@ -1,14 +1,21 @@
 """Plain data shared by the runtime's parts: what a request asks for and what it gets back.
 
-No torch here: the scheduler and the server import these without pulling in the model.
+No torch here: the scheduler, the wire protocol and the HTTP app import these without
+pulling in the model.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
+import msgspec
+
 MAX_LOGPROBS = 5
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1  # what a torch.Generator takes
 
 
 class FinishReason(enum.StrEnum):
@@ -16,6 +23,14 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"  # max_tokens or the model's context length
     ABORT = "abort"  # the client went away or asked to abort
     ERROR = "error"  # the request failed (adapter load, internal fault)
+
+
+class QueueFull(Exception):  # noqa: N818 (reads as a condition: "the queue is full")
+    """The waiting queue is at max_waiting; the caller should retry later (HTTP 503)."""
+
+
+class EngineDraining(Exception):  # noqa: N818 (reads as a state, like QueueFull)
+    """The engine's shutdown has begun: no new requests are admitted (HTTP 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +45,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, max_model_len: int) -> None:
-        """Raise ValueError naming the first field out of range."""
+        """Raise ValueError naming the first field out of range.
+
+        The one owner of the sampling bounds: the wire protocol and the engine both call it.
+        """
+        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
+            raise ValueError("temperature and top_p must be finite numbers")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError("seed must be between 0 and 2**63 - 1")
         if not 1 <= self.max_tokens <= max_model_len:
             raise ValueError(f"max_tokens must be between 1 and {max_model_len}")
         if not 0.0 <= self.temperature <= 2.0:
@@ -41,13 +63,22 @@ class SamplingParams:
             raise ValueError("top_k must be -1 (off) or a positive integer")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
-        if len(self.stop) > 4 or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError("stop takes at most 4 non-empty strings of at most 256 characters")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+            not s or len(s) > MAX_STOP_CHARS for s in self.stop
+        ):
+            raise ValueError(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters"
+            )
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterRef:
-    """Everything a runtime needs to fetch and apply one adapter version by itself."""
+class AdapterRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a runtime needs to fetch and apply one adapter version by itself.
+
+    The one adapter reference: the `adapter` object of the wire body (runtime.protocol
+    decodes it straight into this type), and what the scheduler, the cache and the PEFT
+    reader get. Its bounds against this runtime are checked in runtime.protocol.
+    """
 
     key: str  # sha256 of adapter_model.safetensors: the cache key (adapter_key)
     uri: str  # file:///... or s3://bucket/prefix/sha256/aa/<hex>
@@ -59,7 +90,8 @@ class AdapterRef:
 
     @property
     def scale(self) -> float:
-        return self.alpha / (self.rank**0.5) if self.use_rslora else self.alpha / self.rank
+        """alpha / r, or alpha / sqrt(r) with rsLoRA: PEFT's scaling, computed as PEFT does."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
 
 @dataclass(slots=True)

@@ -292,6 +292,6 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime.builtin import ensure_builtin_model
+    from runtime.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")

@@ -29,7 +29,8 @@ def test_import_contracts_hold() -> None:
 def test_scheduler_and_cache_policy_stay_free_of_torch() -> None:
     # DESIGN.md: the scheduler and the adapter cache's policy run without torch.
     code = (
-        "import sys, runtime.scheduler, runtime.adapter_cache, runtime.types;"
+        "import sys, runtime.scheduling.scheduler, runtime.lora.cache, runtime.lora.protocol,"
+        " runtime.types;"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run(

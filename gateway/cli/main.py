@@ -104,7 +104,7 @@ def _configure_logging(settings: Settings) -> None:
 
 def _runtime(args: argparse.Namespace, settings: Settings) -> int:
     from runtime.config import RuntimeConfig
-    from runtime.server import serve as serve_runtime
+    from runtime.http.process import serve as serve_runtime
 
     device = args.device or settings.device or _default_device()
     optional = {

@@ -50,7 +50,7 @@ def prepare_data_dir(settings: Settings) -> str | None:
                 "run `loragate migrate upgrade` first"
             )
     if settings.base_model_dir is None:
-        from runtime.builtin import ensure_builtin_model
+        from runtime.model.builtin import ensure_builtin_model
 
         ensure_builtin_model(settings.builtin_model_dir)
     elif not (settings.base_model_dir / "config.json").is_file():

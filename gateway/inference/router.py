@@ -145,7 +145,7 @@ class Router:
     async def refresh(self) -> None:
         urls = set(self.static_urls)
         if self.redis is not None:
-            from runtime.registry import list_runtimes
+            from runtime.http.registry import list_runtimes
 
             try:
                 urls |= {str(entry["url"]).rstrip("/") for entry in await list_runtimes(self.redis)}

@@ -29,7 +29,6 @@ import msgspec
 
 from adapters.views import ResolvedAdapter
 from runtime.protocol import (
-    AdapterBody,
     ErrorEvent,
     Event,
     FinishEvent,
@@ -39,19 +38,20 @@ from runtime.protocol import (
     TokenEvent,
     decode_event,
 )
+from runtime.types import AdapterRef
 
 MAX_IDLE_PER_RUNTIME = 256
 MAX_LINE_BYTES = 4 * 1024 * 1024  # one NDJSON event; a token event is far smaller
 _encoder = msgspec.json.Encoder()
 
 
-def adapter_body(tenant: str, adapter: ResolvedAdapter | None) -> AdapterBody | None:
+def adapter_body(tenant: str, adapter: ResolvedAdapter | None) -> AdapterRef | None:
     """The runtime's reference to a catalog version: all it needs to fetch and apply it."""
     if adapter is None:
         return None
     ref = adapter.ref
-    return AdapterBody(key=ref.key, uri=ref.uri, rank=ref.rank, alpha=ref.alpha,
-                       target_modules=list(ref.target_modules), use_rslora=ref.use_rslora,
+    return AdapterRef(key=ref.key, uri=ref.uri, rank=ref.rank, alpha=ref.alpha,
+                       target_modules=tuple(ref.target_modules), use_rslora=ref.use_rslora,
                        name=f"{tenant}/{adapter.name}@{adapter.version}")
 
 

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def builtin_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from runtime.builtin import ensure_builtin_model
+    from runtime.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("model") / "builtin")
 

@@ -26,8 +26,8 @@ from gateway.inference.router import (
     rendezvous_order,
 )
 from gateway.inference.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
+from runtime.http.app import RuntimeInfo, create_runtime_app
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
-from runtime.server import RuntimeInfo, create_runtime_app
 
 pytestmark = pytest.mark.unit
 URLS = ("http://r1", "http://r2")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.builtin import ensure_builtin_model
+from runtime.model.builtin import ensure_builtin_model
 
 
 def save_random_model(

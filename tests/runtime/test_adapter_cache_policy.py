@@ -8,7 +8,9 @@ from concurrent.futures import Future
 
 import pytest
 
-from runtime.adapter_cache import AdapterCache, AdapterUnavailable, LoadResult, LruTier, SlotTable
+from runtime.lora.cache import AdapterCache
+from runtime.lora.lru import LruTier, SlotTable
+from runtime.lora.protocol import AdapterUnavailable, FetchError, LoadResult
 from runtime.types import AdapterRef
 
 pytestmark = pytest.mark.unit
@@ -172,8 +174,11 @@ def test_failure_fails_that_adapter_only_and_is_retried_after_the_ttl() -> None:
     assert cache.stats()["load_failures"] == 1
 
 
-class StoreDown(Exception):
-    transient = True  # as runtime.adapter_store.FetchError says of an unreachable store
+class StoreDown(FetchError):
+    """What the store raises when it stays unreachable: transient."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=True)
 
 
 def test_transient_failure_is_remembered_only_briefly() -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.adapter_store import AdapterLoader, ArtifactFetcher, DiskCache, FetchError
+from runtime.lora.protocol import FetchError
+from runtime.lora.store import AdapterLoader, ArtifactFetcher, DiskCache
 from runtime.types import AdapterRef
 
 

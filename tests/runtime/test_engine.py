@@ -9,7 +9,7 @@ import torch
 from hf_models import builtin_model_dir, hf_greedy, hf_model, torch_threads
 
 from runtime.config import RuntimeConfig
-from runtime.engine import LLMEngine, QueueFull
+from runtime.engine import LLMEngine, QueueFull, build_engine
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
 
 PROMPT_LENGTHS = (5, 17, 40, 70, 3, 33)
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_engine(model_dir: Path, **kw) -> LLMEngine:
     kw.setdefault("kv_cache_bytes", 4 << 20)
     kw.setdefault("max_gpu_adapters", 0)  # base engine; one test below keeps the LoRA layers
-    return LLMEngine(RuntimeConfig(model_dir=model_dir, **kw))
+    return build_engine(RuntimeConfig(model_dir=model_dir, **kw))
 
 
 def prompts() -> list[list[int]]:
@@ -85,7 +85,7 @@ def test_continuous_batching_chunked_prefill_and_preemption_change_nothing(model
 
 
 def _block_bytes(engine: LLMEngine) -> int:
-    from runtime.kv_cache import bytes_per_block
+    from runtime.model.kv_cache import bytes_per_block
 
     return bytes_per_block(engine.model.args, engine.config.block_size, engine.dtype)
 

@@ -13,16 +13,17 @@ import socket
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
-from runtime.builtin import ensure_builtin_model
 from runtime.config import RuntimeConfig
-from runtime.engine import LLMEngine
-from runtime.lora_layers import build_lora_runtime
+from runtime.engine import LLMEngine, build_engine
+from runtime.lora.manager import build_lora_runtime
+from runtime.model.builtin import ensure_builtin_model
+from runtime.model.weights import ModelArgs
 from runtime.types import EngineRequest, FinishReason, SamplingParams
-from runtime.weights import ModelArgs
 
 pytestmark = pytest.mark.unit
 MAX_TOKENS = 6
@@ -165,10 +166,10 @@ def test_bad_artifact_and_unreachable_store_fail_only_their_requests(world, tmp_
     good = refs[SPECS[0].name]
     corrupt_file = tmp_path / "corrupt.safetensors"
     corrupt_file.write_bytes(Path(good.uri.removeprefix("file://")).read_bytes()[:-8] + b"\0" * 8)
-    corrupt = dataclasses.replace(refs[SPECS[1].name], uri=corrupt_file.as_uri(),
-                                  name="t/corrupt@1")
-    far = dataclasses.replace(refs[SPECS[2].name], uri=f"s3://bucket/sha256/{good.key}",
-                              name="t/far@1")
+    corrupt = msgspec.structs.replace(refs[SPECS[1].name], uri=corrupt_file.as_uri(),
+                                      name="t/corrupt@1")
+    far = msgspec.structs.replace(refs[SPECS[2].name], uri=f"s3://bucket/sha256/{good.key}",
+                                  name="t/far@1")
     engine, cache = make_engine(model_dir, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     healthy = [c for c in cases if c[1] in (None, SPECS[0].name)]
     sampling = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -187,12 +188,12 @@ def test_bad_artifact_and_unreachable_store_fail_only_their_requests(world, tmp_
         assert reason in final.error
 
 
-def test_engine_builds_its_adapter_cache_from_the_config(world, tmp_path) -> None:
+def test_build_engine_builds_the_adapter_cache_from_the_config(world, tmp_path) -> None:
     model_dir, refs, cases, expected = world
     rid, name, prompt = next(c for c in cases if c[1] is not None)
     config = RuntimeConfig(model_dir=model_dir, max_gpu_adapters=2, max_host_adapters=2,
                            max_lora_rank=32, adapter_disk_dir=tmp_path / "disk")
-    engine = LLMEngine(config)
+    engine = build_engine(config)
     try:
         tokens, logits, _ = run(engine, engine.adapters, requests_for([(rid, name, prompt)], refs))
         stats = engine.stats()["adapters"]
@@ -200,6 +201,6 @@ def test_engine_builds_its_adapter_cache_from_the_config(world, tmp_path) -> Non
         engine.adapters.close()
     assert_matches_peft([(rid, name, prompt)], expected, tokens, logits)
     assert stats["loads"] == 1 and stats["resident"] == {"device": 1, "host": 1, "disk": 1}
-    no_lora = LLMEngine(dataclasses.replace(config, max_gpu_adapters=0))
+    no_lora = build_engine(dataclasses.replace(config, max_gpu_adapters=0))
     with pytest.raises(ValueError, match="serves no adapters"):
         no_lora.add_request(requests_for([(rid, name, prompt)], refs)[0])

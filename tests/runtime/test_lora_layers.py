@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from lora_oracle import SPECS, load_peft_multi, make_peft_adapter
 from safetensors.torch import load_file, save
 
-from runtime.builtin import ensure_builtin_model
-from runtime.lora_layers import PEFT_MODULES, PROJECTIONS, LoraManager, parse_peft_adapter
-from runtime.weights import ModelArgs
+from runtime.lora.layers import LoraManager
+from runtime.lora.peft import parse_peft_adapter
+from runtime.lora.protocol import LORA_TARGETS, PROJECTIONS
+from runtime.model.builtin import ensure_builtin_model
+from runtime.model.weights import ModelArgs
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +57,7 @@ def test_mixed_slots_match_peft_modules_in_every_layer_and_projection(adapters) 
     manager.prepare(torch.tensor(token_to_slot, dtype=torch.int32))
     assert manager.active
     inverse = {}
-    for module, (proj, j) in PEFT_MODULES.items():
+    for module, (proj, j) in LORA_TARGETS.items():
         inverse.setdefault(proj, []).append((j, module))
     for layer in range(manager.shapes.num_layers):
         for proj in PROJECTIONS:
@@ -130,9 +132,9 @@ def test_parse_refuses_what_does_not_fit(adapters) -> None:
         with pytest.raises(ValueError, match=match):
             mgr.parse(raw, r)
 
-    only_q = dataclasses.replace(ref, target_modules=("q_proj",))
+    only_q = msgspec.structs.replace(ref, target_modules=("q_proj",))
     refused(data, "not in the adapter's modules", only_q)
-    refused(data, "do not fit rank 8", dataclasses.replace(ref, rank=8))
+    refused(data, "do not fit rank 8", msgspec.structs.replace(ref, rank=8))
     refused(read(refs["mlp-r32"]), "outside 1..16", refs["mlp-r32"])
     refused(b"garbage", "not a readable safetensors")
     renamed = {k.replace("q_proj", "qq_proj"): v for k, v in tensors.items()}

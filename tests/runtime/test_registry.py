@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from runtime.registry import KEY_PREFIX, RuntimeRegistry, list_runtimes, redacted, runtime_key
+from runtime.http.registry import KEY_PREFIX, RuntimeRegistry, list_runtimes, redacted, runtime_key
 
 INFO = {"url": "http://10.0.0.7:8100", "device": "cpu", "model": "builtin",
         "max_running": 64, "max_gpu_adapters": 8}

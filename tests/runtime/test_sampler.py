@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from runtime.sampler import make_generator, sample
+from runtime.model.sampler import make_generator, sample
 from runtime.types import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.adapter_protocol import AdapterUnavailable
-from runtime.scheduler import Scheduler
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.lora.protocol import AdapterUnavailable
+from runtime.scheduling.scheduler import Scheduler
+from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
 
 TOKEN = 5  # what the fake "model" always samples; not an EOS id

@@ -17,8 +17,8 @@ import pytest
 import uvicorn
 from litestar.testing import AsyncTestClient
 
+from runtime.http.app import RuntimeInfo, RuntimeState, create_runtime_app
 from runtime.protocol import MAX_BODY_BYTES
-from runtime.server import RuntimeInfo, RuntimeState, create_runtime_app
 from runtime.types import EngineRequest, FinishReason, RequestOutput, TokenLogprob
 
 pytestmark = pytest.mark.unit

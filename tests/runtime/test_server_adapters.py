@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from litestar.testing import AsyncTestClient
 
-from runtime.builtin import ensure_builtin_model
 from runtime.config import RuntimeConfig
+from runtime.model.builtin import ensure_builtin_model
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_app(model_dir: Path):
-    from runtime.server import create_runtime_app
-    from runtime.serving import build_front  # the same wiring as serve(), LoRA included
+    from runtime.http.app import create_runtime_app
+    from runtime.http.process import build_front  # the same wiring as serve(), LoRA included
 
     loaded = build_front(RuntimeConfig(model_dir=model_dir, max_running=4, max_lora_rank=16))
     app = create_runtime_app(loaded.front, tokenizer=loaded.tokenizer, info=loaded.info)

@@ -24,9 +24,9 @@ import redis
 import uvicorn
 from litestar.testing import AsyncTestClient
 
-from runtime.builtin import ensure_builtin_model
 from runtime.config import RuntimeConfig
-from runtime.registry import runtime_key
+from runtime.http.registry import runtime_key
+from runtime.model.builtin import ensure_builtin_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,8 +43,8 @@ def free_port() -> int:
 
 
 def build_app(model_dir: Path):
-    from runtime.server import create_runtime_app
-    from runtime.serving import build_front  # the same wiring as serve()
+    from runtime.http.app import create_runtime_app
+    from runtime.http.process import build_front  # the same wiring as serve()
 
     loaded = build_front(RuntimeConfig(model_dir=model_dir, max_running=4))
     app = create_runtime_app(loaded.front, tokenizer=loaded.tokenizer, info=loaded.info)
@@ -85,6 +85,33 @@ async def test_greedy_stream_matches_transformers(model_dir: Path) -> None:
                           "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": 12}}
     first = next(e for e in events if e["type"] == "token")["logprobs"][0]
     assert first["token_id"] == tokens[0] and first["top"][0]["token_id"] == tokens[0]
+
+
+@pytest.mark.unit
+async def test_each_request_is_checked_once_on_its_way_to_the_engine(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtime.protocol import RequestLimits
+
+    checked: list[str] = []
+    real_check = RequestLimits.check
+
+    def counting_check(self: RequestLimits, req) -> None:
+        checked.append(req.request_id)
+        real_check(self, req)
+
+    monkeypatch.setattr(RequestLimits, "check", counting_check)
+    _front, app = build_app(model_dir)
+    body = {"request_id": "once", "prompt": "one check", "sampling": {"max_tokens": 2}}
+    async with AsyncTestClient(app) as client:
+        events = [json.loads(line) for line in
+                  (await client.post("/generate", json=body)).text.splitlines()]
+        refused = await client.post("/generate", json={**body, "request_id": "long",
+                                                       "prompt_token_ids": [1] * 2048,
+                                                       "prompt": None})
+    assert events[-1]["type"] == "finish"
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "prompt_too_long"
+    assert checked == ["once", "long"]  # not again in the async front or the engine
 
 
 async def wait_for(predicate, timeout_s: float = 20.0) -> None:
@@ -132,7 +159,7 @@ SERVE_SCRIPT = """
 import logging, sys
 from pathlib import Path
 from runtime.config import RuntimeConfig
-from runtime.server import serve
+from runtime.http.process import serve
 logging.basicConfig(level=logging.INFO)
 serve(RuntimeConfig(model_dir=Path(sys.argv[1]), max_running=4), "127.0.0.1", int(sys.argv[2]),
       sys.argv[3], public_url=sys.argv[4])
@@ -201,7 +228,7 @@ def test_sigterm_drains_deregisters_and_exits_zero(
 
 @pytest.mark.unit
 def test_public_url_for_a_wildcard_bind_names_the_host() -> None:
-    from runtime.serving import public_url_for
+    from runtime.http.process import public_url_for
 
     assert public_url_for("127.0.0.1", 8100) == "http://127.0.0.1:8100"
     assert public_url_for("::1", 8100) == "http://[::1]:8100"
@@ -211,7 +238,7 @@ def test_public_url_for_a_wildcard_bind_names_the_host() -> None:
 
 @pytest.mark.unit
 def test_serve_raises_when_the_model_cannot_load(tmp_path: Path) -> None:
-    from runtime.server import serve
+    from runtime.http.process import serve
 
     (tmp_path / "config.json").write_text("{}")  # no weights, no tokenizer
     with pytest.raises(RuntimeError, match="failed to start"):

@@ -10,6 +10,7 @@ from runtime.protocol import (
     ErrorEvent,
     FinishEvent,
     ProtocolError,
+    RequestLimits,
     StartEvent,
     TokenEvent,
     Usage,
@@ -22,7 +23,7 @@ from runtime.protocol import (
 from runtime.types import FinishReason, RequestOutput, TokenLogprob
 
 pytestmark = pytest.mark.unit
-LIMITS = {"max_model_len": 32, "vocab_size": 100, "max_lora_rank": 8}
+LIMITS = RequestLimits(max_model_len=32, vocab_size=100, max_lora_rank=8)
 
 
 def decode(**body) -> object:
@@ -37,7 +38,7 @@ def test_full_body_becomes_an_engine_request() -> None:
         adapter={"key": "f" * 64, "uri": "s3://b/p/sha256/ff/" + "f" * 64, "rank": 4,
                  "alpha": 8, "target_modules": ["q_proj", "down_proj"], "name": "acme/x@2"},
     )  # fmt: skip
-    req = build_request(body, body.prompt_token_ids, **LIMITS)
+    req = build_request(body, body.prompt_token_ids, LIMITS)
     assert (req.request_id, req.tenant, req.prompt_token_ids) == ("r", "acme", [1, 2, 3])
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (5, 0.7, 0.9, 40, 7)
@@ -50,7 +51,7 @@ def test_full_body_becomes_an_engine_request() -> None:
 
 def test_defaults_follow_the_contract() -> None:
     body = decode(prompt="hi")
-    req = build_request(body, [1, 9], **LIMITS)
+    req = build_request(body, [1, 9], LIMITS)
     s = req.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.logprobs) == (
         16, 1.0, 1.0, -1, None, (), None)
@@ -79,16 +80,16 @@ def test_defaults_follow_the_contract() -> None:
 def test_refusals_name_the_field(body: dict, needle: str) -> None:
     with pytest.raises(ProtocolError) as excinfo:
         parsed = decode(**body)
-        build_request(parsed, parsed.prompt_token_ids or [1], **LIMITS)
+        build_request(parsed, parsed.prompt_token_ids or [1], LIMITS)
     assert needle in excinfo.value.message
 
 
 def test_prompt_must_leave_room_for_one_token() -> None:
     body = decode(prompt_token_ids=[1] * 31)
-    assert len(build_request(body, body.prompt_token_ids, **LIMITS).prompt_token_ids) == 31
+    assert len(build_request(body, body.prompt_token_ids, LIMITS).prompt_token_ids) == 31
     body = decode(prompt_token_ids=[1] * 32)
     with pytest.raises(ProtocolError) as excinfo:
-        build_request(body, body.prompt_token_ids, **LIMITS)
+        build_request(body, body.prompt_token_ids, LIMITS)
     assert excinfo.value.code == "prompt_too_long"
 
 

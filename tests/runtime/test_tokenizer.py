@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hf_models import builtin_model_dir
 
-from runtime.tokenizer import TextStream, Tokenizer
+from runtime.model.tokenizer import TextStream, Tokenizer
 
 
 class CharTokenizer:
@@ -82,8 +82,8 @@ def test_chat_template_and_plain_fallback(model_dir: Path, tmp_path: Path) -> No
 
 
 def test_token_text_reads_as_decoded_text_not_bpe_pieces(tmp_path) -> None:
-    from runtime.builtin import ensure_builtin_model
-    from runtime.tokenizer import Tokenizer
+    from runtime.model.builtin import ensure_builtin_model
+    from runtime.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(ensure_builtin_model(tmp_path / "m"))
     ids = list(tokenizer.hf(" the model", add_special_tokens=False)["input_ids"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hf_models import builtin_model_dir
 
-from runtime.weights import ModelArgs, load_weights
+from runtime.model.weights import ModelArgs, load_weights
 
 
 @pytest.fixture(scope="module")

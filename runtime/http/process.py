@@ -1,10 +1,10 @@
 """One runtime process: load the engine, serve HTTP with uvicorn, register, drain on SIGTERM.
 
-Reached through `runtime.server.serve` (what `loragate runtime` calls). The order of a
-shutdown: the first SIGTERM or SIGINT stops admitting (/generate and /health answer 503)
-and removes the registry key so gateways stop picking this runtime; running streams finish
-(up to `DRAIN_TIMEOUT_S`, then they are aborted); uvicorn stops; the engine shuts down; the
-process returns normally, so it exits 0. A second signal forces an immediate exit.
+`serve()` is what `loragate runtime` calls. The order of a shutdown: the first SIGTERM or
+SIGINT stops admitting (/generate and /health answer 503) and removes the registry key so
+gateways stop picking this runtime; running streams finish (up to `DRAIN_TIMEOUT_S`, then they
+are aborted); uvicorn stops; the engine shuts down; the process returns normally, so it exits
+0. A second signal forces an immediate exit.
 
 With `parent_pid` (what `loragate serve` passes its runtime child), the runtime also drains
 and exits once that process is no longer its parent: a gateway killed with SIGKILL cannot
@@ -25,8 +25,8 @@ from typing import Any
 import uvicorn
 
 from runtime.config import RuntimeConfig
-from runtime.registry import RuntimeRegistry
-from runtime.server import RuntimeInfo, RuntimeState, create_runtime_app
+from runtime.http.app import RuntimeInfo, RuntimeState, create_runtime_app
+from runtime.http.registry import RuntimeRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -76,35 +76,33 @@ class Loaded:
     """A loaded engine as the process needs it."""
 
     front: Any  # AsyncLLMEngine
-    tokenizer: Any  # runtime.tokenizer.Tokenizer
+    tokenizer: Any  # runtime.model.tokenizer.Tokenizer
     info: RuntimeInfo
-    adapters: Any  # AdapterCache: its loader threads stop at shutdown
+    adapters: Any  # AdapterCache or None: its loader threads stop at shutdown
 
 
 def build_front(config: RuntimeConfig) -> Loaded:
     """Load the engine with its LoRA layers and adapter cache (blocking) and describe it."""
-    import torch
-
+    # Imported here: torch and the model load in the loading thread, while uvicorn already
+    # answers /health with 503 "loading".
     from runtime.async_engine import AsyncLLMEngine
-    from runtime.engine import LLMEngine
-    from runtime.lora_layers import build_lora_runtime
-    from runtime.weights import ModelArgs
+    from runtime.engine import build_engine
 
-    on_cuda = torch.device(config.device).type == "cuda"
-    dtype = getattr(torch, config.dtype or ("bfloat16" if on_cuda else "float32"))
-    lora, adapters = build_lora_runtime(config, ModelArgs.from_model_dir(config.model_dir), dtype)
-    engine = LLMEngine(config, lora=lora, adapters=adapters)
+    engine = build_engine(config)
+    limits = engine.limits
     info = RuntimeInfo(
         model=config.model_dir.resolve().name,
         device=str(config.device),
-        max_model_len=engine.max_model_len,
-        vocab_size=engine.model.args.vocab_size,
+        max_model_len=limits.max_model_len,
+        vocab_size=limits.vocab_size,
         max_running=config.max_running,
         max_waiting=config.max_waiting,
-        max_gpu_adapters=config.max_gpu_adapters,
-        max_lora_rank=config.max_lora_rank,
+        max_gpu_adapters=config.max_gpu_adapters if limits.serves_adapters else 0,
+        max_lora_rank=limits.max_lora_rank,
     )
-    return Loaded(AsyncLLMEngine(engine), engine.tokenizer, info, adapters)
+    # The app checks every request against info.limits (== engine.limits) as it decodes it.
+    front = AsyncLLMEngine(engine, requests_checked=True)
+    return Loaded(front, engine.tokenizer, info, engine.adapters)
 
 
 class RuntimeProcess:
@@ -200,14 +198,25 @@ class RuntimeProcess:
             await self.registry.stop()
         if self.state.front is not None:
             await self.state.front.shutdown(drain=False)
-        if self.loaded is not None:
+        if self.loaded is not None and self.loaded.adapters is not None:
             self.loaded.adapters.close()
 
 
-def run(
-    config: RuntimeConfig, host: str, port: int, redis_url: str | None, public_url: str | None,
+
+def serve(
+    config: RuntimeConfig,
+    host: str,
+    port: int,
+    redis_url: str | None,
+    public_url: str | None = None,
     parent_pid: int | None = None,
 ) -> None:
+    """Run one runtime until SIGTERM/SIGINT (blocking), in the order this module's docstring says.
+
+    `public_url` is what the registry advertises (default: http://host:port); with
+    `parent_pid` the runtime drains and exits once that process is no longer its parent.
+    Raises RuntimeError when the engine or the registry fails to start.
+    """
     url = public_url or public_url_for(host, port)
     process = RuntimeProcess(config, host, port, redis_url, url, parent_pid)
     asyncio.run(process.run())

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from runtime.adapter_cache import ADAPTER_KEY_RE, LoadResult, LruTier
+from runtime.lora.lru import LruTier
+from runtime.lora.protocol import ADAPTER_KEY_RE, FetchError, LoadResult
 from runtime.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ARTIFACT_BYTES = 512 * 1024 * 1024  # API.md's upload limit
 _PERMANENT_S3_CODES = {"NoSuchKey", "NoSuchBucket", "404", "403", "AccessDenied",
                        "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidBucketName"}
-
-
-class FetchError(Exception):
-    """A fetch that failed; `transient` says whether trying again may help."""
-
-    def __init__(self, message: str, transient: bool) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 class ArtifactFetcher:
@@ -228,7 +221,7 @@ class AdapterLoader:
     """Loads adapters in a thread pool: disk cache, else fetch (then keep on disk); parse.
 
     `load(ref)` returns the one Future of that key while its load runs, so concurrent
-    callers share a fetch. Implements the cache's Loader protocol.
+    callers share a fetch. Implements runtime.lora.protocol.Loader.
     """
 
     def __init__(

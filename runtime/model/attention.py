@@ -1,15 +1,11 @@
-"""Paged KV cache: fixed-size blocks in one pool per layer, and attention over block tables.
+"""Attention over the paged KV cache, and the per-step index tensors it needs.
 
-Layout: per layer, K and V are `[num_blocks * block_size, num_kv_heads, head_dim]`; token `p`
-of a sequence lives at row `block_table[p // block_size] * block_size + p % block_size`.
-Which blocks a sequence holds is decided by `block_manager.py` (torch-free); this module
-only stores and reads.
-
-Attention path (the same on CPU and CUDA): gather each sequence's K/V rows through its block
-table, then `F.scaled_dot_product_attention`. Decode tokens of all sequences run as one
-padded batch with a length mask; each prefill chunk runs on its own with a causal mask
-offset by the tokens already cached. On CUDA, SDPA picks its fused backend; there is no
-custom paged decode kernel yet, so the gather costs one copy of the context per step.
+Path (the same on CPU and CUDA): gather each sequence's K/V rows through its block table
+(`kv_cache.py` has the layout), then `F.scaled_dot_product_attention`. Decode tokens of all
+sequences run as one padded batch with a length mask; each prefill chunk runs on its own with
+a causal mask offset by the tokens already cached. On CUDA, SDPA picks its fused backend;
+there is no custom paged decode kernel yet, so the gather costs one copy of the context per
+step.
 """
 
 from __future__ import annotations
@@ -18,42 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from runtime.weights import ModelArgs
-
-
-def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, K and V."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
-
-
-class KVCache:
-    def __init__(
-        self,
-        args: ModelArgs,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        if num_blocks < 1:
-            raise ValueError("the KV cache budget does not fit a single block")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        shape = (args.num_layers, num_blocks * block_size, args.num_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    def write(
-        self,
-        layer: int,
-        slot_mapping: torch.Tensor,  # [num_tokens] int64 rows of the pool
-        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    ) -> None:
-        self.k[layer].index_copy_(0, slot_mapping, k)
-        self.v[layer].index_copy_(0, slot_mapping, v)
 
 
 @dataclass(slots=True)

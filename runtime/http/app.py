@@ -1,6 +1,6 @@
 """The runtime's HTTP face: `POST /generate` (NDJSON stream), `POST /abort/{id}`, `/health`,
-`/stats` (docs/internals.md, "Runtime wire protocol"), and `serve()`, which loads the engine,
-registers in Redis, runs uvicorn and drains on SIGTERM.
+`/stats` (docs/internals.md, "Runtime wire protocol"). The process around it (engine loading,
+uvicorn, the registry, draining) is `runtime/http/process.py`.
 
 `create_runtime_app` takes an already built front (`AsyncLLMEngine` or anything with its
 interface) so tests can drive the HTTP layer with a fake engine. Handlers stay thin: parsing
@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
@@ -25,24 +25,19 @@ from runtime.protocol import (
     ErrorEvent,
     GenerateBody,
     ProtocolError,
+    RequestLimits,
     StartEvent,
     build_request,
     decode_generate,
     encode_event,
     output_events,
 )
-from runtime.types import EngineRequest, RequestOutput
-
-if TYPE_CHECKING:
-    from runtime.config import RuntimeConfig
+from runtime.types import EngineDraining, EngineRequest, QueueFull, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # a full queue drains in about a second of decode steps
 DRAINING_RETRY_AFTER_S = 5  # enough for a gateway to pick another runtime
-# The engine's "try again later" refusals (runtime.engine.QueueFull, async_engine's
-# EngineDraining), matched by name so this module stays free of torch.
-_RETRYABLE = frozenset({"QueueFull", "EngineDraining"})
 
 
 class Front(Protocol):
@@ -75,6 +70,16 @@ class RuntimeInfo:
     max_waiting: int  # over this many waiting requests, /generate answers 503
     max_gpu_adapters: int = 0
     max_lora_rank: int = 64
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What /generate checks each request against (the engine's own `limits`)."""
+        return RequestLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            max_lora_rank=self.max_lora_rank,
+            serves_adapters=self.max_gpu_adapters > 0,
+        )
 
 
 @dataclass
@@ -159,14 +164,13 @@ async def _events(state: RuntimeState, req: EngineRequest) -> AsyncIterator[byte
         # and the message says why.
         finished = True
         yield encode_event(ErrorEvent(code="invalid_request", message=str(exc)))
-    except Exception as exc:
-        if type(exc).__name__ in _RETRYABLE:
-            # Lost a race with the handler's 503 checks after the stream had begun.
-            finished = True
-            yield encode_event(ErrorEvent(code="overloaded", message=str(exc)))
-        else:
-            logger.exception("request %s failed", req.request_id)
-            yield encode_event(ErrorEvent(code="internal_error", message="the runtime failed"))
+    except (QueueFull, EngineDraining) as exc:
+        # Lost a race with the handler's 503 checks after the stream had begun.
+        finished = True
+        yield encode_event(ErrorEvent(code="overloaded", message=str(exc)))
+    except Exception:
+        logger.exception("request %s failed", req.request_id)
+        yield encode_event(ErrorEvent(code="internal_error", message="the runtime failed"))
     finally:
         # Runs on client disconnect too: the stream task is cancelled at an await in here.
         _finish(state, req.request_id, finished)
@@ -222,13 +226,7 @@ def create_runtime_app(
             body = decode_generate(await request.body())
             # Tokenizing a long prompt takes a while: keep it off the event loop.
             ids = await asyncio.to_thread(_prompt_ids, body, state.tokenizer)
-            req = build_request(
-                body,
-                ids,
-                max_model_len=info.max_model_len,
-                vocab_size=info.vocab_size,
-                max_lora_rank=info.max_lora_rank,
-            )
+            req = build_request(body, ids, info.limits)  # the request's one check
         except ProtocolError as exc:
             return _error(400, exc.message, exc.code)
         if req.request_id in state.streams:
@@ -290,22 +288,3 @@ def create_runtime_app(
         openapi_config=None,
     )
 
-
-def serve(
-    config: RuntimeConfig,
-    host: str,
-    port: int,
-    redis_url: str | None,
-    public_url: str | None = None,
-    parent_pid: int | None = None,
-) -> None:
-    """Run one runtime until SIGTERM/SIGINT (blocking); see runtime/serving.py for the order.
-
-    `public_url` is what the registry advertises (default: http://host:port); with
-    `parent_pid` the runtime drains and exits once that process is no longer its parent.
-    Raises RuntimeError when the engine or the registry fails to start.
-    """
-    # Imported here: the app factory above must not pull in torch and uvicorn's server.
-    from runtime.serving import run
-
-    run(config, host, port, redis_url, public_url, parent_pid)

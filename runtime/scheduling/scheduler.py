@@ -18,10 +18,11 @@ which nothing is admitted behind it until it gets its slot (so a cold adapter ca
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
-from runtime.adapter_protocol import AdapterProvider, AdapterUnavailable
-from runtime.block_manager import BlockManager
-from runtime.sequence import Sequence, SequenceStatus
+from runtime.lora.protocol import AdapterProvider, AdapterUnavailable
+from runtime.scheduling.block_manager import BlockManager
+from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import FinishReason
 
 OUTPUT_TOKEN_WEIGHT = 2.0
@@ -216,7 +217,7 @@ class Scheduler:
         seq.slot = slot
         return True
 
-    def _all_waiting(self):
+    def _all_waiting(self) -> Iterator[Sequence]:
         for queue in self.waiting.values():
             yield from queue
 

@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from runtime.kv_cache import AttentionMetadata, KVCache, paged_attention
-from runtime.weights import ModelArgs, load_weights
+from runtime.model.attention import AttentionMetadata, paged_attention
+from runtime.model.kv_cache import KVCache
+from runtime.model.weights import ModelArgs, load_weights
 
 
 class LoraHook(Protocol):
@@ -129,9 +130,11 @@ class LlamaModel:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None
+        cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None,
+        *, args: ModelArgs | None = None,
     ) -> LlamaModel:
-        args = ModelArgs.from_model_dir(model_dir)
+        """The checkpoint in `model_dir`; `args`: its config.json, when the caller parsed it."""
+        args = args or ModelArgs.from_model_dir(model_dir)
         weights = load_weights(model_dir, args, dtype, device)
         return cls(args, weights, max_positions or args.max_position_embeddings)
 

@@ -2,8 +2,8 @@
 
 Free of torch: the weights are opaque values here, the copy into a device slot is the
 injected `install(slot, weights)` (LoraManager.set_lora) and loads are the injected
-`loader.load(ref) -> Future[LoadResult]` (runtime/adapter_store.py). `AdapterCache` is the
-scheduler's AdapterProvider:
+`loader.load(ref) -> Future[LoadResult]` (runtime/lora/store.py; the types both sides share
+are in runtime/lora/protocol.py). `AdapterCache` is the scheduler's AdapterProvider:
 
     slot = cache.try_acquire(ref)   # pinned device slot, or None while the adapter loads
     cache.release(ref.key)          # once per successful try_acquire, when the request ends
@@ -12,46 +12,31 @@ Rules: a slot whose adapter a running request holds (refcount > 0) is never evic
 every slot is held, a cold adapter waits (no thrashing) and the batch keeps running; many
 requests for one cold adapter cause one load; a failed load fails the requests of that
 adapter only, with the reason, and is retried by a later request after `failure_ttl_s`
-(`transient_failure_ttl_s` when the loader's error says `transient`: a store that was
+(`transient_failure_ttl_s` when the loader's FetchError says `transient`: a store that was
 unreachable may be back, and its adapters must not stay refused for long after).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from runtime.adapter_lru import LruTier, SlotTable
-from runtime.adapter_protocol import AdapterUnavailable
+from runtime.lora.lru import LruTier, SlotTable
+from runtime.lora.protocol import (
+    ADAPTER_KEY_RE,
+    AdapterUnavailable,
+    FetchError,
+    Loader,
+    LoadResult,
+)
 from runtime.types import AdapterRef
 
-__all__ = ["AdapterCache", "AdapterUnavailable", "CacheEvent", "LoadResult", "LruTier", "SlotTable"]
-
-ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    key: str
-    weights: Any  # what the loader's parse returned (LoraWeights in the runtime)
-    source: str  # "disk" or "store": the tier the bytes came from
-    seconds: float
-    num_bytes: int
-
-
-class Loader(Protocol):
-    def load(self, ref: AdapterRef) -> Future[LoadResult]: ...
-
-    def num_disk_entries(self) -> int | None: ...
-
-    def shutdown(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +189,11 @@ class AdapterCache:
             error = future.exception()
             if error is not None:
                 self.num_load_failures += 1
-                # Duck-typed: the loader's FetchError (runtime/adapter_store.py imports this
-                # module) says whether trying again may help. A permanent failure (bad hash,
-                # missing object) is remembered long; a store outage only briefly, or its
-                # adapters would stay refused for the whole TTL after the store came back.
-                ttl = (self._transient_failure_ttl_s if getattr(error, "transient", False)
-                       else self._failure_ttl_s)
+                # A permanent failure (bad hash, missing object, weights that do not parse)
+                # is remembered long; a store outage only briefly, or its adapters would stay
+                # refused for the whole TTL after the store came back.
+                transient = isinstance(error, FetchError) and error.transient
+                ttl = self._transient_failure_ttl_s if transient else self._failure_ttl_s
                 self._failed[key] = (str(error) or type(error).__name__, self._clock(), ttl)
                 self._log("load_failed", key, "store")
                 continue

@@ -1,0 +1,86 @@
+"""The types both sides of the adapter cache share, and what the scheduler needs of it. No torch.
+
+    scheduler --AdapterProvider--> cache (runtime/lora/cache.py) --Loader--> store (store.py)
+
+The scheduler only knows `AdapterProvider`; the cache only knows `Loader`, `LoadResult` and
+`FetchError`; the store implements `Loader`. Each side imports these from here, never the
+other side's module, so the cache stays torch-free and nothing needs duck typing.
+"""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from runtime.types import AdapterRef
+
+# An adapter_key: the sha256 of adapter_model.safetensors, lowercase hex (docs/internals.md).
+ADAPTER_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# The model's four LoRA-carrying projections, as `lora.apply(layer, projection, x, y)` names them.
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# The PEFT target modules this runtime serves -> (the fused projection, slice index).
+# The one list: the wire check (runtime.protocol) and the PEFT reader (peft.py) both use it.
+LORA_TARGETS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+    "down_proj": ("down_proj", 0),
+}
+LORA_TARGET_MODULES = frozenset(LORA_TARGETS)
+
+
+class AdapterUnavailable(Exception):  # noqa: N818 (the name the contract uses)
+    """The adapter cannot be served (fetch failed, hash mismatch); its requests fail with this."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class AdapterProvider(Protocol):
+    def try_acquire(self, ref: AdapterRef) -> int | None:
+        """Pin the adapter on a device slot and return the slot, or start loading it and return
+        None (ask again on a later step). Raises AdapterUnavailable when loading failed.
+        Each successful acquire is paired with exactly one `release(ref.key)`."""
+        ...
+
+    def release(self, key: str) -> None:
+        """Unpin one use of the adapter (its request finished, aborted or was preempted)."""
+        ...
+
+
+class FetchError(Exception):
+    """A fetch that failed; `transient` says whether trying again may help.
+
+    The cache remembers a permanent failure (bad hash, missing object) long and a transient
+    one (the store was unreachable) only briefly, so a store that comes back serves again.
+    """
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    key: str
+    weights: Any  # what the loader's parse returned (peft.LoraWeights in the runtime)
+    source: str  # "disk" or "store": the tier the bytes came from
+    seconds: float
+    num_bytes: int
+
+
+class Loader(Protocol):
+    """Where the cache's loads come from (store.AdapterLoader in the runtime)."""
+
+    def load(self, ref: AdapterRef) -> Future[LoadResult]: ...
+
+    def num_disk_entries(self) -> int | None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The base model on its device: checkpoint, forward, paged KV cache, sampling, tokenizer."""

@@ -1,0 +1,47 @@
+"""Paged KV cache: fixed-size blocks in one pool per layer.
+
+Layout: per layer, K and V are `[num_blocks * block_size, num_kv_heads, head_dim]`; token `p`
+of a sequence lives at row `block_table[p // block_size] * block_size + p % block_size`.
+Which blocks a sequence holds is decided by `runtime/scheduling/block_manager.py`
+(torch-free); this module only stores, and `attention.py` reads through block tables.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.model.weights import ModelArgs
+
+
+def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
+
+
+class KVCache:
+    def __init__(
+        self,
+        args: ModelArgs,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget does not fit a single block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (args.num_layers, num_blocks * block_size, args.num_kv_heads, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(
+        self,
+        layer: int,
+        slot_mapping: torch.Tensor,  # [num_tokens] int64 rows of the pool
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    ) -> None:
+        self.k[layer].index_copy_(0, slot_mapping, k)
+        self.v[layer].index_copy_(0, slot_mapping, v)
