@@ -46,7 +46,7 @@ fuzz-api: $(STAMP)
 # (-len_control=0: full-length inputs from the start, so every mutator is reachable at once).
 fuzz-adapters: $(STAMP)
 	LORAGATE_FUZZ_EXAMPLES=$(FUZZ_ADAPTER_EXAMPLES) $(PY) -m pytest tests/security/test_adapter_fuzz.py -q $(ARGS)
-	$(PY) fuzz/adapter_atheris.py -atheris_runs=$(ATHERIS_RUNS) -max_len=512 -len_control=0
+	$(PY) -m fuzz.adapter_atheris -atheris_runs=$(ATHERIS_RUNS) -max_len=512 -len_control=0
 
 migrate: $(STAMP)
 	$(VENV)/bin/loragate migrate upgrade

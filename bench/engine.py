@@ -27,13 +27,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from runtime.config import RuntimeConfig
+from runtime.engine import LLMEngine
+from runtime.model.builtin import ensure_builtin_model
+from runtime.types import EngineRequest, SamplingParams
 
-from runtime.config import RuntimeConfig  # noqa: E402
-from runtime.engine import LLMEngine  # noqa: E402
-from runtime.model.builtin import ensure_builtin_model  # noqa: E402
-from runtime.types import EngineRequest, SamplingParams  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # ~100M parameters: 2 x 16000 x 768 embeddings + 12 layers of ~6.3M.
 LLAMA_100M = dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

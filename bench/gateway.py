@@ -35,11 +35,9 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "gateway"))
+from tests.support.stub_procs import start_gateway, start_stub, stop
 
-from stub_procs import start_gateway, start_stub, stop  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ADMIN = "bench-admin-token-0a1b2c3d"  # noqa: S105 (a throwaway credential for this run)
 MAX_TOKENS = 16
@@ -139,7 +137,7 @@ def setup_tenant(url: str, adapter_dir: Path) -> str:
 
 
 def make_adapter(base_model_dir: Path, out: Path) -> Path:
-    from gw_helpers import make_peft_adapter
+    from tests.support.gw_helpers import make_peft_adapter
 
     return make_peft_adapter(base_model_dir, out, rank=8, alpha=16,
                              target_modules=["q_proj", "v_proj"])

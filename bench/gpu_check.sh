@@ -23,6 +23,6 @@ status=0
 # Tests first: a kernel that is wrong on the GPU makes the timings meaningless.
 timeout 150 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 \
     | tee "$out_dir/gpu_tests.txt" || status=1
-timeout 170 "$PYTHON" bench/kernels.py --device cuda --budget-s 120 \
+timeout 170 "$PYTHON" -m bench.lora_kernels --device cuda --budget-s 120 \
     --out "$out_dir/kernels_gpu.json" || status=1
 exit $status

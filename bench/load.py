@@ -53,7 +53,6 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ADMIN = "bench-load-admin-token-7f3e"  # noqa: S105 (a throwaway credential for this run)
 NUM_TENANTS, ADAPTERS_PER_TENANT, ZIPF_S = 10, 12, 1.1

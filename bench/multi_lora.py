@@ -16,20 +16,18 @@ import argparse
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from runtime.config import RuntimeConfig
+from runtime.engine import build_engine
+from runtime.model.builtin import ensure_builtin_model
+from runtime.types import AdapterRef, EngineRequest, SamplingParams
 
-from runtime.config import RuntimeConfig  # noqa: E402
-from runtime.engine import build_engine  # noqa: E402
-from runtime.model.builtin import ensure_builtin_model  # noqa: E402
-from runtime.types import AdapterRef, EngineRequest, SamplingParams  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA, ZIPF_S = 8, 16.0, 1.1

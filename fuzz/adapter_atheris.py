@@ -21,13 +21,11 @@ from pathlib import Path
 import atheris
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "security"))
 
 with atheris.instrument_imports():
     import adapters.safetensors_header
     import adapters.validation  # noqa: F401 (instrumented for coverage)
-from adapter_mutations import classify, mutated_pair  # noqa: E402
+from tests.support.adapter_mutations import classify, mutated_pair  # noqa: E402 (after instrumenting)
 
 OUTCOMES: Counter[str] = Counter()
 

@@ -145,11 +145,11 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     # Only scripts that exist in bench/ by that exact name: no path from the command line.
-    scripts = {p.stem: p for p in BENCH_DIR.glob("*.py") if not p.name.startswith("_")}
+    scripts = {p.stem for p in BENCH_DIR.glob("*.py") if not p.name.startswith("_")}
     if args.name not in scripts:
         available = ", ".join(sorted(scripts)) or "none"
         raise SystemExit(f"no benchmark {args.name!r}; available: {available}")
-    command = [sys.executable, str(scripts[args.name]), *args.args]
+    command = [sys.executable, "-m", f"bench.{args.name}", *args.args]
     return subprocess.call(command, cwd=BENCH_DIR.parent)  # noqa: S603 (fixed interpreter and script)
 
 

@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from adapter_files import SPEC, count_rows, stored_objects
 from sqlalchemy import text
 
 from adapters.catalog import Catalog
 from adapters.db import create_engine, create_sessionmaker, upgrade_database
 from adapters.models import Base
 from adapters.storage import LocalStore
+from tests.support.adapter_files import SPEC, count_rows, stored_objects
 
 MAX_RANK = 16
 _migrated: set[str] = set()

@@ -8,17 +8,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from adapter_files import (
-    count_rows,
-    lora_tensors,
-    stored_objects,
-    write_adapter,
-)
 
 from adapters.catalog import Catalog
 from adapters.errors import Conflict, InvalidArgument, NotFound
 from adapters.keys import parse_key, verify_secret
 from adapters.views import ShadowSpec, VariantSpec, VersionView
+from tests.support.adapter_files import (
+    count_rows,
+    lora_tensors,
+    stored_objects,
+    write_adapter,
+)
 
 
 async def _upload(

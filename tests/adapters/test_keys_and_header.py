@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from adapter_files import encode_safetensors, lora_tensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +14,7 @@ from adapters.base_model import BaseModelError, BaseModelSpec
 from adapters.errors import ValidationFailed
 from adapters.keys import generate_key, hash_secret, parse_key, verify_secret
 from adapters.safetensors_header import parse_header
+from tests.support.adapter_files import encode_safetensors, lora_tensors
 
 pytestmark = pytest.mark.unit
 

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from adapter_files import SPEC, lora_tensors, write_adapter
 
 from adapters.catalog import Catalog
 from adapters.db import create_engine, create_sessionmaker
 from adapters.errors import ArtifactCorrupt, ArtifactMissing, StorageUnavailable, ValidationFailed
 from adapters.storage import LocalStore, S3Store, object_key
+from tests.support.adapter_files import SPEC, lora_tensors, write_adapter
 
 
 def _s3_store(s3_server, prefix: str, **kw) -> S3Store:

@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from adapter_files import (
+
+from adapters.catalog import Catalog
+from adapters.errors import StorageUnavailable, TooLarge, ValidationFailed
+from tests.support.adapter_files import (
     count_rows,
     encode_safetensors,
     lora_config,
@@ -21,9 +24,6 @@ from adapter_files import (
     stored_objects,
     write_adapter,
 )
-
-from adapters.catalog import Catalog
-from adapters.errors import StorageUnavailable, TooLarge, ValidationFailed
 
 pytestmark = pytest.mark.unit
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import ROOT, clean_env, free_port, wait_until
-from gw_helpers import ADMIN_TOKEN
+
+from tests.support.fault_procs import ROOT, clean_env, free_port, wait_until
+from tests.support.gw_helpers import ADMIN_TOKEN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

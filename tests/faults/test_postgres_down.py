@@ -24,11 +24,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import new_tenant, upload, wait_until
-from gw_helpers import admin, bearer
-from private_services import PrivatePostgres, gateway_on_private_redis
 
 from adapters.db import upgrade_database
+from tests.support.fault_procs import new_tenant, upload, wait_until
+from tests.support.gw_helpers import admin, bearer
+from tests.support.private_services import PrivatePostgres, gateway_on_private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

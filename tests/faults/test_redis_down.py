@@ -25,13 +25,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import Proc, upload, wait_until
-from gw_helpers import admin, bearer
-from private_services import PrivateRedis, gateway_on_private_redis
 
 from adapters.db import upgrade_database
 from gateway.auth import REVOCATION_CHANNEL
 from gateway.inference.resolver import CHANNEL as CATALOG_CHANNEL
+from tests.support.fault_procs import Proc, upload, wait_until
+from tests.support.gw_helpers import admin, bearer
+from tests.support.private_services import PrivateRedis, gateway_on_private_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import (
+
+from tests.support.fault_procs import (
     Proc,
     new_tenant,
     start_gateway,
@@ -26,7 +27,7 @@ from fault_procs import (
     upload,
     wait_until,
 )
-from gw_helpers import bearer
+from tests.support.gw_helpers import bearer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import (
+
+from tests.support.fault_procs import (
     catalog_rows,
     listed_adapters,
     new_tenant,
@@ -28,7 +29,7 @@ from fault_procs import (
     upload,
     wait_until,
 )
-from gw_helpers import bearer, make_peft_adapter
+from tests.support.gw_helpers import bearer, make_peft_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

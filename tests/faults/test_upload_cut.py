@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_procs import (
+
+from tests.support.fault_procs import (
     Proc,
     catalog_rows,
     free_port,
@@ -27,7 +28,7 @@ from fault_procs import (
     upload,
     wait_until,
 )
-from gw_helpers import ADMIN_TOKEN, adapter_files
+from tests.support.gw_helpers import ADMIN_TOKEN, adapter_files
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gw_helpers import make_peft_adapter, make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.support.gw_helpers import make_peft_adapter, make_settings
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gw_helpers import admin, create_tenant, make_settings, read_adapter_config, upload
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
 from gateway.settings import Settings
+from tests.support.gw_helpers import (
+    admin,
+    create_tenant,
+    make_settings,
+    read_adapter_config,
+    upload,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -207,7 +213,7 @@ async def test_upload_over_limit_is_413_and_leaves_nothing(
 async def test_upload_needs_both_parts(
     client: AsyncTestClient[Any], peft_adapter: Path, missing: str
 ) -> None:
-    from gw_helpers import adapter_files
+    from tests.support.gw_helpers import adapter_files
 
     await create_tenant(client, "acme")
     files = adapter_files(peft_adapter)

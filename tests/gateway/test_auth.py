@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import build_services
 from gateway.auth import Authenticator
 from gateway.errors import Unauthorized
+from tests.support.gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, make_settings
 
 pytestmark = pytest.mark.unit
 

@@ -17,7 +17,8 @@ from typing import IO
 
 import httpx
 import pytest
-from gw_helpers import read_adapter_config
+
+from tests.support.gw_helpers import read_adapter_config
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from gw_helpers import make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import build_services, create_app
 from gateway.services import Part
+from tests.support.gw_helpers import make_settings
 
 pytestmark = pytest.mark.unit
 

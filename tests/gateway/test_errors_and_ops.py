@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gw_helpers import ADMIN_TOKEN, admin
 from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 
 from adapters import errors as catalog_errors
 from gateway import errors
 from gateway.errors import RateLimited, Unavailable, to_response
+from tests.support.gw_helpers import ADMIN_TOKEN, admin
 
 pytestmark = pytest.mark.unit
 
@@ -136,9 +136,8 @@ async def test_readyz_turns_200_with_a_healthy_runtime(client: AsyncTestClient[A
 
 
 async def test_readyz_reports_an_unreachable_catalog(tmp_path: Path, base_model_dir: Path) -> None:
-    from gw_helpers import make_settings
-
     from gateway.app import create_app
+    from tests.support.gw_helpers import make_settings
 
     # Nothing listens on port 1: every connection attempt is refused.
     settings = make_settings(tmp_path / "data", base_model_dir,

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, upload
 from litestar.testing import AsyncTestClient
+
+from tests.support.gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, upload
 
 pytestmark = pytest.mark.unit
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gw_helpers import ADMIN_TOKEN, adapter_files, admin, bearer
-from stub_procs import start_gateway, start_stub, stop
 
 from adapters.db import upgrade_database
+from tests.support.gw_helpers import ADMIN_TOKEN, adapter_files, admin, bearer
+from tests.support.stub_procs import start_gateway, start_stub, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

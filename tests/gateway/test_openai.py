@@ -9,15 +9,15 @@ from typing import Any
 
 import msgspec
 import pytest
-from gw_helpers import admin, bearer, create_tenant, make_settings, upload
 from litestar.testing import AsyncTestClient
-from stub_procs import start_stub, stop
 
 from adapters.db import upgrade_database
 from gateway.api.openai_format import chat_input, completion_input
 from gateway.api.schemas.openai import DEFAULT_MAX_TOKENS, decode_chat, decode_completion
 from gateway.app import create_app
 from runtime.protocol import decode_generate
+from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
+from tests.support.stub_procs import start_stub, stop
 
 pytestmark = pytest.mark.unit
 

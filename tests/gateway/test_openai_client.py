@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from gw_helpers import ADMIN_TOKEN, admin
-from stub_procs import start_gateway, start_stub, stop, wait_http
+
+from tests.support.gw_helpers import ADMIN_TOKEN, admin
+from tests.support.stub_procs import start_gateway, start_stub, stop, wait_http
 
 
 def tenant_key(url: str) -> str:
@@ -65,7 +66,7 @@ def test_openai_client_over_the_real_runtime(tmp_path: Path) -> None:
     import sys
     import time
 
-    from stub_procs import ROOT, free_port
+    from tests.support.stub_procs import ROOT, free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}

@@ -11,12 +11,19 @@ from typing import Any
 
 import httpx
 import pytest
-from gw_helpers import ADMIN_TOKEN, admin, bearer, create_tenant, make_settings, upload
 from litestar.testing import AsyncTestClient
-from stub_procs import start_gateway, start_stub, stop
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
+from tests.support.gw_helpers import (
+    ADMIN_TOKEN,
+    admin,
+    bearer,
+    create_tenant,
+    make_settings,
+    upload,
+)
+from tests.support.stub_procs import start_gateway, start_stub, stop
 
 pytestmark = pytest.mark.unit
 

@@ -7,12 +7,12 @@ import secrets
 from pathlib import Path
 
 import pytest
-from gw_helpers import admin, bearer, create_tenant, make_settings, upload
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from adapters.storage import object_key
 from gateway.app import create_app
+from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
 
 pytestmark = pytest.mark.integration
 

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-from gw_helpers import admin, bearer, create_tenant, make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
 from gateway.app import build_services, create_app
+from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings
 
 REVOCATION_BOUND_S = 5.0
 

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
-from stub_procs import free_port, start_stub, stop
 
 from adapters.views import AdapterRefData, ResolvedAdapter
 from gateway.inference.runtime_client import RuntimeClient, RuntimeUnreachable, adapter_body
 from runtime.protocol import FinishEvent, GenerateBody, StartEvent, TokenEvent, decode_generate
+from tests.support.stub_procs import free_port, start_stub, stop
 
 pytestmark = pytest.mark.unit
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import schemathesis
-from gw_helpers import admin, make_settings
 from hypothesis import HealthCheck, given, settings
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
+from tests.support.gw_helpers import admin, make_settings
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 

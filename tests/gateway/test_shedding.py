@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from gw_helpers import create_tenant, make_settings
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
@@ -28,6 +27,7 @@ from gateway.inference.router import (
 from gateway.inference.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
 from runtime.http.app import RuntimeInfo, create_runtime_app
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
+from tests.support.gw_helpers import create_tenant, make_settings
 
 pytestmark = pytest.mark.unit
 URLS = ("http://r1", "http://r2")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_cases import assert_close, make_case, naive_loop
 
 import kernels
 from kernels.reference import add_lora_reference, expand_reference, shrink_reference
+from tests.support.lora_cases import assert_close, make_case, naive_loop
 
 # in_features and slice widths are deliberately not multiples of any tile size.
 SLICES = {1: [37], 2: [29, 40], 3: [48, 24, 24]}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_cases import Case, make_case
 
 import kernels
 from kernels.reference import add_lora_reference
+from tests.support.lora_cases import Case, make_case
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_cases import assert_close, make_case, naive_loop
 
 import kernels
 from kernels.reference import shrink_reference
+from tests.support.lora_cases import assert_close, make_case, naive_loop
 
 triton_lora = pytest.importorskip("kernels.triton_lora")
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,12 +6,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from hf_models import builtin_model_dir, torch_threads
 
 from runtime.async_engine import AsyncLLMEngine, EngineDraining
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
 from runtime.types import EngineRequest, FinishReason, SamplingParams
+from tests.support.hf_models import builtin_model_dir, torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import builtin_model_dir, hf_greedy, hf_model, torch_threads
 
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine, QueueFull, build_engine
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
+from tests.support.hf_models import builtin_model_dir, hf_greedy, hf_model, torch_threads
 
 PROMPT_LENGTHS = (5, 17, 40, 70, 3, 33)
 MAX_TOKENS = 24

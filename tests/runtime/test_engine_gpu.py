@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import builtin_model_dir
 
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
 from runtime.types import EngineRequest, SamplingParams
+from tests.support.hf_models import builtin_model_dir
 
 pytestmark = [
     pytest.mark.gpu,

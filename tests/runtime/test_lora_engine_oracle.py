@@ -16,7 +16,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine, build_engine
@@ -24,6 +23,7 @@ from runtime.lora.manager import build_lora_runtime
 from runtime.model.builtin import ensure_builtin_model
 from runtime.model.weights import ModelArgs
 from runtime.types import EngineRequest, FinishReason, SamplingParams
+from tests.support.lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
 pytestmark = pytest.mark.unit
 MAX_TOKENS = 6

@@ -7,7 +7,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from lora_oracle import SPECS, load_peft_multi, make_peft_adapter
 from safetensors.torch import load_file, save
 
 from runtime.lora.layers import LoraManager
@@ -15,6 +14,7 @@ from runtime.lora.peft import parse_peft_adapter
 from runtime.lora.protocol import LORA_TARGETS, PROJECTIONS
 from runtime.model.builtin import ensure_builtin_model
 from runtime.model.weights import ModelArgs
+from tests.support.lora_oracle import SPECS, load_peft_multi, make_peft_adapter
 
 pytestmark = pytest.mark.unit
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import builtin_model_dir, hf_model, save_random_model, torch_threads
 
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache
 from runtime.model.llama import LlamaModel
+from tests.support.hf_models import builtin_model_dir, hf_model, save_random_model, torch_threads
 
 TOL = 1e-4
 Run = tuple[torch.Tensor, list[torch.Tensor], list[int]]  # prefill logits, step logits, tokens

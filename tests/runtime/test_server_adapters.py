@@ -37,7 +37,7 @@ def adapter_body(ref) -> dict:
 
 @pytest.mark.slow
 async def test_adapter_and_base_requests_over_http_match_peft(model_dir: Path, tmp_path) -> None:
-    from lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
+    from tests.support.lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
     spec = SPECS[4]  # q/v, rank 8
     ref = make_peft_adapter(model_dir, tmp_path / spec.name, spec)

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hf_models import builtin_model_dir
 
 from runtime.model.tokenizer import TextStream, Tokenizer
+from tests.support.hf_models import builtin_model_dir
 
 
 class CharTokenizer:

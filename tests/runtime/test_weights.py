@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_models import builtin_model_dir
 
 from runtime.model.weights import ModelArgs, load_weights
+from tests.support.hf_models import builtin_model_dir
 
 
 @pytest.fixture(scope="module")

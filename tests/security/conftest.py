@@ -16,15 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sec_helpers import REPORT
+
+from tests.support.sec_helpers import REPORT
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-# Reuse the gateway tests' helpers (make_settings, admin, stub_procs) and the catalog tests'
-# adapter file writer rather than copying them: pytest puts only a test file's own folder
-# on sys.path.
-sys.path.insert(0, str(HERE.parent / "gateway"))
-sys.path.insert(0, str(HERE.parent / "adapters"))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -44,12 +40,12 @@ def base_spec(base_model_dir: Path) -> Any:
 @pytest.fixture(scope="session")
 def stub_url() -> Iterator[str]:
     """A capped stub runtime (capped_stub.py) on a free port."""
-    from stub_procs import free_port, stop, wait_http
+    from tests.support.stub_procs import free_port, stop, wait_http
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(  # noqa: S603 (our interpreter, our script)
-        [sys.executable, str(HERE / "capped_stub.py"), "--port", str(port)], cwd=ROOT, env=env)
+        [sys.executable, "-m", "tests.support.capped_stub", "--port", str(port)], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc)
     yield url

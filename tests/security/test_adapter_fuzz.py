@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adapter_mutations import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapters.errors import ValidationFailed
+from adapters.safetensors_header import parse_header
+from tests.support.adapter_mutations import (
     RandomChooser,
     classify,
     good_config,
@@ -28,12 +33,7 @@ from adapter_mutations import (
     mutated_pair,
     pack,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from sec_helpers import fuzz_examples, report_outcomes
-
-from adapters.errors import ValidationFailed
-from adapters.safetensors_header import parse_header
+from tests.support.sec_helpers import fuzz_examples, report_outcomes
 
 pytestmark = pytest.mark.unit
 
@@ -155,11 +155,11 @@ def _files_under(root: Path) -> list[Path]:
 async def test_fuzzed_uploads_over_http_are_4xx_and_leave_nothing(
     tmp_path: Path, base_model_dir: Path, base_spec: Any
 ) -> None:
-    from gw_helpers import admin, make_settings
     from litestar.testing import AsyncTestClient
 
     from adapters.db import upgrade_database
     from gateway.app import create_app
+    from tests.support.gw_helpers import admin, make_settings
 
     settings_ = make_settings(tmp_path / "data", base_model_dir)
     upgrade_database(settings_.database_url)

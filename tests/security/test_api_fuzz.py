@@ -29,14 +29,14 @@ from typing import Any
 
 import pytest
 import schemathesis
-from gw_helpers import ADMIN_TOKEN, adapter_files, admin, make_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
-from sec_helpers import adapter_dir, fuzz_examples, report
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
+from tests.support.gw_helpers import ADMIN_TOKEN, adapter_files, admin, make_settings
+from tests.support.sec_helpers import adapter_dir, fuzz_examples, report
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
@@ -95,7 +95,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, base_spec: Any,
           stub_url: str) -> Iterator[World]:
-    from adapter_files import lora_config, write_adapter
+    from tests.support.adapter_files import lora_config, write_adapter
 
     root = tmp_path_factory.mktemp("apifuzz")
     a = Tenant("tnt-alpha-q7x3", "adp-alpha-m4v8", "exp-alpha-c2n6",

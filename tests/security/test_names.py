@@ -14,13 +14,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from gw_helpers import admin, bearer, make_settings
 from litestar.testing import AsyncTestClient
-from sec_helpers import adapter_dir
 
 from adapters.db import upgrade_database
 from adapters.storage import LocalStore, S3Store, object_key
 from gateway.app import create_app
+from tests.support.gw_helpers import admin, bearer, make_settings
+from tests.support.sec_helpers import adapter_dir
 
 pytestmark = pytest.mark.unit
 

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from adapter_mutations import SPEC, good_config, good_tensors, header_and_data, pack
-from gw_helpers import admin, bearer, create_tenant, make_settings, upload
 from litestar.testing import AsyncTestClient
-from sec_helpers import adapter_dir
 
 from adapters.db import upgrade_database
 from adapters.errors import ValidationFailed
 from adapters.safetensors_header import parse_header
 from adapters.validation import validate_adapter
 from gateway.app import create_app
+from tests.support.adapter_mutations import SPEC, good_config, good_tensors, header_and_data, pack
+from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
+from tests.support.sec_helpers import adapter_dir
 
 pytestmark = pytest.mark.unit
 GIANT = "9" * 5000  # past Python's 4300-digit int conversion limit: json raised ValueError

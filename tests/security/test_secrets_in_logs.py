@@ -24,12 +24,12 @@ from typing import Any
 
 import httpx
 import pytest
-from gw_helpers import adapter_files, make_settings
 from litestar.testing import AsyncTestClient
-from sec_helpers import adapter_dir
 
 from adapters.db import upgrade_database
 from gateway.app import create_app
+from tests.support.gw_helpers import adapter_files, make_settings
+from tests.support.sec_helpers import adapter_dir
 
 pytestmark = pytest.mark.unit
 
@@ -163,7 +163,7 @@ async def _in_process(tmp_path: Path, base_model_dir: Path, base_spec: Any, stub
 @pytest.fixture
 def live_gateway(tmp_path: Path, base_model_dir: Path, stub_url: str
                  ) -> Iterator[tuple[str, str, Path]]:
-    from stub_procs import free_port, stop, wait_http
+    from tests.support.stub_procs import free_port, stop, wait_http
 
     token = f"admin-{secrets.token_urlsafe(24)}"
     port = free_port()

@@ -37,7 +37,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) 
 def start_stub(token_delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
-        [sys.executable, "-m", "bench.stub_runtime", "--port", str(port),
+        [sys.executable, "-m", "tests.support.stub_runtime", "--port", str(port),
          "--token-delay-ms", str(token_delay_ms)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from gw_helpers import ADMIN_TOKEN, adapter_files, admin
+
+from tests.support.gw_helpers import ADMIN_TOKEN, adapter_files, admin
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0  # a runtime loads torch and its model; slow on a busy 2-core box

@@ -42,7 +42,7 @@ def _counts(counter: Counter[Any]) -> str:
 
 def adapter_dir(out: Path, spec: Any, seed: int, rank: int = 4) -> Path:
     """A valid LoRA adapter for the built-in model (distinct bytes per seed)."""
-    from adapter_files import lora_config, lora_tensors, write_adapter
+    from tests.support.adapter_files import lora_config, lora_tensors, write_adapter
 
     write_adapter(out, lora_config(rank=rank),
                   lora_tensors(rank=rank, layers=spec.num_hidden_layers, spec=spec, seed=seed))

@@ -5,7 +5,7 @@ runtime stops at its context ("length") and answers 400 `invalid_request` for su
 plain stub would build a million-line answer instead. This wrapper does what the real one
 does, so generated calls stay fast and the gateway's handling of a runtime 400 is exercised.
 
-    PYTHONPATH=<repo> python tests/security/capped_stub.py --port N
+    python -m tests.support.capped_stub --port N      # from the repository root
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any
 
-from bench.stub_runtime import StubRuntime, _json
+from tests.support.stub_runtime import StubRuntime, _json
 
 MAX_MODEL_TOKENS = 8  # the stub's "context": generation stops here with finish "length"
 VOCAB_SIZE = 1024  # the built-in model's

@@ -5,7 +5,7 @@ gateway's own cost can be measured and its routing tested without a model. Token
 request is id `100 + i` with text " w<i>"; prompt_tokens is the prompt's word count (or its
 id count). A plain ASGI app under uvicorn, to add as little cost of its own as possible.
 
-    python -m bench.stub_runtime --port 8100 [--token-delay-ms 0] [--model stub]
+    python -m tests.support.stub_runtime --port 8100 [--token-delay-ms 0] [--model stub]
 """
 
 from __future__ import annotations

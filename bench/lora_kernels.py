@@ -28,12 +28,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-# This script shares the `kernels` package's name: the repository root must come before
-# bench/ on sys.path, or `import kernels` would find this file.
-sys.path.insert(0, str(ROOT))
+import kernels
 
-import kernels  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RANK, NUM_TOKENS = 16, 256
 
@@ -184,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
-            print("bench/kernels.py --device cuda: CUDA is not available here; nothing measured.",
+            print("bench.lora_kernels --device cuda: CUDA is not available here; nothing measured.",
                   file=sys.stderr)  # fmt: skip
             return 0
-        from kernels_gpu import run_gpu  # bench/kernels_gpu.py, beside this file
+        from bench.lora_kernels_gpu import run_gpu  # beside this file
 
         result = run_gpu(quick=args.quick, budget_s=args.budget_s)
         default_out = ROOT / "bench" / "results" / "kernels_gpu.json"

@@ -20,8 +20,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from fault_procs import Proc, start_gateway
-from stub_procs import start_stub, stop
+
+from tests.support.fault_procs import Proc, start_gateway
+from tests.support.stub_procs import start_stub, stop
 
 START_TIMEOUT_S = 60.0  # a loaded 2-core machine may take a while to bring a server up
 PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
