@@ -39,7 +39,7 @@ from tests.support.stub_procs import start_gateway, start_stub, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ADMIN = "bench-admin-token-0a1b2c3d"  # noqa: S105 (a throwaway credential for this run)
+ADMIN = "bench-admin-token-0a1b2c3d"
 MAX_TOKENS = 16
 
 

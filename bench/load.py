@@ -54,7 +54,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ADMIN = "bench-load-admin-token-7f3e"  # noqa: S105 (a throwaway credential for this run)
+ADMIN = "bench-load-admin-token-7f3e"
 NUM_TENANTS, ADAPTERS_PER_TENANT, ZIPF_S = 10, 12, 1.1
 GENEROUS = {"requests_per_minute": 10**7, "tokens_per_minute": 10**9}
 WORDS = ("the cat sat on a mat while rain fell over quiet hills and the river ran past old "
@@ -135,7 +135,7 @@ def spawn_on(cpus: set[int], command: list[str], env: dict[str, str], out: Any
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cpus)
     try:
-        return subprocess.Popen(command, cwd=ROOT, env=env,  # noqa: S603 (our interpreter)
+        return subprocess.Popen(command, cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     finally:
         os.sched_setaffinity(0, mine)

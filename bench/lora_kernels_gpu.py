@@ -163,7 +163,7 @@ def run_gpu(quick: bool = False, budget_s: float = 200.0) -> dict:
             continue
         try:
             row = bench_one(*cfg)
-        except Exception as exc:  # noqa: BLE001 - one failed config must not lose the rest
+        except Exception as exc:  # one failed config must not lose the rest
             rows.append(dict(zip(("num_tokens", "mix", "out", "rank"), cfg, strict=True),
                              error=repr(exc)))  # fmt: skip
             print(f"{cfg}: {exc!r}", flush=True)

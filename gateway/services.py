@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from gateway.inference.pipeline import Background, Pipeline
     from gateway.inference.ratelimit import RateLimiter
     from gateway.inference.resolver import Resolver
-    from gateway.inference.router import Router
+    from gateway.inference.router import Router, RuntimeHealth
     from gateway.settings import Settings
 
 logger = logging.getLogger("loragate.gateway")
@@ -47,13 +47,6 @@ class Part:
     name: str
     start: Hook | None = None
     stop: Hook | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RuntimeHealth:
-    url: str
-    ready: bool  # base model loaded and admitting requests
-    detail: str  # "ok", "draining", "HTTP 503", "unreachable: ConnectError"
 
 
 class RuntimeProbe(Protocol):

@@ -25,11 +25,11 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the request failed (adapter load, internal fault)
 
 
-class QueueFull(Exception):  # noqa: N818 (reads as a condition: "the queue is full")
+class QueueFull(Exception):
     """The waiting queue is at max_waiting; the caller should retry later (HTTP 503)."""
 
 
-class EngineDraining(Exception):  # noqa: N818 (reads as a state, like QueueFull)
+class EngineDraining(Exception):
     """The engine's shutdown has begun: no new requests are admitted (HTTP 503)."""
 
 

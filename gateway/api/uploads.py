@@ -91,7 +91,7 @@ async def _stream_parts(
                     if isinstance(event, MultipartSegment):
                         current_name = _accept_part(event, seen, caps)
                         # Local disk writes of socket-sized chunks: short enough to do inline.
-                        current = paths[current_name].open("wb")  # noqa: SIM115
+                        current = paths[current_name].open("wb")
                         written = 0
                     elif event is None:
                         if current is not None:

@@ -61,7 +61,7 @@ def assign(
     if user:
         bucket = bucket_of(experiment.id, user)
     else:
-        bucket = (rng or random).randrange(NUM_BUCKETS)  # noqa: S311 (not a secret)
+        bucket = (rng or random).randrange(NUM_BUCKETS)
     return pick_variant(experiment.variants, bucket)
 
 

@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -42,7 +43,6 @@ from gateway.inference.runtime_client import (
     RuntimeRefused,
     RuntimeUnreachable,
 )
-from gateway.services import RuntimeHealth
 from runtime.protocol import ErrorEvent, Event, FinishEvent, GenerateBody, TokenEvent
 
 logger = logging.getLogger("loragate.gateway.router")
@@ -60,6 +60,13 @@ DEFAULT_MAX_RUNNING = 64
 # At the cap the queue drains in about one batch's generation time: seconds, not minutes.
 SHED_RETRY_AFTER_S = 1
 SHED_REASONS = ("at_capacity", "runtime_busy", "no_runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeHealth:
+    url: str
+    ready: bool  # base model loaded and admitting requests
+    detail: str  # "ok", "draining", "HTTP 503", "unreachable: ConnectError"
 
 
 class RuntimeState:

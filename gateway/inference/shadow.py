@@ -32,7 +32,7 @@ logger = logging.getLogger("loragate.gateway.shadow")
 
 
 def sample_shadow(rate: float, rng: random.Random | None = None) -> bool:
-    return rate > 0 and (rng or random).random() < rate  # noqa: S311 (not a secret)
+    return rate > 0 and (rng or random).random() < rate
 
 
 class Shadow:

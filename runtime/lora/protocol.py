@@ -35,7 +35,7 @@ LORA_TARGETS: dict[str, tuple[str, int]] = {
 LORA_TARGET_MODULES = frozenset(LORA_TARGETS)
 
 
-class AdapterUnavailable(Exception):  # noqa: N818 (the name the contract uses)
+class AdapterUnavailable(Exception):
     """The adapter cannot be served (fetch failed, hash mismatch); its requests fail with this."""
 
     def __init__(self, message: str) -> None:

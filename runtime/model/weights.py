@@ -110,7 +110,7 @@ def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in _shard_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for name in f.keys():  # safe_open is not a mapping: keys() is its API
                 tensors[name] = f.get_tensor(name)
     return tensors
 

@@ -51,7 +51,7 @@ def test_runtime_child_exits_when_its_gateway_is_killed(tmp_path: Path,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "serve.log").open("wb") as log:
-        gateway = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
+        gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
              "--data-dir", str(tmp_path / "data"), "--base-model", str(base_model_dir)],
             cwd=ROOT, env=clean_env(LORAGATE_ADMIN_TOKEN=ADMIN_TOKEN), stdout=log,

@@ -118,7 +118,7 @@ async def test_healthz_and_readyz_say_what_is_missing(client: AsyncTestClient[An
 
 
 async def test_readyz_turns_200_with_a_healthy_runtime(client: AsyncTestClient[Any]) -> None:
-    from gateway.services import RuntimeHealth
+    from gateway.inference.router import RuntimeHealth
 
     services = client.app.state.services
     health = [RuntimeHealth("http://127.0.0.1:8100", False, "unreachable: ConnectError")]

@@ -71,7 +71,7 @@ def test_openai_client_over_the_real_runtime(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
     env["LORAGATE_ADMIN_TOKEN"] = ADMIN_TOKEN
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
          "--data-dir", str(tmp_path / "data"), "--device", "cpu"], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"

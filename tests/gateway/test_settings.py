@@ -50,8 +50,8 @@ def test_environment_is_read_and_flags_win(tmp_path: Path) -> None:
 
 
 def test_none_overrides_leave_the_environment_alone() -> None:
-    settings = Settings.from_env(environ={"LORAGATE_HOST": "0.0.0.0"}, host=None)  # noqa: S104
-    assert settings.host == "0.0.0.0"  # noqa: S104
+    settings = Settings.from_env(environ={"LORAGATE_HOST": "0.0.0.0"}, host=None)
+    assert settings.host == "0.0.0.0"
 
 
 def test_key_cache_is_capped_without_redis() -> None:

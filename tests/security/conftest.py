@@ -44,7 +44,7 @@ def stub_url() -> Iterator[str]:
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(  # noqa: S603 (our interpreter, our script)
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.capped_stub", "--port", str(port)], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", proc)

@@ -171,7 +171,7 @@ def live_gateway(tmp_path: Path, base_model_dir: Path, stub_url: str
     env.update({"LORAGATE_ADMIN_TOKEN": token, "LORAGATE_LOG_LEVEL": "DEBUG"})
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
+        proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
              "--data-dir", str(tmp_path / "data"), "--base-model", str(base_model_dir),
              "--runtimes", stub_url], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

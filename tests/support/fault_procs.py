@@ -98,7 +98,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def _spawn(args: list[str], log_path: Path, env: dict[str, str], url: str) -> Proc:
     with log_path.open("ab") as log:
-        popen = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
+        popen = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, env=env,
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return Proc(popen, url, log_path)

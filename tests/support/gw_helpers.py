@@ -10,7 +10,7 @@ from litestar.testing import AsyncTestClient
 
 from gateway.settings import Settings
 
-ADMIN_TOKEN = "admin-test-token-9f1c2e7a4b"  # noqa: S105 (a test credential)
+ADMIN_TOKEN = "admin-test-token-9f1c2e7a4b"
 
 
 def make_peft_adapter(base_model_dir: Path, out: Path, rank: int, alpha: int,

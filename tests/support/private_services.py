@@ -63,7 +63,7 @@ class PrivateRedis:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 (fixed arguments)
+            self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--daemonize", "no"],
                 stdout=log, stderr=subprocess.STDOUT)
@@ -136,7 +136,7 @@ class PrivatePostgres:
         self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *args: str, timeout_s: float = START_TIMEOUT_S) -> None:
-        done = subprocess.run(  # noqa: S603 (fixed arguments)
+        done = subprocess.run(
             [*self.as_postgres, *args], capture_output=True, timeout=timeout_s, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): "

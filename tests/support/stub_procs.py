@@ -36,7 +36,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) 
 
 def start_stub(token_delay_ms: float = 0.0) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen(  # noqa: S603 (our interpreter, fixed arguments)
+    proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.stub_runtime", "--port", str(port),
          "--token-delay-ms", str(token_delay_ms)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -50,7 +50,7 @@ def start_gateway(data_dir: Path, base_model_dir: Path, runtimes: list[str], adm
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
     environ.update({"LORAGATE_ADMIN_TOKEN": admin_token, **env})
-    proc = subprocess.Popen(  # noqa: S603
+    proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
          "--data-dir", str(data_dir), "--base-model", str(base_model_dir),
          "--runtimes", ",".join(runtimes)], cwd=ROOT, env=environ)

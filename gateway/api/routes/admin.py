@@ -85,9 +85,10 @@ PathInt = Annotated[int, PathParameter()]
 
 class AdminController(Controller):
     path = "/admin"
-    guards = [require_admin]  # noqa: RUF012 (Litestar reads these as class attributes)
-    tags = ["admin"]  # noqa: RUF012
-    security = [{"bearer": []}]  # noqa: RUF012
+    # Litestar reads these as class attributes.
+    guards = [require_admin]
+    tags = ["admin"]
+    security = [{"bearer": []}]
     before_request = staticmethod(_refuse_folded_names)
 
     # ------------------------------------------------------------------ tenants and keys
