@@ -16,9 +16,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters import artifacts, versions
 from adapters import experiments as exp
 from adapters import queries as q
-from adapters import versions
 from adapters.base_model import BaseModelSpec
 from adapters.errors import Conflict, InvalidArgument, NotFound, TooLarge
 from adapters.keys import generate_key
@@ -204,10 +204,11 @@ class Catalog:
                     created.append(sha)
             view = await versions.insert_version(self._sessions, tenant, adapter, checked, activate)
         except BaseException:
-            await asyncio.shield(versions.drop_unreferenced(self._sessions, self.store, created))
+            await asyncio.shield(artifacts.collect(self._sessions, self.store, created))
             raise
         # A concurrent delete of another version with the same bytes may have removed an
-        # object we found already present; put it back now that our row protects it.
+        # object we found already present; put it back now that our row protects it (the
+        # collector's lock makes this check enough: see adapters/artifacts.py).
         for path, sha in objects:
             if not await asyncio.to_thread(self.store.exists, sha):
                 await asyncio.to_thread(self.store.put_file, path, sha)
@@ -276,7 +277,7 @@ class Catalog:
                 await session.delete(target)
         except IntegrityError:  # an experiment pinned it between our check and the delete
             raise in_use from None
-        await versions.drop_unreferenced(self._sessions, self.store, shas)
+        await artifacts.collect(self._sessions, self.store, shas)
 
     # -------------------------------------------------------------- experiments
     async def put_experiment(

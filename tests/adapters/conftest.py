@@ -93,3 +93,11 @@ def nothing_left(catalog: Catalog):
         assert stored_objects(catalog.store) == []  # type: ignore[arg-type]
 
     return check
+
+
+@pytest.fixture
+async def postgres_catalog(empty_postgres_url: str, tmp_path: Path) -> AsyncIterator[Catalog]:
+    """A Catalog over PostgreSQL only, for races that need row locks to show."""
+    cat, _, engine = _catalog(empty_postgres_url, tmp_path)
+    yield cat
+    await engine.dispose()
