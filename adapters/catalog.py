@@ -1,4 +1,5 @@
-"""Catalog services for the gateway: tenants, keys, adapter versions, experiments, resolution.
+"""Catalog services for the gateway: tenants, keys, adapter versions, experiments, rollouts,
+resolution.
 
 Every query is scoped by tenant name except the two key operations that are global by
 nature (revoke by key id, look up by key prefix). Store calls are blocking and run in worker
@@ -16,11 +17,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters import artifacts, versions
+from adapters import artifacts, rollouts, versions
 from adapters import experiments as exp
 from adapters import queries as q
 from adapters.base_model import BaseModelSpec
 from adapters.errors import Conflict, InvalidArgument, NotFound, TooLarge
+from adapters.guardrails import Verdict
 from adapters.keys import generate_key
 from adapters.models import Adapter, AdapterVersion, ApiKey, Tenant, utcnow
 from adapters.storage import ArtifactStore
@@ -31,6 +33,8 @@ from adapters.views import (
     KeyRecord,
     KeyView,
     Resolution,
+    RolloutSpec,
+    RolloutView,
     ShadowSpec,
     TenantView,
     VariantSpec,
@@ -273,6 +277,8 @@ class Catalog:
                     raise Conflict(f"version {version} of {adapter!r} is active")
                 if await q.version_in_experiment(session, target.id):
                     raise in_use
+                if await rollouts.uses_version(session, row.id, target.number):
+                    raise Conflict(f"version {version} of {adapter!r} is a rollout's candidate")
                 shas = [target.sha256, target.config_sha256]
                 await session.delete(target)
         except IntegrityError:  # an experiment pinned it between our check and the delete
@@ -302,9 +308,37 @@ class Catalog:
     async def delete_experiment(self, tenant: str, name: str) -> None:
         await exp.delete_experiment(self._sessions, tenant, name)
 
+    # ----------------------------------------------------------------- rollouts
+    async def start_rollout(self, tenant: str, adapter: str, spec: RolloutSpec) -> RolloutView:
+        """PUT: InvalidArgument for a bad spec, NotFound for an unknown version, Conflict
+        while one runs or when the version is the active one."""
+        return await rollouts.start(self._sessions, tenant, adapter, spec)
+
+    async def get_rollout(self, tenant: str, adapter: str) -> RolloutView:
+        """The running rollout, else the most recent one; NotFound when there never was one."""
+        return await rollouts.latest(self._sessions, tenant, adapter)
+
+    async def abort_rollout(self, tenant: str, adapter: str) -> RolloutView:
+        """DELETE: NotFound when none is running."""
+        return await rollouts.abort(self._sessions, tenant, adapter)
+
+    async def running_rollouts(self) -> list[RolloutView]:
+        """Every tenant's running rollouts, for the gateways' decision loop and metrics."""
+        return await rollouts.running(self._sessions)
+
+    async def decide_rollout(
+        self, rollout_id: int, expected_stage: int, verdict: Verdict
+    ) -> RolloutView | None:
+        """Advance, promote or roll back stage `expected_stage`, once across all replicas:
+        the new state for the one call that applied it, None for every other."""
+        return await rollouts.decide(self._sessions, rollout_id, expected_stage, verdict)
+
     # --------------------------------------------------------------- resolution
     async def resolve(self, tenant: str, model: str) -> Resolution:
-        """Experiment, then adapter (active version), then `adapter@N`; NotFound otherwise."""
+        """Experiment, then adapter (active version), then `adapter@N`; NotFound otherwise.
+
+        An unpinned adapter name with a running rollout also carries `rollout`: both arms
+        and the stage's weight. A pin (`adapter@N`) bypasses it."""
         async with self._sessions() as session:
             owner = await q.tenant_row(session, tenant)
             resolver = exp.Resolver(session, self.store)
@@ -327,4 +361,7 @@ class Catalog:
                 resolved = await resolver.adapter(owner.id, name, int(pinned) if pinned else None)
             except NotFound:
                 raise NotFound(f"model {model!r} not found") from None
-            return Resolution("adapter", adapter=resolved)
+            rollout = None
+            if not at:
+                rollout = await rollouts.resolve_running(session, resolver, owner.id, resolved)
+            return Resolution("adapter", adapter=resolved, rollout=rollout)
