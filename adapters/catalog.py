@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from adapters import artifacts, rollouts, versions
+from adapters import artifacts, lifecycle, rollouts, versions
 from adapters import experiments as exp
 from adapters import queries as q
 from adapters.base_model import BaseModelSpec
@@ -30,6 +32,7 @@ from adapters.validation import validate_adapter
 from adapters.views import (
     AdapterView,
     ExperimentView,
+    KeyListItem,
     KeyRecord,
     KeyView,
     Resolution,
@@ -39,6 +42,7 @@ from adapters.views import (
     TenantView,
     VariantSpec,
     VersionView,
+    as_utc,
 )
 
 _RETRIES = 3  # a 48-bit key prefix clash: draw again
@@ -50,6 +54,17 @@ def _tenant_view(row: Tenant) -> TenantView:
 
 def _key_view(row: ApiKey, tenant: str) -> KeyView:
     return KeyView(row.id, row.name, tenant, row.created_at, row.revoked_at is not None)
+
+
+def _key_item(row: ApiKey) -> KeyListItem:
+    return KeyListItem(
+        row.id,
+        row.name,
+        row.prefix,
+        as_utc(row.created_at),
+        as_utc(row.expires_at) if row.expires_at else None,
+        as_utc(row.revoked_at) if row.revoked_at else None,
+    )
 
 
 def _limit(what: str, value: int | None) -> int | None:
@@ -103,15 +118,35 @@ class Catalog:
         async with self._sessions() as session:
             return _tenant_view(await q.tenant_row(session, name))
 
+    async def update_tenant(self, name: str, limits: Mapping[str, int | None]) -> TenantView:
+        """PATCH: set each limit given (None: no limit); the others keep their value."""
+        checked = {k: _limit(k, v) if k in lifecycle.LIMIT_FIELDS else v for k, v in limits.items()}
+        return _tenant_view(await lifecycle.update_tenant(self._sessions, name, checked))
+
+    async def delete_tenant(self, name: str) -> None:
+        """Every row of the tenant (its keys stop working), then its unshared objects."""
+        await lifecycle.delete_tenant(self._sessions, self.store, name)
+
     # --------------------------------------------------------------------- keys
-    async def create_key(self, tenant: str, key_name: str) -> tuple[KeyView, str]:
-        """A new key; the plaintext is returned this once and never stored."""
+    async def create_key(
+        self, tenant: str, key_name: str, expires_at: datetime | None = None
+    ) -> tuple[KeyView, str]:
+        """A new key; the plaintext is returned this once and never stored.
+
+        `expires_at` (aware, in the future; None: never) is when it starts failing like a
+        revoked key."""
         if (
             not isinstance(key_name, str)
             or not 0 < len(key_name) <= 63
             or not key_name.isprintable()
         ):
             raise InvalidArgument("key name must be 1 to 63 printable characters")
+        if expires_at is not None:
+            if not isinstance(expires_at, datetime) or expires_at.utcoffset() is None:
+                raise InvalidArgument("expires_at must be a date-time with a UTC offset")
+            if expires_at <= utcnow():
+                raise InvalidArgument("expires_at must be in the future")
+            expires_at = as_utc(expires_at)
         for attempt in range(_RETRIES):
             generated = generate_key()
             try:
@@ -123,6 +158,7 @@ class Catalog:
                         name=key_name,
                         prefix=generated.prefix,
                         secret_hash=generated.secret_hash,
+                        expires_at=expires_at,
                     )
                     session.add(row)
                 return _key_view(row, tenant), generated.plaintext
@@ -131,13 +167,16 @@ class Catalog:
                     raise
         raise AssertionError("unreachable")
 
-    async def list_keys(self, tenant: str) -> list[KeyView]:
+    async def list_keys(self, tenant: str) -> list[KeyListItem]:
+        """The tenant's keys, revoked and expired ones included; never a secret or hash."""
         async with self._sessions() as session:
             owner = await q.tenant_row(session, tenant)
             rows = await session.scalars(
-                select(ApiKey).where(ApiKey.tenant_id == owner.id).order_by(ApiKey.created_at)
+                select(ApiKey)
+                .where(ApiKey.tenant_id == owner.id)
+                .order_by(ApiKey.created_at, ApiKey.id)
             )
-            return [_key_view(r, tenant) for r in rows]
+            return [_key_item(r) for r in rows]
 
     async def revoke_key(self, key_id: str) -> KeyView:
         async with self._sessions() as session, session.begin():
@@ -167,14 +206,19 @@ class Catalog:
         if found is None:
             return None
         key, owner = found
+        expires_at = as_utc(key.expires_at) if key.expires_at else None
         return KeyRecord(
             key_id=key.id,
             prefix=key.prefix,
             secret_hash=key.secret_hash,
             tenant=owner.name,
-            revoked=key.revoked_at is not None,
+            # API.md: an expired key is refused like a revoked one. A caller that caches the
+            # record checks `expired(now)` too, for keys that expire while cached.
+            revoked=key.revoked_at is not None
+            or (expires_at is not None and expires_at <= utcnow()),
             requests_per_minute=owner.requests_per_minute,
             tokens_per_minute=owner.tokens_per_minute,
+            expires_at=expires_at,
         )
 
     # ------------------------------------------------------- adapters, versions
@@ -264,6 +308,10 @@ class Catalog:
             target = await q.version_row(session, row, version)
             await q.set_active(session, row.id, target.id)
         return await self.get_adapter(tenant, adapter)
+
+    async def delete_adapter(self, tenant: str, adapter: str) -> None:
+        """Every version; Conflict while an experiment or a running rollout uses it."""
+        await lifecycle.delete_adapter(self._sessions, self.store, tenant, adapter)
 
     async def delete_version(self, tenant: str, adapter: str, version: int) -> None:
         in_use = Conflict(f"version {version} of {adapter!r} is used by an experiment")

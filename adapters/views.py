@@ -58,8 +58,35 @@ class KeyView:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyListItem:
+    """One key in a tenant's key list: never its secret or its hash."""
+
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "created_at": iso_utc(self.created_at),
+            "expires_at": iso_utc(self.expires_at) if self.expires_at else None,
+            "revoked_at": iso_utc(self.revoked_at) if self.revoked_at else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """What authentication needs for one key prefix; the hash is of the secret part."""
+    """What authentication needs for one key prefix; the hash is of the secret part.
+
+    `revoked` is also true for a key already expired when it was looked up. A record is
+    cached by the gateway, so a key that expires later is caught by `expired(now)`, which
+    the gateway checks on every request.
+    """
 
     key_id: str
     prefix: str
@@ -68,6 +95,10 @@ class KeyRecord:
     revoked: bool
     requests_per_minute: int | None
     tokens_per_minute: int | None
+    expires_at: datetime | None = None  # aware, UTC; None: never
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 @dataclass(frozen=True, slots=True)
