@@ -4,7 +4,9 @@ One decision per stage across every gateway replica: `decide` applies a verdict 
 conditional UPDATE ... WHERE id = ? AND stage = ? AND state = 'running'. The replica that
 loses the race matches no row and gets None; nothing is held between decisions, so no lease
 can expire under a replica that stalls, and the same statement is exact on SQLite and on
-PostgreSQL (where the loser's UPDATE waits for the winner's row and then re-reads it).
+PostgreSQL (where the loser waits for the winner's locks, then its UPDATE reads the row the
+winner committed). A Redis lease would add a second store and a TTL to get wrong; a held
+row lock would pin a connection for a whole stage.
 Every writer takes the adapter's lock first (`queries.lock_adapter`), then the rollout's
 row, so a decision, a start, an abort, an activation and a version delete never deadlock.
 Promotion makes the candidate active in the decision's own transaction.
