@@ -1,22 +1,25 @@
-"""Writing adapter versions: numbering under concurrency, activation of the first, and
-garbage collection of stored objects no version references."""
+"""Writing adapter versions: numbering under concurrency and activation of the first.
+
+Garbage collection of the stored objects lives in adapters/artifacts.py."""
 
 from __future__ import annotations
-
-import asyncio
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from adapters import artifacts
 from adapters import queries as q
 from adapters.errors import Conflict
 from adapters.models import Adapter, AdapterVersion, utcnow
-from adapters.storage import ArtifactStore
 from adapters.validation import ValidatedAdapter
 from adapters.views import VersionView
 
 _RETRIES = 3  # two first uploads of a new adapter race on its unique name
+
+
+class _AdapterVanished(Exception):
+    """The adapter row was deleted between our read of it and our counter bump."""
 
 
 async def insert_version(
@@ -49,7 +52,10 @@ async def insert_version(
                 number = await session.scalar(
                     select(Adapter.next_version).where(Adapter.id == row.id)
                 )
-                assert number is not None
+                if number is None:  # deleted under us: this upload starts a new adapter
+                    raise _AdapterVanished
+                # After the adapter's lock, so every writer takes the two in one order.
+                await artifacts.hold(session, [checked.sha256, checked.config_sha256])
                 current = await q.active_version(session, row)
                 version = AdapterVersion(
                     adapter_id=row.id,
@@ -69,18 +75,7 @@ async def insert_version(
                     await q.set_active(session, row.id, version.id)
                     version.is_active = True
                 return q.version_view(adapter, version)
-        except IntegrityError:  # two first uploads raced to create the adapter row
+        except (IntegrityError, _AdapterVanished):  # raced a create or a delete of the adapter
             if attempt == _RETRIES - 1:
                 raise Conflict(f"adapter {adapter!r} changed concurrently; retry") from None
     raise AssertionError("unreachable")
-
-
-async def drop_unreferenced(
-    sessions: async_sessionmaker[AsyncSession], store: ArtifactStore, shas: list[str]
-) -> None:
-    """Delete the stored objects that no version of any tenant references any more."""
-    for sha in shas:
-        async with sessions() as session:
-            if await q.object_referenced(session, sha):
-                continue
-        await asyncio.to_thread(store.delete, sha)

@@ -93,3 +93,22 @@ def nothing_left(catalog: Catalog):
         assert stored_objects(catalog.store) == []  # type: ignore[arg-type]
 
     return check
+
+
+@pytest.fixture
+async def catalog_pair(any_db_url: str, tmp_path: Path) -> AsyncIterator[tuple[Catalog, Catalog]]:
+    """Two catalogs, each with its own engine (two gateway replicas), over one database
+    and one artifact store."""
+    first, _, engine_a = _catalog(any_db_url, tmp_path)
+    second, _, engine_b = _catalog(any_db_url, tmp_path)
+    yield first, second
+    await engine_a.dispose()
+    await engine_b.dispose()
+
+
+@pytest.fixture
+async def postgres_catalog(empty_postgres_url: str, tmp_path: Path) -> AsyncIterator[Catalog]:
+    """A Catalog over PostgreSQL only, for races that need row locks to show."""
+    cat, _, engine = _catalog(empty_postgres_url, tmp_path)
+    yield cat
+    await engine.dispose()

@@ -31,6 +31,9 @@ TABLES = {
     "adapter_versions",
     "experiments",
     "experiment_variants",
+    "rollouts",
+    "rollout_events",
+    "artifact_locks",
 }
 
 
@@ -145,6 +148,24 @@ def _version(id_: int, adapter: int, number: int, active: bool) -> str:
     )
 
 
+def _rollout(
+    id_: int,
+    adapter: int,
+    *,
+    state: str = "running",
+    version: int = 2,
+    stage: int = 0,
+    max_error_rate: float = 0.02,
+) -> str:
+    return (
+        "INSERT INTO rollouts (id, adapter_id, version, from_version, stages, stage_seconds,"
+        " min_requests, max_error_rate, max_latency_p95_ratio, min_score_delta, state, stage,"
+        " stage_started_at, created_at, updated_at) VALUES"
+        f" ({id_}, {adapter}, {version}, 1, '[5, 100]', 60.0, 10, {max_error_rate}, 1.5,"
+        f" -0.05, '{state}', {stage}, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    )
+
+
 BAD_STATES = {
     "two_active_versions": [_version(1, 1, 1, True), _version(2, 1, 2, True)],
     "repeated_version_number": [_version(1, 1, 1, True), _version(2, 1, 1, False)],
@@ -172,6 +193,20 @@ BAD_STATES = {
         " created_at, updated_at) VALUES (1, 'e', 1, 1.5, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
     ],
     "rank_zero": [_version(1, 1, 1, True).replace(" 4, 8.0,", " 0, 8.0,")],
+    "two_running_rollouts_of_one_adapter": [_rollout(1, 1), _rollout(2, 1)],
+    "rollout_in_an_unknown_state": [_rollout(1, 1, state="paused")],
+    "rollout_candidate_is_its_stable_version": [_rollout(1, 1, version=1)],
+    "rollout_error_rate_above_one": [_rollout(1, 1, max_error_rate=1.5)],
+    "rollout_stage_negative": [_rollout(1, 1, stage=-1)],
+    "rollout_of_an_unknown_adapter": [_rollout(1, 9)],
+    "rollout_event_with_an_unknown_action": [
+        _rollout(1, 1),
+        "INSERT INTO rollout_events (rollout_id, at, action, stage, reason)"
+        " VALUES (1, CURRENT_TIMESTAMP, 'paused', 0, 'x')",
+    ],
+    "artifact_lock_not_a_sha256": [
+        "INSERT INTO artifact_locks (sha256, touched_at) VALUES ('abc', CURRENT_TIMESTAMP)"
+    ],
 }
 
 
@@ -192,3 +227,81 @@ async def test_schema_accepts_the_good_state_the_bad_ones_differ_from(any_db_url
         "INSERT INTO experiment_variants (experiment_id, position, name, adapter_id,"
         " version_id, weight) VALUES (1, 0, 'v', 1, 2, 0)",
     )
+
+    # One running and any number of finished rollouts per adapter; each adapter its own.
+    await _insert(
+        any_db_url,
+        _rollout(1, 1, state="rolled_back"),
+        _rollout(2, 1, state="promoted", stage=1),
+        _rollout(3, 1),
+        _rollout(4, 2),
+        "INSERT INTO rollout_events (rollout_id, at, action, stage, reason)"
+        " VALUES (3, CURRENT_TIMESTAMP, 'advanced', 0, 'held')",
+        f"INSERT INTO artifact_locks (sha256, touched_at) VALUES ('{'a' * 64}', CURRENT_TIMESTAMP)",
+    )
+
+
+def _migrated_to_0001(kind: str, tmp_path: Path, postgres_url: str | None) -> str:
+    if kind == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'c.db'}"
+    else:
+        assert postgres_url is not None
+        _reset_postgres(postgres_url)
+        url = postgres_url
+    run_migrations(url, "upgrade", "0001")
+    return url
+
+
+async def _scalar(url: str, statement: str):
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return (await conn.execute(text(statement))).scalar_one()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("sqlite", marks=pytest.mark.unit),
+        pytest.param("postgres", marks=pytest.mark.integration),
+    ],
+)
+def test_0002_keeps_existing_rows_up_and_down(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    postgres_url = request.getfixturevalue("postgres_url") if kind == "postgres" else None
+    url = _migrated_to_0001(kind, tmp_path, postgres_url)
+    try:
+        asyncio.run(
+            _insert(
+                url,
+                *SEED,
+                "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_hash, created_at)"
+                f" VALUES ('key_1', 1, 'ci', '0123456789ab', '{'f' * 64}', CURRENT_TIMESTAMP)",
+            )
+        )
+        run_migrations(url, "upgrade", "0002")
+        assert current_revision(url) == "0002"
+        # Existing keys never expire; the key survived with its other columns.
+        assert (
+            asyncio.run(_scalar(url, "SELECT count(*) FROM api_keys WHERE expires_at IS NULL")) == 1
+        )
+        run_migrations(url, "downgrade", "0001")
+        assert current_revision(url) == "0001"
+        tables, _ = asyncio.run(_tables_and_diff(url))
+        assert not ({"rollouts", "rollout_events", "artifact_locks"} & tables)
+        assert asyncio.run(_scalar(url, "SELECT prefix FROM api_keys")) == "0123456789ab"
+        # The rebuilt api_keys table still refuses a second key with the same prefix.
+        with pytest.raises(IntegrityError):
+            asyncio.run(
+                _insert(
+                    url,
+                    "INSERT INTO api_keys (id, tenant_id, name, prefix, secret_hash, created_at)"
+                    f" VALUES ('key_2', 1, 'ci', '0123456789ab', '{'f' * 64}', CURRENT_TIMESTAMP)",
+                )
+            )
+    finally:
+        if postgres_url is not None:
+            upgrade_database(postgres_url)

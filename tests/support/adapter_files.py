@@ -19,6 +19,7 @@ from adapters.base_model import BaseModelSpec
 from adapters.catalog import Catalog
 from adapters.models import Adapter, AdapterVersion
 from adapters.storage import LocalStore
+from adapters.views import VersionView
 
 # A tiny Llama: q out 64, k/v out 32 (GQA 4:2), intermediate 96, two layers.
 SPEC = BaseModelSpec(
@@ -129,3 +130,15 @@ def stored_objects(store: LocalStore) -> list[Path]:
     if not store.root.exists():
         return []
     return [p for p in store.root.rglob("*") if p.is_file()]
+
+
+async def upload(
+    cat: Catalog, where: Path, tenant: str, adapter: str, seed: int, activate: bool | None = None
+) -> VersionView:
+    """A good adapter whose weights are drawn from `seed`: equal seeds give equal bytes."""
+    paths = write_adapter(where / f"{tenant}-{adapter}-{seed}", model=lora_tensors(seed=seed))
+    return await cat.upload_version(tenant, adapter, *paths, activate=activate)
+
+
+def stored_names(store: LocalStore) -> set[str]:
+    return {p.name for p in stored_objects(store)}
