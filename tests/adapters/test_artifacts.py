@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from adapter_files import stored_names, upload
 from sqlalchemy import text
 
 from adapters import artifacts
 from adapters import queries as q
 from adapters.catalog import Catalog
+from tests.support.adapter_files import stored_names, upload
 
 pytestmark = pytest.mark.integration
 DEADLINE_S = 30.0

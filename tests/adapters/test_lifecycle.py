@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from adapter_files import count_rows, stored_names, upload
 from sqlalchemy import func, select, update
 
 from adapters import versions
@@ -17,6 +16,7 @@ from adapters.errors import Conflict, InvalidArgument, NotFound
 from adapters.keys import parse_key
 from adapters.models import ApiKey, ArtifactLock, Base, Tenant
 from adapters.views import RolloutSpec, ShadowSpec, VariantSpec
+from tests.support.adapter_files import count_rows, stored_names, upload
 
 
 async def _set_expiry(cat: Catalog, key_id: str, when: datetime) -> None:

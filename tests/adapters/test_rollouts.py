@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from adapter_files import SPEC, upload
 
 from adapters import queries as q
 from adapters.catalog import Catalog
@@ -16,6 +15,7 @@ from adapters.errors import Conflict, InvalidArgument, NotFound
 from adapters.guardrails import ArmFigures, Verdict, evaluate
 from adapters.storage import LocalStore
 from adapters.views import Guardrails, RolloutSpec, VariantSpec
+from tests.support.adapter_files import SPEC, upload
 
 PASS = Verdict(True, "guardrails held")
 BREACH = Verdict(False, "error rate too high")
