@@ -64,5 +64,5 @@ def test_a_catalog_version_maps_to_the_runtimes_adapter_reference() -> None:
     assert sent.adapter == adapter
     assert (adapter.key, adapter.uri, adapter.rank, adapter.alpha) == (
         "ab" * 32, "file:///store/sha256/ab/x", 8, 16.0)
-    assert (adapter.target_modules, adapter.use_rslora) == (["q_proj", "v_proj"], True)
+    assert (adapter.target_modules, adapter.use_rslora) == (("q_proj", "v_proj"), True)
     assert adapter.name == "acme/support@3"
