@@ -55,6 +55,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        if self.artifacts_dir is not None:
+            self.artifacts_dir = Path(self.artifacts_dir)
         if self.max_running < 1 or self.max_batch_tokens < 1 or self.block_size < 1:
             raise ValueError("max_running, max_batch_tokens and block_size must be positive")
         if self.max_waiting < 0:
