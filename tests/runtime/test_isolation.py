@@ -318,6 +318,40 @@ def test_alpha_1e308_fails_its_requests_while_others_in_flight_finish(
         engine.adapters.close()  # type: ignore[union-attr]
 
 
+def test_an_install_that_raises_fails_only_its_adapter_in_the_engine(
+    model_dir: Path, args: ModelArgs, tmp_path: Path
+) -> None:
+    store = tmp_path / "artifacts"
+    good = crafted_ref(store, args, "acme/good@1", seed=3)
+    cursed = crafted_ref(store, args, "evil/cursed@1", seed=5)
+    engine = store_engine(model_dir, args, store)
+    cache = engine.adapters
+    assert isinstance(cache, AdapterCache)
+    set_lora = cache._install
+
+    def install(slot: int, weights: LoraWeights) -> None:
+        if weights.a["qkv_proj"].equal(cursed_weights.a["qkv_proj"]):
+            raise RuntimeError("device copy failed")  # whatever slips past set_lora's checks
+        set_lora(slot, weights)
+
+    try:
+        wait_in_host_tier(engine, cursed)
+        cursed_weights = cache.host.get(cursed.key)
+        cache._install = install
+        reqs = [EngineRequest("good", prompt(12, 5), greedy(), good),
+                EngineRequest("base", prompt(7, 6), greedy()),
+                EngineRequest("cursed", prompt(9, 7), greedy(), cursed)]
+        alone = {r.request_id: solo(engine, r) for r in reqs[:2]}
+        for req in reqs:
+            engine.add_request(req)
+        outputs = drain(engine)  # a step that raised would fail them all, or raise here
+        assert outputs["cursed"][-1].finish_reason is FinishReason.ERROR
+        assert "evil/cursed@1 could not be installed" in outputs["cursed"][-1].error
+        assert {r: tokens_of(outputs[r]) for r in alone} == alone
+    finally:
+        cache.close()
+
+
 # --- 3. the cache key is the version's identity --------------------------------------------
 
 
