@@ -82,7 +82,8 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
     )
     router = Router(runtime_http, settings.runtimes, redis,
                     request_timeout_s=settings.request_timeout_s,
-                    max_inflight_per_runtime=settings.max_inflight_per_runtime)
+                    max_inflight_per_runtime=settings.max_inflight_per_runtime,
+                    token=settings.runtime_token)
     resolver = Resolver(catalog, settings.base_model_path.resolve().name, settings.redis_url)
     catalog.on_change(resolver.invalidate)
     stats = ExperimentStats(redis)

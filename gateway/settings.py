@@ -35,6 +35,9 @@ class Settings:
     s3_prefix: str = ""
     # Plaintext only in memory and only when given through the environment; never in repr.
     admin_token: str | None = field(default=None, repr=False)
+    # The bearer token runtimes require (API.md "Runtimes"): gateways send it, `loragate
+    # runtime` requires it. `serve` makes a fresh one for the runtime it starts.
+    runtime_token: str | None = field(default=None, repr=False)
     max_adapter_bytes: int = 512 * MIB
     max_adapter_config_bytes: int = 1 * MIB
     max_lora_rank: int = 64

@@ -200,7 +200,7 @@ class Pipeline:
         plan = await self.plan(principal, model, user)
         body = msgspec.structs.replace(body, tenant=plan.tenant,
                                        adapter=adapter_body(plan.tenant, plan.adapter))
-        key = plan.adapter.ref.key if plan.adapter is not None else None
+        key = plan.adapter.ref.sha256 if plan.adapter is not None else None
         inference = Inference(self, plan, body, self.router.generate(body, key))
         await inference.open()
         return inference

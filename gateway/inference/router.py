@@ -113,9 +113,13 @@ class Router:
         load_factor: float = 1.25,
         max_inflight_per_runtime: int = 0,
         client: Any = None,
+        token: str | None = None,
     ) -> None:
+        """`token`: LORAGATE_RUNTIME_TOKEN, sent with /stats probes and /generate calls."""
         self.http = http  # health and stats probes
-        self.client = client if client is not None else RuntimeClient()  # /generate traffic
+        # /generate traffic
+        self.client = client if client is not None else RuntimeClient(token=token)
+        self._probe_headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.static_urls = tuple(static_urls)
         self.redis = redis
         self.request_timeout_s = request_timeout_s
@@ -172,7 +176,8 @@ class Router:
             state.healthy = status == "ok"
             state.detail = str(status) if status else f"HTTP {response.status_code}"
             if state.healthy:
-                stats = await self.http.get(f"{state.url}/stats", timeout=2.0)
+                stats = await self.http.get(f"{state.url}/stats", timeout=2.0,
+                                            headers=self._probe_headers)
                 if stats.status_code == 200:
                     state.stats = stats.json()
         except (httpx.HTTPError, ValueError) as exc:

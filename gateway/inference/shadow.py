@@ -57,7 +57,7 @@ class Shadow:
         got = Collected()
         ok = False
         try:
-            async for event in self.router.generate(body, shadow.resolved.ref.key):
+            async for event in self.router.generate(body, shadow.resolved.ref.sha256):
                 got.add(event)
             ok = got.error is None
         except GatewayError as exc:
