@@ -40,6 +40,28 @@ if TYPE_CHECKING:
     from gateway.inference.shadow import Shadow
 
 logger = logging.getLogger("loragate.gateway.openai")
+# No token of the served tokenizers covers more than this many bytes of text (SmolLM2's
+# longest is 81, a newline and 80 spaces; Llama 3's and Qwen2's are runs of spaces or
+# punctuation of about 128), so a prompt of more than max_model_len times this many bytes has
+# more tokens than the context holds, whatever the tokenizer: it is refused on its byte
+# length, before a runtime spends seconds tokenizing megabytes only to refuse it then.
+PROMPT_BYTES_PER_TOKEN = 256
+
+
+def check_prompt_bytes(body: GenerateBody, max_model_len: int | None) -> None:
+    """BadRequest (prompt_too_long, like the runtime's) for a text prompt that cannot fit."""
+    if max_model_len is None or body.prompt_token_ids is not None:
+        return  # ids are counted by the runtime at no cost
+    if body.messages is not None:
+        size, param = sum(len(m.content.encode()) for m in body.messages), "messages"
+    else:
+        size, param = len((body.prompt or "").encode()), "prompt"
+    limit = max_model_len * PROMPT_BYTES_PER_TOKEN
+    if size > limit:
+        raise BadRequest(
+            f"the prompt is {size} bytes and this model's context holds {max_model_len} "
+            f"tokens: no prompt over {limit} bytes fits in it", code="prompt_too_long",
+            param=param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +267,7 @@ class Pipeline:
                    body: GenerateBody) -> Inference:
         """Plan the request, address `body` to what serves it, and open it on a runtime.
         `user` is the A/B identity (None: a random variant)."""
+        check_prompt_bytes(body, self.router.max_model_len())
         plan = await self.plan(principal, model, user, reservation(body))
         body = msgspec.structs.replace(body, tenant=plan.tenant,
                                        adapter=adapter_body(plan.tenant, plan.adapter))
@@ -286,7 +309,7 @@ class Pipeline:
             return
         ok = outcome.status == 200 and got.error is None
         await self.stats.record(
-            plan.tenant, plan.experiment.name, plan.variant, ok=ok, latency_s=total_s,
+            plan.tenant, ab.stats_key(plan.experiment), plan.variant, ok=ok, latency_s=total_s,
             tokens_in=got.prompt_tokens, tokens_out=got.num_completion_tokens)
         if ok:
             await self.shadow.after(plan.tenant, plan.experiment, outcome.body, got.output)
