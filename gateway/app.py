@@ -133,7 +133,7 @@ def _openapi() -> OpenAPIConfig:
         version=API_VERSION,
         # The document describes every route, the admin API's included: it takes a token.
         openapi_router=LitestarRouter(path="/schema", route_handlers=[],
-                                      guards=[require_any_token]),
+                                      guards=[require_any_token], include_in_schema=False),
         components=Components(
             security_schemes={
                 "bearer": SecurityScheme(
