@@ -92,7 +92,7 @@ class Outcome:
     plan: Plan
     body: GenerateBody  # as sent to the runtime; the shadow copy is made from it
     got: Collected
-    status: int  # the HTTP status the client got (499: the client went away first)
+    status: int  # the HTTP status the client got (499: it went away first; 500: a fault)
     ttft_s: float | None
 
 
@@ -185,8 +185,8 @@ class Inference:
         except GatewayError as exc:
             self._book(spec_for(exc).status)
             raise
-        except BaseException:
-            await self._abandon()
+        except BaseException as exc:
+            await self._abandon(exc)
             raise
         if self._head and isinstance(self._head[-1], ErrorEvent):
             for event in self._head:
@@ -223,18 +223,19 @@ class Inference:
         except GatewayError as exc:
             self._book(spec_for(exc).status)
             raise
-        except BaseException:
-            await self._abandon()
+        except BaseException as exc:
+            await self._abandon(exc)
             raise
         self._book(200)
         return self.got
 
-    async def _abandon(self) -> None:
-        """The client went away (the handler was cancelled) mid-way: close the runtime's
-        stream, which frees its place and aborts it there, and book what was used."""
+    async def _abandon(self, exc: BaseException) -> None:
+        """Ended mid-way by `exc`: the client went away (the handler was cancelled: 499) or a
+        fault (500). Close the runtime's stream, which frees its place and aborts it there,
+        and book what was used."""
         with contextlib.suppress(Exception):
             await asyncio.shield(self._events.aclose())
-        self._book(499)
+        self._book(499 if isinstance(exc, asyncio.CancelledError) else 500)
 
     async def close(self) -> None:
         """After a streamed answer, however it ended (the client may have left): close the
