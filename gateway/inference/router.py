@@ -312,6 +312,17 @@ class Router:
                           code="no_runtime" if shed_reason is None else "overloaded",
                           retry_after=retry_after)
 
+    def max_model_len(self) -> int | None:
+        """The longest context of the healthy runtimes, from their /stats "limits"; None
+        while none has reported one."""
+        lengths = []
+        for state in self.runtimes.values():
+            limits = state.stats.get("limits") if state.healthy else None
+            length = limits.get("max_model_len") if isinstance(limits, dict) else None
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                lengths.append(length)
+        return max(lengths, default=None)
+
     def cache_figures(self) -> dict[str, dict[str, Any]]:
         """The runtimes' latest /stats, for /metrics."""
         return {url: s.stats for url, s in self.runtimes.items() if s.stats}
