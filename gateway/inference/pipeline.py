@@ -155,6 +155,8 @@ def error_for(error: ErrorEvent) -> GatewayError:
         return BadRequest(error.message, code=error.code)
     if error.code == "adapter_load_failed" and error.message.endswith(_FOR_GOOD):
         return AdapterUnusable(error.message)
+    if error.code == "adapter_numerics":  # the adapter's own weights: a retry gives the same
+        return AdapterUnusable(error.message, code=error.code)
     return Unavailable(error.message, code=error.code, retry_after=1)
 
 

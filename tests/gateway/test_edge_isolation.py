@@ -239,6 +239,19 @@ async def test_a_stream_failing_before_its_first_token_raises_the_whole_answers_
             assert "Retry-After" not in response.headers
 
 
+def test_an_adapter_with_non_finite_activations_is_a_500_that_invites_no_retry() -> None:
+    # The runtime stops such a sequence with `adapter_numerics` (its own weights): a retry would
+    # give the same answer, so no 503 and no Retry-After.
+    from gateway.inference.pipeline import error_for
+    from runtime.protocol import ErrorEvent
+
+    error = error_for(ErrorEvent("adapter_numerics",
+                                 "adapter acme/x@3 produced non-finite activations"))
+    response = errors.to_response(error)
+    assert response.status_code == 500 and "Retry-After" not in response.headers
+    assert response.content["error"]["code"] == "adapter_numerics"  # type: ignore[index]
+
+
 async def test_a_prompt_too_long_by_its_bytes_is_refused_before_any_runtime_sees_it() -> None:
     router = ScriptedRouter("ok", max_len=100)
     limiter = RateLimiter()
