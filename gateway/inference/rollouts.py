@@ -144,8 +144,7 @@ class RolloutController:
         running = await self.catalog.running_rollouts()
         decided: list[RolloutView] = []
         for view in running:
-            arms = await self.stats.arms(view.id, view.stage)
-            stable, candidate = arms["stable"][0], arms["candidate"][0]
+            stable, candidate = await self.judged(view)
             if not stage_due(view, now, stable, candidate):
                 continue
             verdict = evaluate(view.guardrails, stable, candidate)
@@ -160,6 +159,22 @@ class RolloutController:
         decided_ids = {d.id: d for d in decided}
         self.metrics.rollouts_now([decided_ids.get(v.id, v) for v in running])
         return decided
+
+    async def judged(self, view: RolloutView) -> tuple[ArmFigures, ArmFigures]:
+        """The (stable, candidate) figures the guardrails judge the current stage on.
+
+        A stage at 100% sends no user to the stable arm, so it could never reach
+        min_requests there; its baseline is the stable arm of the stage before, which passed
+        with min_requests. A rollout whose only stage is 100% has no stable traffic at all:
+        only the candidate's own figures count (its error rate against none)."""
+        arms = await self.stats.arms(view.id, view.stage)
+        stable, candidate = arms["stable"][0], arms["candidate"][0]
+        if view.weight >= 100:
+            if view.stage > 0:
+                stable = (await self.stats.arms(view.id, view.stage - 1))["stable"][0]
+            else:
+                stable = ArmFigures(requests=view.min_requests)
+        return stable, candidate
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
