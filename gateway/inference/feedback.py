@@ -11,8 +11,10 @@ tenant's is the same `NotFound`, so ids cannot be probed across tenants.
 Storage per answer, bounded:
 - Redis (shared by replicas): one hash `loragate:fb:<id>` with the served target (`t`, a
   compact JSON array) and the score (`s`), expiring after `ttl_s`. Measured with MEMORY USAGE
-  (tests/gateway/test_feedback.py): at most `REDIS_BYTES_PER_ANSWER` (256) bytes for names of
-  up to 16 characters, about 450 bytes with every name at its 63-character maximum.
+  (tests/gateway/test_feedback.py), allocator rounding included: 200 bytes with names of up
+  to 8 characters, at most `REDIS_BYTES_PER_ANSWER` (400) with names of up to 16, at most
+  `REDIS_MAX_BYTES_PER_ANSWER` (600) with every name at its 63-character maximum. A week of
+  100 answers/s at 200 bytes is 12 GB: size LORAGATE_FEEDBACK_TTL_S to the labels' delay.
 - In process: an insertion-ordered dict of at most `max_entries` answers (the oldest go
   first), each also dropped after `ttl_s`; about 400 bytes of Python objects per answer.
 
@@ -37,7 +39,8 @@ from adapters.errors import NotFound
 logger = logging.getLogger("loragate.gateway.feedback")
 ANSWER_PREFIX = "loragate:fb:"
 SCORES_PREFIX = "loragate:fbs:"
-REDIS_BYTES_PER_ANSWER = 256
+REDIS_BYTES_PER_ANSWER = 400
+REDIS_MAX_BYTES_PER_ANSWER = 600
 Z_95 = 1.959963984540054
 
 # Atomically: the answer's target and its previous score, and the new score set; nothing
