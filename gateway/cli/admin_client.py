@@ -231,6 +231,9 @@ def _rollout(client: AdminClient, args: Any) -> Any:
     raise AdminError(f"unknown rollout command {args.rollout_command!r}")
 
 
+_COLUMNS = f"{'req':>6} {'err':>4} {'p95':>7} {'score':>6} (n)"
+
+
 def _arm(figures: dict[str, Any]) -> str:
     p95 = figures.get("p95_latency_ms")
     mean = figures.get("feedback_mean")
@@ -246,8 +249,8 @@ def status_view(tenant: str, rollout: dict[str, Any]) -> str:
     lines = [f"{tenant}/{rollout['adapter']}: version {rollout['version']} against version "
              f"{rollout['from_version']}: {state}, {rollout['weight']:g}% on the candidate",
              "",
-             f"{'':2}{'stage':>5} {'weight':>6}  {'result':<11}"
-             f"{'stable: req  err     p95  score (n)':<38}candidate: req  err     p95  score (n)"]
+             f"{'':27}{'stable':<38}candidate",
+             f"{'':2}{'stage':>5} {'weight':>6}  {'result':<11}{_COLUMNS:<38}{_COLUMNS}"]
     reached = {s["stage"]: s for s in rollout.get("stage_figures", [])}
     for index, weight in enumerate(rollout["stages"]):
         if index < stage or (index == stage and state == "promoted"):

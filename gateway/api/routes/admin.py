@@ -25,7 +25,14 @@ from litestar.openapi.spec import (
 from litestar.params import JSONBody, Parameter, PathParameter
 
 from adapters.queries import NAME_RE
-from adapters.views import ExperimentView, Guardrails, RolloutSpec, ShadowSpec, VariantSpec
+from adapters.views import (
+    ExperimentView,
+    Guardrails,
+    RolloutSpec,
+    ShadowSpec,
+    VariantSpec,
+    iso_utc,
+)
 from gateway.api.schemas.admin import (
     NAME_PATTERN,
     Adapter,
@@ -152,7 +159,7 @@ class AdminController(Controller):
         self, tenant: PathStr, data: JSONBody[KeyCreate], services: Svc
     ) -> KeyCreated:
         view, plaintext = await services.catalog.create_key(tenant, data.name, data.expires_at)
-        expires_at = data.expires_at.isoformat() if data.expires_at is not None else None
+        expires_at = iso_utc(data.expires_at) if data.expires_at is not None else None
         return msgspec.convert({**view.to_dict(), "key": plaintext, "expires_at": expires_at},
                                KeyCreated)
 
