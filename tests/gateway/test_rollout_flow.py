@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,10 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
-from adapters.views import ResolvedAdapter, ResolvedRollout
+from adapters.views import Guardrails, ResolvedAdapter, ResolvedRollout, RolloutView
 from gateway.app import create_app
-from gateway.inference.rollouts import assign
+from gateway.inference.metrics import Metrics
+from gateway.inference.rollouts import RolloutController, RolloutStats, assign
 from tests.support.delivery import (
     QUIET_LOOP,
     ask,
@@ -83,6 +84,10 @@ async def test_a_disliked_candidate_is_rolled_back_with_the_reason(
     for _id, arm, adapter in served.values():
         assert adapter == ("support@2" if arm == "candidate" else "support@1")
     assert set(arms_of(served).values()) == {"stable", "candidate"}
+    # A pinned version bypasses the rollout, whichever arm the user is in.
+    for pinned in ("support@1", "support@2"):
+        _id, variant, adapter = await ask(gw, key, "user-0", model=pinned)
+        assert (variant, adapter) == (None, pinned)
     # Error rate and latency are fine: only the users' scores tell the candidate is worse.
     await score_arms(gw, key, served, {"stable": 0.9, "candidate": 0.2})
 
@@ -231,3 +236,28 @@ async def test_rollout_routes_answer_404_409_and_400(
     assert (rollout["state"], rollout["weight"]) == ("aborted", 0)
     assert rollout["history"][-1]["action"] == "aborted"
     assert datetime.fromisoformat(rollout["updated_at"]) <= datetime.now(UTC)
+
+
+async def test_a_100_percent_stage_is_judged_against_the_stable_arm_before_it() -> None:
+    stats = RolloutStats()
+    for _ in range(10):
+        await stats.record(5, 0, "stable", ok=True, latency_s=0.1)
+        await stats.record(5, 1, "candidate", ok=True, latency_s=0.1)
+    await stats.record(5, 1, "candidate", ok=False, latency_s=0.1)
+    now = datetime.now(UTC)
+
+    def view(stages: tuple[float, ...], stage: int) -> RolloutView:
+        return RolloutView(5, "acme", "support", 2, 1, "running", stage, stages, 600, 10,
+                           Guardrails(), now - timedelta(hours=1), now, now)
+
+    controller = RolloutController(None, stats, Metrics())
+    stable, candidate = await controller.judged(view((50, 100), 1))
+    assert (stable.requests, candidate.requests, candidate.errors) == (10, 11, 1)
+    # A single 100% stage: only the candidate's own figures count.
+    stable, candidate = await controller.judged(view((100,), 0))
+    assert (stable.requests, stable.errors, candidate.requests) == (10, 0, 0)
+    # Below 100% the stage's own stable arm is the baseline.
+    stable, _ = await controller.judged(view((50, 100), 0))
+    assert stable.requests == 10
+    stable, _ = await controller.judged(view((25, 50, 100), 1))
+    assert stable.requests == 0
