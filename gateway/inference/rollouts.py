@@ -12,7 +12,8 @@ book-keeping task, after the answer is out, so a read by the loop sees every ans
 before it. Without Redis (one replica) they live in process.
 
 The decision loop (`RolloutController.tick`, every `tick_s` on every replica): for each running
-rollout of any tenant, read both arms of its current stage; once `guardrails.stage_due`,
+rollout of any tenant, read both arms of its current stage (a 100% stage has no stable
+traffic, so its baseline is the stable arm of the stage before); once `guardrails.stage_due`,
 `guardrails.evaluate` them and hand the verdict to `Catalog.decide_rollout`, whose conditional
 UPDATE lets exactly one replica apply it (see adapters/rollouts.py for why that and not a
 Redis lease). Only the replica that got the decision back counts a rollback, so the
