@@ -1,14 +1,16 @@
 """One inference request after auth, in call order: resolve -> assign -> limit -> route -> book.
 
 `Pipeline.send` resolves the model name (cached, resolver.py), assigns an experiment's
-variant (experiments.py), takes the request and a reservation of the tokens it can use from
-the tenant's budget (ratelimit.py),
-addresses the runtime body (tenant, adapter) and opens it on a runtime (router.py, which may
-retry on another runtime before the first token). The `Inference` it returns yields the
-events once, as the tenant may see them; the route writes them whole or as SSE chunks.
-Book-keeping (settling the reservation to the tokens used, metrics, experiment figures, the
-shadow copy) runs after the answer in a background task, so it never delays or changes it;
-every way a request ends books it exactly once, so the reservation is always settled.
+variant (experiments.py) or a running rollout's arm (rollouts.py), takes the request and a
+reservation of the tokens it can use from the tenant's budget (ratelimit.py), addresses the
+runtime body (tenant, adapter) and opens it on a runtime (router.py, which may retry on
+another runtime before the first token), then keeps what served the answer under its
+completion id for feedback (feedback.py) before the client can see that id. The `Inference`
+it returns yields the events once, as the tenant may see them; the route writes them whole
+or as SSE chunks. Book-keeping (settling the reservation to the tokens used, metrics,
+experiment and rollout figures, the shadow copy) runs after the answer in a background task,
+so it never delays or changes it; every way a request ends books it exactly once, so the
+reservation is always settled.
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ import msgspec
 
 from gateway.errors import AdapterUnusable, BadRequest, GatewayError, Unavailable, spec_for
 from gateway.inference import experiments as ab
+from gateway.inference import rollouts
+from gateway.inference.feedback import Served
 from gateway.inference.ratelimit import reservation
 from gateway.inference.runtime_client import Collected, adapter_body
 from runtime.protocol import ErrorEvent, Event, GenerateBody, StartEvent, TokenEvent
 
 if TYPE_CHECKING:
-    from adapters.views import ExperimentView, ResolvedAdapter
+    from adapters.views import ExperimentView, ResolvedAdapter, ResolvedRollout
     from gateway.auth import TenantPrincipal
     from gateway.inference.experiments import ExperimentStats
+    from gateway.inference.feedback import AnswerLog
     from gateway.inference.metrics import Metrics
     from gateway.inference.ratelimit import RateLimiter
     from gateway.inference.resolver import Resolver
+    from gateway.inference.rollouts import RolloutStats
     from gateway.inference.router import Router
     from gateway.inference.shadow import Shadow
 
@@ -72,9 +78,23 @@ class Plan:
     tokens_per_minute: int | None
     adapter: ResolvedAdapter | None
     experiment: ExperimentView | None
-    variant: str | None
+    variant: str | None  # the experiment's variant, or the rollout's arm
     started: float  # time.perf_counter() once planned: latencies count from here
     reserved: int = 0  # tokens taken from the tenant's budget at admission, settled after
+    rollout: ResolvedRollout | None = None  # set when `variant` is a running rollout's arm
+
+    def served(self) -> Served:
+        """What feedback on this answer is booked to."""
+        return Served(
+            tenant=self.tenant,
+            adapter=self.adapter.name if self.adapter is not None else None,
+            version=self.adapter.version if self.adapter is not None else None,
+            experiment_id=self.experiment.id if self.experiment is not None else None,
+            variant=self.variant if self.experiment is not None else None,
+            rollout_id=self.rollout.id if self.rollout is not None else None,
+            stage=self.rollout.stage if self.rollout is not None else None,
+            arm=self.variant if self.rollout is not None else None,
+        )
 
     def headers(self) -> dict[str, str]:
         headers = {}
@@ -113,6 +133,11 @@ class Background:
             await work
         except Exception:  # book-keeping must never surface; the answer is already out
             logger.exception("background work failed")
+
+    async def drain(self) -> None:
+        """Wait until every task spawned so far (and any they spawn) has finished."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def stop(self) -> None:
         for task in list(self._tasks):
@@ -257,7 +282,8 @@ class Inference:
 class Pipeline:
     def __init__(self, resolver: Resolver, rate_limiter: RateLimiter, router: Router,
                  metrics: Metrics, stats: ExperimentStats, shadow: Shadow,
-                 background: Background) -> None:
+                 background: Background, *, rollout_stats: RolloutStats,
+                 answers: AnswerLog) -> None:
         self.resolver = resolver
         self.rate_limiter = rate_limiter
         self.router = router
@@ -265,6 +291,8 @@ class Pipeline:
         self.stats = stats
         self.shadow = shadow
         self.background = background
+        self.rollout_stats = rollout_stats
+        self.answers = answers
 
     async def send(self, principal: TenantPrincipal, model: str, user: str | None,
                    body: GenerateBody) -> Inference:
@@ -277,6 +305,7 @@ class Pipeline:
         key = plan.adapter.ref.sha256 if plan.adapter is not None else None
         inference = Inference(self, plan, body, self.router.generate(body, key))
         await inference.open()
+        await self.answers.remember(body.request_id, plan.served())
         return inference
 
     async def plan(self, principal: TenantPrincipal, model: str, user: str | None,
@@ -284,13 +313,17 @@ class Pipeline:
         """What serves the request, admitted with `tokens` reserved from the tenant's budget."""
         resolution = await self.resolver.resolve(principal.tenant, model)
         adapter, variant, experiment = resolution.adapter, None, resolution.experiment
+        rollout = resolution.rollout
         if experiment is not None:
             chosen = ab.assign(experiment, user)
             adapter, variant = chosen.resolved, chosen.name
+        elif rollout is not None:
+            variant = rollouts.assign(rollout, user)
+            adapter = rollout.candidate if variant == "candidate" else rollout.stable
         reserved = await self.rate_limiter.reserve(
             principal.tenant, principal.requests_per_minute, principal.tokens_per_minute, tokens)
         return Plan(principal.tenant, principal.tokens_per_minute, adapter, experiment, variant,
-                    time.perf_counter(), reserved)
+                    time.perf_counter(), reserved=reserved, rollout=rollout)
 
     def book(self, outcome: Outcome) -> None:
         self.background.spawn(self._after(outcome))
@@ -308,9 +341,12 @@ class Pipeline:
         self.metrics.observe(labels, status=outcome.status, ttft_s=outcome.ttft_s,
                              total_s=total_s, tokens_in=got.prompt_tokens,
                              tokens_out=got.num_completion_tokens)
+        ok = outcome.status == 200 and got.error is None
+        if plan.rollout is not None and plan.variant is not None:
+            await self.rollout_stats.record(plan.rollout.id, plan.rollout.stage, plan.variant,
+                                            ok=ok, latency_s=total_s)
         if plan.experiment is None or plan.variant is None:
             return
-        ok = outcome.status == 200 and got.error is None
         await self.stats.record(
             plan.tenant, ab.stats_key(plan.experiment), plan.variant, ok=ok, latency_s=total_s,
             tokens_in=got.prompt_tokens, tokens_out=got.num_completion_tokens)

@@ -7,16 +7,17 @@ deep nesting included, becomes `BadRequest` (400 in OpenAI's error shape) naming
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TypeVar
 
 import msgspec
 
 from gateway.errors import BadRequest
 
+T = TypeVar("T")
 _PATH_RE = re.compile(r"at `\$\.(\w+)")
 
 
-def decode_json(raw: bytes, kind: type[Any]) -> Any:
+def decode_json(raw: bytes, kind: type[T]) -> T:
     """`raw` as `kind`, strictly (no "10" for 10), or BadRequest naming the field. Every JSON
     body of the API is decoded here, so malformed input is a 400 however it is malformed."""
     try:
