@@ -33,10 +33,12 @@ from gateway.app import create_app
 from gateway.auth import TenantPrincipal
 from gateway.errors import AdapterUnusable, BadRequest, ModelNotFound, Unavailable
 from gateway.inference.experiments import ExperimentStats, pick_variant
+from gateway.inference.feedback import AnswerLog
 from gateway.inference.metrics import Metrics
 from gateway.inference.pipeline import PROMPT_BYTES_PER_TOKEN, Background, Pipeline
 from gateway.inference.ratelimit import RateLimiter
 from gateway.inference.resolver import MAX_ENTRIES, MAX_MODEL_CHARS, Resolver
+from gateway.inference.rollouts import RolloutStats
 from gateway.inference.shadow import Shadow
 from runtime.protocol import (
     ErrorEvent,
@@ -164,8 +166,11 @@ def pipeline_over(router: ScriptedRouter, limiter: RateLimiter) -> tuple[Pipelin
     background = Background()
     resolver = Resolver(FakeCatalog(), "base")
     metrics = Metrics(router.cache_figures, router.load_figures)
-    return Pipeline(resolver, limiter, router, metrics, stats,  # type: ignore[arg-type]
-                    Shadow(router, stats), background), background  # type: ignore[arg-type]
+    pipeline = Pipeline(resolver, limiter, router, metrics, stats,  # type: ignore[arg-type]
+                        Shadow(router, stats), background,  # type: ignore[arg-type]
+                        rollout_stats=RolloutStats(),
+                        answers=AnswerLog(ttl_s=60, max_entries=100))
+    return pipeline, background
 
 
 async def settled(background: Background) -> None:
