@@ -27,6 +27,7 @@ from adapters.storage import ArtifactStore, LocalStore, S3Store
 from gateway import errors
 from gateway.api.routes import admin, openai, ops
 from gateway.auth import Authenticator, load_admin_token_sha256
+from gateway.inference.discovery import DnsDiscovery
 from gateway.inference.experiments import ExperimentStats
 from gateway.inference.metrics import Metrics
 from gateway.inference.pipeline import Background, Pipeline
@@ -80,9 +81,14 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
         timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
     )
-    router = Router(runtime_http, settings.runtimes, redis,
+    discovery = None
+    if settings.dns_runtimes:
+        discovery = DnsDiscovery(settings.dns_runtimes, server=settings.dns_server,
+                                 interval_s=settings.dns_interval_s)
+    router = Router(runtime_http, settings.static_runtimes, redis,
                     request_timeout_s=settings.request_timeout_s,
-                    max_inflight_per_runtime=settings.max_inflight_per_runtime)
+                    max_inflight_per_runtime=settings.max_inflight_per_runtime,
+                    discovery=discovery)
     resolver = Resolver(catalog, settings.base_model_path.resolve().name, settings.redis_url)
     catalog.on_change(resolver.invalidate)
     stats = ExperimentStats(redis)

@@ -91,7 +91,19 @@ class _LoadCollector(Collector):
         for url, load in figures.get("runtimes", {}).items():
             in_flight.add_metric([url], load["in_flight"])
             limit.add_metric([url], load["limit"])
-        yield from (shed, in_flight, limit)
+        # Membership as this gateway sees it: a fleet whose ready count lags its pod count is
+        # one whose DNS answers or readiness lag.
+        members = GaugeMetricFamily("loragate_runtimes",
+                                    "runtimes this gateway knows, by state (draining: gone "
+                                    "from discovery with requests still in flight)",
+                                    labels=["state"])
+        for state, count in figures.get("members", {}).items():
+            members.add_metric([state], count)
+        dns_failures = CounterMetricFamily("loragate_dns_failures",
+                                           "DNS resolutions of dns+ runtimes that failed and "
+                                           "kept the last answer")
+        dns_failures.add_metric([], figures.get("dns_failures", 0))
+        yield from (shed, in_flight, limit, members, dns_failures)
 
 
 def _by_tier(value: Any) -> list[tuple[str, float]]:
