@@ -219,6 +219,12 @@ class Router:
         within = [s for s in ordered if s.in_flight < bound]
         return within + [s for s in ordered if s.in_flight >= bound]
 
+    def under_cap(self, ordered: Sequence[RuntimeState]) -> list[RuntimeState]:
+        """`ordered` without the runtimes at their cap: placement order kept, a full runtime
+        passed over like an unhealthy one. With `candidates`, the choice `generate` makes
+        (bench/fleet_sim.py drives these two at fleet scale)."""
+        return [s for s in ordered if s.in_flight < self.capacity(s)]
+
     def capacity(self, state: RuntimeState) -> int:
         """Requests this gateway lets `state` hold at once (see INFLIGHT_PER_RUNNING)."""
         if self.max_inflight_per_runtime > 0:
@@ -253,8 +259,7 @@ class Router:
         if not candidates:
             self.shed["no_runtime"] += 1
             raise Unavailable("no healthy runtime", code="no_runtime", retry_after=2)
-        # Placement order kept; a runtime at its cap is passed over like an unhealthy one.
-        candidates = [s for s in candidates if s.in_flight < self.capacity(s)]
+        candidates = self.under_cap(candidates)
         if not candidates:
             self.shed["at_capacity"] += 1
             raise Unavailable("every runtime is at its limit of requests in flight",
