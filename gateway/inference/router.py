@@ -175,7 +175,7 @@ class Router:
     def set_members(self, urls: set[str] | frozenset[str]) -> None:
         """Make `urls` the runtimes requests may go to; the others drain (see the module
         docstring)."""
-        for url in urls - set(self.runtimes):
+        for url in sorted(urls - set(self.runtimes)):  # one order whatever the hash seed
             back = self.draining.pop(url, None)
             self.runtimes[url] = back if back is not None else RuntimeState(url)
         for url in set(self.runtimes) - urls:
