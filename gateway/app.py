@@ -19,6 +19,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.router import Router as LitestarRouter
 
 from adapters.base_model import BaseModelSpec
 from adapters.catalog import Catalog
@@ -26,7 +27,7 @@ from adapters.db import create_engine, create_sessionmaker
 from adapters.storage import ArtifactStore, LocalStore, S3Store
 from gateway import errors
 from gateway.api.routes import admin, openai, ops
-from gateway.auth import Authenticator, load_admin_token_sha256
+from gateway.auth import Authenticator, load_admin_token_sha256, require_any_token
 from gateway.inference.discovery import DnsDiscovery
 from gateway.inference.experiments import ExperimentStats
 from gateway.inference.metrics import Metrics
@@ -88,7 +89,7 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
     router = Router(runtime_http, settings.static_runtimes, redis,
                     request_timeout_s=settings.request_timeout_s,
                     max_inflight_per_runtime=settings.max_inflight_per_runtime,
-                    discovery=discovery)
+                    token=settings.runtime_token, discovery=discovery)
     resolver = Resolver(catalog, settings.base_model_path.resolve().name, settings.redis_url)
     catalog.on_change(resolver.invalidate)
     stats = ExperimentStats(redis)
@@ -136,7 +137,9 @@ def _openapi() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="loragate",
         version=API_VERSION,
-        path="/schema",
+        # The document describes every route, the admin API's included: it takes a token.
+        openapi_router=LitestarRouter(path="/schema", route_handlers=[],
+                                      guards=[require_any_token], include_in_schema=False),
         components=Components(
             security_schemes={
                 "bearer": SecurityScheme(

@@ -233,6 +233,17 @@ async def require_tenant(
     connection.state.tenant = await _authenticator(connection).authenticate_tenant(token)
 
 
+async def require_any_token(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard of /schema (API.md: "takes any valid token"): the admin token or a valid tenant
+    key, else 401."""
+    token = bearer_token(connection)
+    auth = _authenticator(connection)
+    if not auth.is_admin(token):
+        await auth.authenticate_tenant(token)
+
+
 def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> TenantPrincipal:
     principal: TenantPrincipal = connection.state.tenant
     return principal

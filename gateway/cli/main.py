@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--max-batch-tokens", type=int)
     runtime.add_argument("--max-running", type=int)
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
+    runtime.add_argument("--artifacts-dir", type=Path,
+                         help="the local artifact store adapters may come from "
+                              "(default: DATA_DIR/artifacts)")
     runtime.add_argument("--parent-pid", type=int,
                          help="drain and exit once this process is no longer the parent "
                               "(set by `serve` for the runtime it starts)")
@@ -119,10 +122,20 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         device=device,
         max_lora_rank=settings.max_lora_rank,
         s3_endpoint_url=settings.s3_endpoint_url,
+        # The runtime opens artifacts only in the store the gateways write: this folder, and
+        # the bucket and prefix when the store is S3 (API.md "Runtimes").
+        artifacts_dir=(args.artifacts_dir or settings.artifacts_dir).resolve(),
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
         **{k: v for k, v in optional.items() if v is not None},
     )
-    serve_runtime(config, args.host, args.port, settings.redis_url, public_url=args.public_url,
-                  parent_pid=args.parent_pid)
+    try:
+        serve_runtime(config, args.host, args.port, settings.redis_url,
+                      public_url=args.public_url, parent_pid=args.parent_pid,
+                      token=settings.runtime_token)
+    except ValueError as exc:  # a bind the runtime refuses (no token off loopback)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -45,3 +45,17 @@ class KVCache:
     ) -> None:
         self.k[layer].index_copy_(0, slot_mapping, k)
         self.v[layer].index_copy_(0, slot_mapping, v)
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero every row of `blocks` in every layer, K and V.
+
+        For a sequence stopped for non-finite values: its blocks go back to the free list
+        holding finite values, so no later owner of them can read its NaN.
+        """
+        if not blocks:
+            return
+        ids = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        rows = (ids[:, None] * self.block_size
+                + torch.arange(self.block_size, device=self.k.device)).reshape(-1)
+        self.k.index_fill_(1, rows, 0)
+        self.v.index_fill_(1, rows, 0)

@@ -23,6 +23,7 @@ from litestar.openapi.spec import (
 )
 from litestar.params import JSONBody, Parameter, PathParameter
 
+from adapters.errors import Conflict
 from adapters.queries import NAME_RE
 from adapters.views import ShadowSpec, VariantSpec
 from gateway.api.schemas.admin import (
@@ -38,9 +39,11 @@ from gateway.api.schemas.admin import (
     Version,
     experiment_out,
 )
+from gateway.api.schemas.strict import decode_json
 from gateway.api.uploads import CONFIG_PART, MODEL_PART, receive_adapter_upload
 from gateway.auth import require_admin
 from gateway.errors import BadRequest
+from gateway.inference.experiments import stats_key
 from gateway.services import Services
 
 
@@ -78,6 +81,34 @@ def _refuse_folded_names(request: Request[Any, Any, Any]) -> None:
         raise BadRequest("malformed path: a name may not contain '/' or be empty", param="path")
 
 
+async def _strict_body(request: Request[Any, Any, Any]) -> None:
+    """Litestar converts a `data` body leniently (`"10"` becomes 10, and a body nested 1,000
+    deep escapes as a 500), while the tenant API refuses both: the raw body is decoded here
+    first, strictly, against the handler's own Struct, so admin bodies answer the same 400s.
+    An empty body is left to Litestar, as before."""
+    data = request.route_handler.parsed_fn_signature.parameters.get("data")
+    kind = data.annotation if data is not None else None
+    if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+        return
+    raw = await request.body()
+    if raw.strip():
+        decode_json(raw, kind)
+
+
+async def _before_request(request: Request[Any, Any, Any]) -> None:
+    _refuse_folded_names(request)
+    await _strict_body(request)
+
+
+def _not_the_base_model(services: Services, name: str) -> None:
+    """A tenant's experiments resolve before the base model's id (API.md's order), so one
+    named like it would hide the base model from the tenant: a conflict. (An adapter may
+    take the name: it is a model of its own, served by name, as tests/gateway/test_openai.py
+    pins; an experiment only points at adapters.)"""
+    if name == services.resolver.base_model_id:
+        raise Conflict(f"an experiment may not be named like the base model ({name!r})")
+
+
 Svc = NamedDependency[Services]
 PathStr = Annotated[str, PathParameter()]
 PathInt = Annotated[int, PathParameter()]
@@ -89,7 +120,7 @@ class AdminController(Controller):
     guards = [require_admin]
     tags = ["admin"]
     security = [{"bearer": []}]
-    before_request = staticmethod(_refuse_folded_names)
+    before_request = staticmethod(_before_request)
 
     # ------------------------------------------------------------------ tenants and keys
 
@@ -191,17 +222,22 @@ class AdminController(Controller):
             if data.shadow is not None
             else None
         )
+        _not_the_base_model(services, name)
         view = await services.catalog.put_experiment(tenant, name, variants, shadow)
-        return experiment_out(view.to_dict(), await services.experiment_stats.figures(tenant, name))
+        figures = await services.experiment_stats.figures(tenant, stats_key(view))
+        return experiment_out(view.to_dict(), figures)
 
     @get("/tenants/{tenant:str}/experiments/{name:str}")
     async def get_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> Experiment:
         view = await services.catalog.get_experiment(tenant, name)
-        return experiment_out(view.to_dict(), await services.experiment_stats.figures(tenant, name))
+        figures = await services.experiment_stats.figures(tenant, stats_key(view))
+        return experiment_out(view.to_dict(), figures)
 
     @delete("/tenants/{tenant:str}/experiments/{name:str}", status_code=204)
     async def delete_experiment(self, tenant: PathStr, name: PathStr, services: Svc) -> None:
+        view = await services.catalog.get_experiment(tenant, name)
         await services.catalog.delete_experiment(tenant, name)
+        await services.experiment_stats.forget(tenant, stats_key(view))
 
 
 routes = [AdminController]

@@ -13,17 +13,19 @@ that on, so it is not restated here.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
+from gateway.api.schemas.strict import decode_json
 from gateway.errors import BadRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat without a limit gets it too
 MAX_STOP = 4
 MAX_MESSAGES = 4096
+# A temperature below this samples as greedy (vLLM's _SAMPLING_EPS): dividing logits by
+# 1e-39 overflows them to inf, and the softmax of that is NaN, not the argmax.
+GREEDY_BELOW = 1e-5
 
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -138,17 +140,11 @@ class ModelList(Struct):
     object: str = "list"
 
 
-_PATH_RE = re.compile(r"at `\$\.(\w+)")
-
-
 def _decode(raw: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        raise BadRequest(str(exc), param=match.group(1) if match else None) from None
-    except msgspec.DecodeError:
-        raise BadRequest("request body is not valid JSON") from None
+    req = decode_json(raw, kind)
+    if req.temperature is not None and req.temperature < GREEDY_BELOW:
+        req.temperature = 0.0
+    return req
 
 
 def decode_completion(raw: bytes) -> CompletionRequest:
