@@ -11,7 +11,7 @@ FUZZ_API_EXAMPLES     ?= 200
 FUZZ_ADAPTER_EXAMPLES ?= 5000
 ATHERIS_RUNS          ?= 20000
 
-.PHONY: install serve test test-fast lint migrate bench clean fuzz-api fuzz-adapters
+.PHONY: install serve test test-fast lint deploy-check migrate bench clean fuzz-api fuzz-adapters
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway adapters runtime kernels migrations tests bench fuzz
 	$(VENV)/bin/mypy gateway adapters runtime kernels
 	$(VENV)/bin/lint-imports
+
+# Kubernetes manifests: every overlay renders (kubectl kustomize) and validates offline against
+# the schemas of K8S_VERSION (kubernetes-validate ships them); then tests/deploy reads what
+# they render (env vars the code reads, probes on real routes, no secret values).
+K8S_VERSION ?= 1.32.0
+deploy-check: $(STAMP)
+	@set -e; for overlay in deploy/k8s/overlays/*/; do \
+		echo "deploy-check: $$overlay"; \
+		kubectl kustomize "$$overlay" | $(VENV)/bin/kubernetes-validate --strict --quiet \
+			-k $(K8S_VERSION) -; \
+	done
+	$(PY) -m pytest tests/deploy -q -p no:cacheprovider
 
 # Schemathesis over /schema/openapi.json: every admin and tenant operation under valid,
 # missing, malformed, unknown, revoked and cross-role keys; prints calls and status codes.

@@ -28,6 +28,7 @@ from adapters.storage import ArtifactStore, LocalStore, S3Store
 from gateway import errors
 from gateway.api.routes import admin, feedback, openai, ops
 from gateway.auth import Authenticator, load_admin_token_sha256, require_any_token
+from gateway.inference.discovery import DnsDiscovery
 from gateway.inference.experiments import ExperimentStats
 from gateway.inference.feedback import AnswerLog, ScoreBook
 from gateway.inference.metrics import Metrics
@@ -83,10 +84,14 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
         limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
         timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0),
     )
-    router = Router(runtime_http, settings.runtimes, redis,
+    discovery = None
+    if settings.dns_runtimes:
+        discovery = DnsDiscovery(settings.dns_runtimes, server=settings.dns_server,
+                                 interval_s=settings.dns_interval_s)
+    router = Router(runtime_http, settings.static_runtimes, redis,
                     request_timeout_s=settings.request_timeout_s,
                     max_inflight_per_runtime=settings.max_inflight_per_runtime,
-                    token=settings.runtime_token)
+                    token=settings.runtime_token, discovery=discovery)
     resolver = Resolver(catalog, settings.base_model_path.resolve().name, settings.redis_url)
     catalog.on_change(resolver.invalidate)
     stats = ExperimentStats(redis)

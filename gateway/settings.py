@@ -27,7 +27,11 @@ class Settings:
     port: int = 8000
     base_model_dir: Path | None = None  # None: the built-in model under data_dir
     device: str | None = None  # None: cuda when available, else cpu
-    runtimes: tuple[str, ...] = ()  # empty: `serve` starts one runtime itself
+    # http(s)://HOST:PORT, or dns+http(s)://NAME:PORT for every address behind a DNS name (a
+    # headless Service), re-resolved every dns_interval_s. Empty: `serve` starts one runtime.
+    runtimes: tuple[str, ...] = ()
+    dns_server: str | None = None  # HOST:PORT queried for dns+ runtimes; None: getaddrinfo
+    dns_interval_s: float = 10.0
     database_url: str = ""  # empty: sqlite+aiosqlite under data_dir (filled by from_env)
     redis_url: str | None = None  # None: single replica, in-process state
     s3_endpoint_url: str | None = None
@@ -96,7 +100,7 @@ class Settings:
             raise SettingsError(f"unknown settings: {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f"LORAGATE_{f.name.upper()}")
+            raw = env.get(env_var(f.name))
             if raw is not None and raw != "":
                 values[f.name] = _parse(f.name, raw)
         values.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
@@ -117,11 +121,60 @@ class Settings:
         if self.max_inflight_per_runtime < 0:
             raise SettingsError("LORAGATE_MAX_INFLIGHT_PER_RUNTIME must not be negative")
         if (self.request_timeout_s <= 0 or self.revocation_check_s <= 0
-                or self.feedback_ttl_s <= 0 or self.rollout_tick_s <= 0):
+                or self.feedback_ttl_s <= 0 or self.rollout_tick_s <= 0
+                or self.dns_interval_s <= 0):
             raise SettingsError("timeouts must be positive")
         for url in self.runtimes:
-            if not url.startswith(("http://", "https://")):
-                raise SettingsError(f"runtime URL must start with http:// or https://: {url!r}")
+            if url.startswith(DNS_SCHEMES):
+                _check_dns_runtime(url)
+            elif not url.startswith(("http://", "https://")):
+                raise SettingsError("runtime URL must start with http://, https://, dns+http:// "
+                                    f"or dns+https://: {url!r}")
+        if self.dns_server is not None:
+            _split_host_port(self.dns_server, "LORAGATE_DNS_SERVER")
+
+    @property
+    def static_runtimes(self) -> tuple[str, ...]:
+        """The runtime URLs used as given."""
+        return tuple(u for u in self.runtimes if not u.startswith(DNS_SCHEMES))
+
+    @property
+    def dns_runtimes(self) -> tuple[str, ...]:
+        """The dns+http(s):// runtime names that gateway/inference/discovery.py resolves."""
+        return tuple(u for u in self.runtimes if u.startswith(DNS_SCHEMES))
+
+
+def env_var(name: str) -> str:
+    """The environment variable of the setting `name`."""
+    return f"LORAGATE_{name.upper()}"
+
+
+# Every variable `from_env` reads: deploy manifests may set these and nothing else of ours
+# (tests/deploy checks the rendered Kubernetes manifests against it).
+ENV_VARS = frozenset(env_var(f.name) for f in fields(Settings))
+DNS_SCHEMES = ("dns+http://", "dns+https://")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """("name", 8100) from "name:8100" or "[::1]:53"; ValueError without a port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _split_host_port(value: str, what: str) -> tuple[str, int]:
+    try:
+        return split_host_port(value)
+    except ValueError as exc:
+        raise SettingsError(f"{what}: {exc}") from None
+
+
+def _check_dns_runtime(url: str) -> None:
+    rest = url.split("://", 1)[1]
+    if "/" in rest:
+        raise SettingsError(f"a dns+ runtime is NAME:PORT without a path: {url!r}")
+    _split_host_port(rest, "LORAGATE_RUNTIMES")
 
 
 KEY_CACHE_TTL_WITHOUT_REDIS_S = 4.0
@@ -129,7 +182,7 @@ KEY_CACHE_TTL_WITHOUT_REDIS_S = 4.0
 _INT = {"port", "max_adapter_bytes", "max_adapter_config_bytes", "max_lora_rank",
         "max_request_bytes", "max_inflight_per_runtime", "feedback_max_entries"}
 _FLOAT = {"request_timeout_s", "key_cache_ttl_s", "revocation_check_s", "feedback_ttl_s",
-          "rollout_tick_s"}
+          "rollout_tick_s", "dns_interval_s"}
 _BOOL = {"ratelimit_fail_open"}
 _PATH = {"data_dir", "base_model_dir"}
 

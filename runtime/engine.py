@@ -265,5 +265,6 @@ class LLMEngine:
             "kv_blocks_free": bm.num_free_blocks,
             "kv_blocks_total": bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "queue_wait_seconds": self.scheduler.queue_wait.to_dict(),
             **({"adapters": adapter_stats()} if adapter_stats is not None else {}),
         }

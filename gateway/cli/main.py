@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path)
     serve.add_argument("--base-model", type=Path, help="Hugging Face model directory")
     serve.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    serve.add_argument("--runtimes", help="comma-separated runtime URLs")
+    serve.add_argument("--runtimes", help="comma-separated runtime URLs; dns+http://NAME:PORT "
+                       "for every address behind a DNS name")
 
     runtime = sub.add_parser("runtime", help="one inference runtime")
     runtime.add_argument("--base-model", type=Path, required=True)

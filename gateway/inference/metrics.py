@@ -13,7 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ class _RuntimeCollector(Collector):
     def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.source = source
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         hits = GaugeMetricFamily("loragate_runtime_adapter_hits",
                                  "adapter cache hits by tier, as the runtime reports them",
                                  labels=["runtime", "tier"])
@@ -58,6 +62,21 @@ class _RuntimeCollector(Collector):
                                       labels=["runtime", "tier"])
         running = GaugeMetricFamily("loragate_runtime_requests_running",
                                     "requests in the runtime's batch", labels=["runtime"])
+        # The autoscaling signals (README "Autoscaling"): queue, KV cache, slots, queue wait.
+        waiting = GaugeMetricFamily("loragate_runtime_requests_waiting",
+                                    "requests queued in the runtime, not yet in its batch",
+                                    labels=["runtime"])
+        kv_usage = GaugeMetricFamily("loragate_runtime_kv_cache_usage",
+                                     "share of the runtime's KV cache blocks in use (0..1)",
+                                     labels=["runtime"])
+        slots_held = GaugeMetricFamily("loragate_runtime_adapter_slots_held",
+                                       "device adapter slots held by running requests",
+                                       labels=["runtime"])
+        slots_total = GaugeMetricFamily("loragate_runtime_adapter_slots",
+                                        "device adapter slots of the runtime", labels=["runtime"])
+        queue_wait = HistogramMetricFamily("loragate_runtime_queue_wait_seconds",
+                                           "time from a request's arrival in the runtime to "
+                                           "its first step", labels=["runtime"])
         for url, stats in self.source().items():
             adapters = stats.get("adapters") or {}
             for family, value in ((hits, adapters.get("hits")),
@@ -69,7 +88,20 @@ class _RuntimeCollector(Collector):
                 loads.add_metric([url], number)
             for _tier, number in _by_tier(stats.get("num_running")):
                 running.add_metric([url], number)
-        yield from (hits, resident, loads, evictions, running)
+            for _tier, number in _by_tier(stats.get("num_waiting")):
+                waiting.add_metric([url], number)
+            free, total = stats.get("kv_blocks_free"), stats.get("kv_blocks_total")
+            if isinstance(free, int) and isinstance(total, int) and total > 0:
+                kv_usage.add_metric([url], 1.0 - free / total)
+            slots = adapters.get("slots") or {}
+            if _is_number(slots.get("held")) and _is_number(slots.get("total")):
+                slots_held.add_metric([url], slots["held"])
+                slots_total.add_metric([url], slots["total"])
+            histogram = _histogram(stats.get("queue_wait_seconds"))
+            if histogram is not None:
+                queue_wait.add_metric([url], *histogram)
+        yield from (hits, resident, loads, evictions, running, waiting, kv_usage, slots_held,
+                    slots_total, queue_wait)
 
 
 class _LoadCollector(Collector):
@@ -94,7 +126,33 @@ class _LoadCollector(Collector):
         for url, load in figures.get("runtimes", {}).items():
             in_flight.add_metric([url], load["in_flight"])
             limit.add_metric([url], load["limit"])
-        yield from (shed, in_flight, limit)
+        # Membership as this gateway sees it: a fleet whose ready count lags its pod count is
+        # one whose DNS answers or readiness lag.
+        members = GaugeMetricFamily("loragate_runtimes",
+                                    "runtimes this gateway knows, by state (draining: gone "
+                                    "from discovery with requests still in flight)",
+                                    labels=["state"])
+        for state, count in figures.get("members", {}).items():
+            members.add_metric([state], count)
+        dns_failures = CounterMetricFamily("loragate_dns_failures",
+                                           "DNS resolutions of dns+ runtimes that failed and "
+                                           "kept the last answer")
+        dns_failures.add_metric([], figures.get("dns_failures", 0))
+        yield from (shed, in_flight, limit, members, dns_failures)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _histogram(value: Any) -> tuple[list[tuple[str, float]], float] | None:
+    """(cumulative buckets, sum) of a runtime's {"buckets": {le: n}, "sum": s}, else None."""
+    if not isinstance(value, dict) or not isinstance(value.get("buckets"), dict):
+        return None
+    buckets = [(str(le), float(n)) for le, n in value["buckets"].items() if _is_number(n)]
+    if not buckets or buckets[-1][0] != "+Inf" or not _is_number(value.get("sum")):
+        return None
+    return buckets, float(value["sum"])
 
 
 class _RolloutCollector(Collector):

@@ -11,8 +11,11 @@ Failures: a circuit breaker per runtime opens after `failure_threshold` consecut
 connection failures and lets one trial request through after `cooldown_s` (half-open). A
 request is retried on the next runtime when the connection fails or the runtime answers 503
 before the first token; once a token has been produced it is never retried (the client may
-have seen it). Runtimes come from `--runtimes` and from the Redis registry
-(`loragate:runtime:*`), refreshed with their `/health` and `/stats` every `probe_interval_s`.
+have seen it). Runtimes come from `--runtimes`, from DNS names (`dns+http://NAME:PORT`,
+gateway/inference/discovery.py) and from the Redis registry (`loragate:runtime:*`), refreshed
+with their `/health` and `/stats` every `probe_interval_s`. A runtime that leaves drains: no
+new request goes to it, those in flight finish on it, and its state (in-flight count
+included) is kept until they have, so one that comes back is counted right.
 
 Shedding: each runtime takes at most `capacity(state)` requests in flight from this gateway;
 when every usable runtime is at that cap the request is answered 503 at once (code
@@ -114,8 +117,11 @@ class Router:
         max_inflight_per_runtime: int = 0,
         client: Any = None,
         token: str | None = None,
+        discovery: Any = None,
     ) -> None:
-        """`token`: LORAGATE_RUNTIME_TOKEN, sent with /stats probes and /generate calls."""
+        """`token`: LORAGATE_RUNTIME_TOKEN, sent with /stats probes and /generate calls.
+        `discovery`: a source of runtime URLs with `async urls() -> frozenset[str]`
+        (gateway/inference/discovery.py DnsDiscovery), asked at every probe round."""
         self.http = http  # health and stats probes
         # /generate traffic
         self.client = client if client is not None else RuntimeClient(token=token)
@@ -130,6 +136,8 @@ class Router:
         self.max_inflight_per_runtime = max_inflight_per_runtime  # 0: derived per runtime
         self.shed: dict[str, int] = dict.fromkeys(SHED_REASONS, 0)  # refusals, by reason
         self.runtimes: dict[str, RuntimeState] = {u: RuntimeState(u) for u in self.static_urls}
+        self.discovery = discovery
+        self.draining: dict[str, RuntimeState] = {}  # gone, with requests still in flight
         self._task: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- membership, health
@@ -163,11 +171,22 @@ class Router:
             except Exception as exc:  # Redis down: keep the runtimes we know
                 logger.warning("runtime registry unreadable: %s", type(exc).__name__)
                 urls |= set(self.runtimes)
-        for url in urls - set(self.runtimes):
-            self.runtimes[url] = RuntimeState(url)
-        for url in set(self.runtimes) - urls:
-            del self.runtimes[url]
+        if self.discovery is not None:
+            urls |= await self.discovery.urls()  # keeps its last answer when DNS fails
+        self.set_members(urls)
         await asyncio.gather(*(self._probe(s) for s in list(self.runtimes.values())))
+
+    def set_members(self, urls: set[str] | frozenset[str]) -> None:
+        """Make `urls` the runtimes requests may go to; the others drain (see the module
+        docstring)."""
+        for url in sorted(urls - set(self.runtimes)):  # one order whatever the hash seed
+            back = self.draining.pop(url, None)
+            self.runtimes[url] = back if back is not None else RuntimeState(url)
+        for url in set(self.runtimes) - urls:
+            state = self.runtimes.pop(url)
+            if state.in_flight:
+                self.draining[url] = state
+        self.draining = {u: s for u, s in self.draining.items() if s.in_flight}
 
     async def _probe(self, state: RuntimeState) -> None:
         try:
@@ -205,6 +224,12 @@ class Router:
         within = [s for s in ordered if s.in_flight < bound]
         return within + [s for s in ordered if s.in_flight >= bound]
 
+    def under_cap(self, ordered: Sequence[RuntimeState]) -> list[RuntimeState]:
+        """`ordered` without the runtimes at their cap: placement order kept, a full runtime
+        passed over like an unhealthy one. With `candidates`, the choice `generate` makes
+        (bench/fleet_sim.py drives these two at fleet scale)."""
+        return [s for s in ordered if s.in_flight < self.capacity(s)]
+
     def capacity(self, state: RuntimeState) -> int:
         """Requests this gateway lets `state` hold at once (see INFLIGHT_PER_RUNNING)."""
         if self.max_inflight_per_runtime > 0:
@@ -239,8 +264,7 @@ class Router:
         if not candidates:
             self.shed["no_runtime"] += 1
             raise Unavailable("no healthy runtime", code="no_runtime", retry_after=2)
-        # Placement order kept; a runtime at its cap is passed over like an unhealthy one.
-        candidates = [s for s in candidates if s.in_flight < self.capacity(s)]
+        candidates = self.under_cap(candidates)
         if not candidates:
             self.shed["at_capacity"] += 1
             raise Unavailable("every runtime is at its limit of requests in flight",
@@ -328,11 +352,15 @@ class Router:
         return {url: s.stats for url, s in self.runtimes.items() if s.stats}
 
     def load_figures(self) -> dict[str, Any]:
-        """In-flight counts against their caps per runtime, and refusals by reason, for
-        /metrics."""
-        return {"shed": dict(self.shed),
+        """In-flight counts against their caps per runtime (draining ones too), refusals by
+        reason and the runtimes known by state, for /metrics."""
+        members = {"ready": sum(s.healthy for s in self.runtimes.values()),
+                   "not_ready": sum(not s.healthy for s in self.runtimes.values()),
+                   "draining": len(self.draining)}
+        return {"shed": dict(self.shed), "members": members,
+                "dns_failures": getattr(self.discovery, "failures", 0),
                 "runtimes": {url: {"in_flight": s.in_flight, "limit": self.capacity(s)}
-                             for url, s in self.runtimes.items()}}
+                             for url, s in {**self.draining, **self.runtimes}.items()}}
 
 
 def _loop_deadline(deadline_monotonic: float) -> float:

@@ -264,6 +264,7 @@ class AdapterCache:
                     "host": len(self.host),
                     "disk": disk_resident,
                 },
+                "slots": {"held": self.slots.num_held, "total": self.slots.num_slots},
                 "hits": dict(self.hits),
                 "loads": self.num_loads,
                 "load_failures": self.num_load_failures,

@@ -112,6 +112,11 @@ class SlotTable:
     def resident(self) -> list[str]:
         return list(self._slot_of)
 
+    @property
+    def num_held(self) -> int:
+        """Slots a running request holds: a new adapter can only take one of the others."""
+        return len(self._refs)
+
     def acquire(self, key: str) -> int:
         slot = self._slot_of[key]
         self._refs[key] = self._refs.get(key, 0) + 1

@@ -13,12 +13,16 @@ counter so it cannot bank credit), FIFO within a tenant.
 Adapters: a sequence naming one is admitted only once `adapters.try_acquire` gives it a
 device slot; others pass it meanwhile, until it has waited `max_adapter_wait_steps`, after
 which nothing is admitted behind it until it gets its slot (so a cold adapter cannot starve).
+
+`queue_wait` counts, per request, the seconds from `add` to its first admission (an
+autoscaling signal: the queue a new runtime would take from; /stats "queue_wait_seconds").
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from runtime.lora.protocol import AdapterProvider, AdapterUnavailable
 from runtime.scheduling.block_manager import BlockManager
@@ -26,6 +30,30 @@ from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import FinishReason
 
 OUTPUT_TOKEN_WEIGHT = 2.0
+# Upper bounds (seconds) of the queue-wait histogram: from one step to a long queue.
+QUEUE_WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class WaitHistogram:
+    """Cumulative counts per upper bound, as Prometheus histograms keep them."""
+
+    def __init__(self, bounds: tuple[float, ...] = QUEUE_WAIT_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        index = next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))
+        self.counts[index] += 1
+        self.sum += seconds
+
+    def to_dict(self) -> dict[str, object]:
+        buckets, cumulative = {}, 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            cumulative += n
+            buckets[str(bound)] = cumulative
+        buckets["+Inf"] = cumulative + self.counts[-1]
+        return {"buckets": buckets, "sum": self.sum, "count": buckets["+Inf"]}
 
 
 class Scheduler:
@@ -40,7 +68,10 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] = (),
         max_adapter_wait_steps: int = 64,
         adapters: AdapterProvider | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
+        self.queue_wait = WaitHistogram()
         self.block_manager = BlockManager(num_blocks, block_size)
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
@@ -67,6 +98,7 @@ class Scheduler:
             floor = min(active) if active else 0.0
             self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), floor)
         seq.arrival = self._arrivals
+        seq.queued_at = self.clock()
         self._arrivals += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.setdefault(seq.tenant, deque()).append(seq)
@@ -177,6 +209,9 @@ class Scheduler:
             self.num_waiting -= 1
             self.block_manager.allocate(seq.block_table, n)
             seq.status = SequenceStatus.RUNNING
+            if seq.queued_at is not None:  # its first admission; a preempted one is not new
+                self.queue_wait.observe(self.clock() - seq.queued_at)
+                seq.queued_at = None
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n

@@ -22,6 +22,7 @@ class Sequence:
         self.token_ids: list[int] = list(req.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.arrival = arrival  # admission order: FIFO within a tenant
+        self.queued_at: float | None = None  # clock at `Scheduler.add`, until first admitted
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []

@@ -35,3 +35,31 @@ def test_observations_render_with_bounded_labels_and_runtime_stats() -> None:
     assert 'loragate_runtime_adapter_evictions{runtime="http://r2",tier="all"} 4.0' in text
     # A second app in the same process has registries of its own.
     assert "loragate_requests_total{" not in Metrics().render().decode()
+
+
+def test_autoscaling_signals_per_runtime_and_per_gateway() -> None:
+    stats = {"http://r1": {
+        "num_running": 3, "num_waiting": 7, "kv_blocks_free": 25, "kv_blocks_total": 100,
+        "queue_wait_seconds": {"buckets": {"0.01": 2, "0.1": 5, "+Inf": 6}, "sum": 1.5,
+                               "count": 6},
+        "adapters": {"slots": {"held": 5, "total": 64}}},
+        # An older runtime without the new figures, and one with a malformed histogram.
+        "http://r2": {"num_running": 1, "queue_wait_seconds": {"buckets": {"0.1": 1}}}}
+    load = {"shed": {"at_capacity": 4, "runtime_busy": 0, "no_runtime": 1},
+            "members": {"ready": 2, "not_ready": 0, "draining": 1}, "dns_failures": 2,
+            "runtimes": {"http://r1": {"in_flight": 9, "limit": 128}}}
+    text = Metrics(lambda: stats, lambda: load).render().decode()
+    assert 'loragate_runtime_requests_waiting{runtime="http://r1"} 7.0' in text
+    assert 'loragate_runtime_kv_cache_usage{runtime="http://r1"} 0.75' in text
+    assert 'loragate_runtime_adapter_slots_held{runtime="http://r1"} 5.0' in text
+    assert 'loragate_runtime_adapter_slots{runtime="http://r1"} 64.0' in text
+    assert 'loragate_runtime_queue_wait_seconds_bucket{le="0.1",runtime="http://r1"} 5.0' in text
+    assert 'loragate_runtime_queue_wait_seconds_count{runtime="http://r1"} 6.0' in text
+    assert 'loragate_runtime_queue_wait_seconds_sum{runtime="http://r1"} 1.5' in text
+    assert 'runtime="http://r2"} 1.0' in text  # its running count still shows
+    assert 'loragate_runtime_queue_wait_seconds_count{runtime="http://r2"}' not in text
+    assert 'loragate_runtime_kv_cache_usage{runtime="http://r2"}' not in text
+    assert 'loragate_runtime_in_flight{runtime="http://r1"} 9.0' in text
+    assert 'loragate_requests_shed_total{reason="at_capacity"} 4.0' in text
+    assert 'loragate_runtimes{state="draining"} 1.0' in text
+    assert "loragate_dns_failures_total 2.0" in text

@@ -274,3 +274,19 @@ def test_prefetch_loads_queued_adapters_as_host_room_frees() -> None:
     assert installed  # and what was installed came from those loads
     cache.prefetch(AdapterRef(key="nope", uri="file:///x", rank=4, alpha=4.0,
                               target_modules=("q_proj",)))  # ignored, not raised
+
+
+def test_stats_count_the_slots_running_requests_hold() -> None:
+    cache, loader, _ = make_cache(slots=3, host=4)
+    a, b = ref(1), ref(2)
+    assert cache.stats()["slots"] == {"held": 0, "total": 3}
+    acquire_now(cache, loader, a)
+    assert cache.try_acquire(a) is not None  # resident: a second request holds it too
+    acquire_now(cache, loader, b)
+    assert cache.stats()["slots"] == {"held": 2, "total": 3}
+    cache.release(a.key)
+    cache.release(b.key)
+    assert cache.stats()["slots"] == {"held": 1, "total": 3}  # a is still held once
+    cache.release(a.key)
+    assert cache.stats()["slots"]["held"] == 0
+    assert cache.stats()["resident"]["device"] == 2  # idle slots keep their adapters

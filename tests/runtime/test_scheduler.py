@@ -298,3 +298,32 @@ def test_random_traffic_keeps_the_books_balanced() -> None:
                 assert done or q.num_tokens == s.max_model_len
 
     check()
+
+
+@pytest.mark.unit
+def test_queue_wait_counts_each_request_once_from_add_to_first_admission() -> None:
+    now = [0.0]
+    s = scheduler(max_running=1, clock=lambda: now[0])
+    first, second = make("a", max_tokens=2), make("b", max_tokens=2)
+    s.add(first)
+    s.add(second)
+    now[0] = 0.003
+    step(s)  # "a" runs; "b" waits behind it (max_running=1)
+    now[0] = 0.2
+    run_until_done(s)
+    wait = s.queue_wait.to_dict()
+    assert wait["count"] == 2
+    assert wait["sum"] == pytest.approx(0.003 + 0.2)
+    buckets = wait["buckets"]
+    assert (buckets["0.005"], buckets["0.1"], buckets["0.25"], buckets["+Inf"]) == (1, 1, 2, 2)
+
+
+@pytest.mark.unit
+def test_queue_wait_ignores_readmission_after_preemption() -> None:
+    s = scheduler(num_blocks=6, block_size=4, max_running=4, clock=lambda: 0.0)
+    seqs = [make(f"r{i}", prompt_len=4, max_tokens=12) for i in range(3)]
+    for seq in seqs:
+        s.add(seq)
+    run_until_done(s)
+    assert s.num_preemptions > 0
+    assert s.queue_wait.to_dict()["count"] == 3
