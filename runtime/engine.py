@@ -20,13 +20,13 @@ from runtime.lora.protocol import AdapterProvider
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache, bytes_per_block
 from runtime.model.llama import LlamaModel
-from runtime.model.sampler import make_generator, sample
+from runtime.model.sampler import Batch, SamplerState, make_generator, sample
 from runtime.model.tokenizer import TextStream, Tokenizer
 from runtime.model.weights import ModelArgs
 from runtime.protocol import RequestLimits
 from runtime.scheduling.scheduler import Scheduler
-from runtime.scheduling.sequence import Sequence
-from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput
+from runtime.scheduling.sequence import Sequence, SequenceStatus
+from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput, choice_seed
 
 __all__ = ["LLMEngine", "QueueFull", "build_engine", "resolve_dtype"]
 
@@ -77,6 +77,7 @@ class LLMEngine:
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -99,6 +100,10 @@ class LLMEngine:
             self.model.set_lora(lora)
         self._streams: dict[str, TextStream] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self.sampler_state = SamplerState(args.vocab_size, self.device, config.max_running)
+        self._choices: dict[str, list[Sequence]] = {}  # request id -> its choices, n > 1 only
+        # choice 0's key -> (choice 0, the choices still to fork from it)
+        self._unforked: dict[str, tuple[Sequence, list[Sequence]]] = {}
         self._pending: list[RequestOutput] = []  # aborts to report at the next step
         self.num_generated_tokens = 0
 
@@ -126,23 +131,41 @@ class LLMEngine:
         against `self.limits`), so it is not run a second time."""
         if not checked:
             self.check_request(req)
+        if req.sampling.n > self.config.max_running:
+            raise ValueError(f"n must be at most {self.config.max_running} on this runtime")
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull("the waiting queue is full")
-        self.scheduler.add(Sequence(req, arrival=0))
-        self._streams[req.request_id] = TextStream(self.tokenizer, req.sampling.stop)
-        self._generators[req.request_id] = make_generator(req.sampling.seed, self.device)
+        choices = [Sequence(req, arrival=0, index=i) for i in range(req.sampling.n)]
+        for seq in choices:
+            self._streams[seq.request_id] = TextStream(self.tokenizer, req.sampling.stop)
+            seed = choice_seed(req.sampling.seed, seq.index)
+            self._generators[seq.request_id] = make_generator(seed, self.device)
+        first = choices[0]
+        self.scheduler.add(first)
+        self.sampler_state.add(first.request_id, req.sampling, req.prompt_token_ids,
+                               self.eos_token_ids)
+        if len(choices) > 1:
+            # The prompt is prefilled once, by choice 0; the others fork from it (step).
+            first.num_forks = len(choices) - 1
+            self._choices[req.request_id] = choices
+            self._unforked[first.request_id] = (first, choices[1:])
         prefetch = getattr(self.adapters, "prefetch", None)
         if req.adapter is not None and prefetch is not None:
             # Load while the running batch decodes, not after the request reaches the head.
             prefetch(req.adapter)
 
     def abort(self, request_id: str) -> None:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
+        for seq in self._choices.get(request_id) or [self.scheduler.get(request_id)]:
+            if seq is None or seq.is_finished:
+                continue
+            if self.scheduler.get(seq.request_id) is not None:
+                self.scheduler.abort(seq.request_id)
+            else:  # a choice not forked yet: it never reached the scheduler
+                self._end_unscheduled(seq, FinishReason.ABORT)
             self._pending.append(self._final(seq, "", None))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._unforked)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request in flight with an error (a step raised); the engine stays usable."""
@@ -150,7 +173,43 @@ class LLMEngine:
         for seq in self.scheduler.unfinished():
             self.scheduler.finish(seq, FinishReason.ERROR, message)
             outputs.append(self._final(seq, "", None))
+        return outputs + self._pending_orphans()
+
+    @staticmethod
+    def _end_unscheduled(seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+
+    def _pending_orphans(self) -> list[RequestOutput]:
+        """End the unforked choices of parents that ended before forking (abort, error)."""
+        outputs = []
+        for key in [k for k in self._unforked if self.scheduler.get(k) is None]:
+            parent, children = self._unforked.pop(key)
+            for seq in children:
+                if not seq.is_finished:
+                    self._end_unscheduled(seq, parent.finish_reason or FinishReason.ABORT,
+                                          parent.error)
+                    outputs.append(self._final(seq, "", None))
         return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Choice 0 has its prompt cached: the other choices start from its KV blocks (copy
+        on write); those that get no block or slot now are queued to prefill on their own.
+        Returns the forked ones, which sample their first token from the parent's logits."""
+        forked = []
+        for child in self._unforked.pop(parent.request_id)[1]:
+            copies = self.scheduler.fork(parent, child)
+            if copies is None:
+                self.scheduler.add(child)
+                self.sampler_state.add(child.request_id, child.sampling,
+                                       child.token_ids, self.eos_token_ids)
+                continue
+            self.kv_cache.copy_blocks(copies)
+            self.sampler_state.fork(parent.request_id, child.request_id)
+            forked.append(child)
+        parent.num_forks = 0
+        return forked
 
     # -- one step -----------------------------------------------------------------------
 
@@ -158,6 +217,8 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         scheduled, failed = self.scheduler.schedule()
         outputs += [self._final(seq, "", None) for seq in failed]
+        if self._unforked:
+            outputs += self._pending_orphans()
         if not scheduled:
             return outputs
         input_ids: list[int] = []
@@ -189,37 +250,50 @@ class LLMEngine:
         sampling = self.scheduler.advance(scheduled)
         if not sampling:
             return outputs
+        if self._unforked:
+            for seq in [s for s in sampling if s.request_id in self._unforked]:
+                for child in self._fork(seq):
+                    ends[child.request_id] = ends[seq.request_id]
+                    sampling.append(child)
         rows = torch.tensor([ends[s.request_id] for s in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
+        keys = [s.request_id for s in sampling]
         tokens, logprobs = sample(
             logits,
             [s.sampling for s in sampling],
-            [self._generators[s.request_id] for s in sampling],
+            [self._generators[k] for k in keys],
+            Batch(self.sampler_state.rows(keys), self.sampler_state),
         )
         self.scheduler.postprocess(list(zip(sampling, tokens, strict=True)))
         self.num_generated_tokens += len(tokens)
         for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
             stream = self._streams[seq.request_id]
-            delta = stream.push(token)
+            # A stop token id ends the choice like EOS: its text is not part of the answer.
+            by_id = seq.is_finished and token in seq.sampling.stop_token_ids
+            delta = "" if by_id else stream.push(token)
             if stream.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished:
                 outputs.append(self._final(seq, delta, [token], lp))
             else:
                 outputs.append(RequestOutput(
-                    seq.request_id, [token], None if lp is None else [lp], delta,
+                    seq.output_id, [token], None if lp is None else [lp], delta,
                     num_prompt_tokens=seq.num_prompt_tokens,
-                    num_output_tokens=seq.num_output_tokens,
+                    num_output_tokens=seq.num_output_tokens, index=seq.index,
                 ))
         return outputs
 
     def _final(self, seq: Sequence, delta: str, tokens: list[int] | None, lp=None) -> RequestOutput:
         stream = self._streams.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
+        self.sampler_state.remove(seq.request_id)
+        choices = self._choices.get(seq.output_id)
+        if choices is not None and all(c.is_finished for c in choices):
+            del self._choices[seq.output_id]
         if stream is not None and seq.finish_reason is not FinishReason.ERROR:
             delta += stream.flush()
         return RequestOutput(
-            seq.request_id,
+            seq.output_id,
             tokens or [],
             None if lp is None else [lp],
             delta,
@@ -228,6 +302,7 @@ class LLMEngine:
             error=seq.error,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            index=seq.index,
         )
 
     def stats(self) -> dict[str, Any]:

@@ -33,22 +33,47 @@ _encoder = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 
 
+def _or(value: Any, default: Any) -> Any:
+    """null means the default (API.md): a field sent as null is a field not sent."""
+    return default if value is None else value
+
+
+def sampling_body(req: CompletionRequest | ChatRequest, max_tokens: int,
+                  logprobs: int | None) -> SamplingBody:
+    """The request's sampling fields in the runtime's wire type, every null as its default."""
+    d = SamplingBody()
+    fmt = req.response_format
+    return SamplingBody(
+        max_tokens=max_tokens, temperature=_or(req.temperature, d.temperature),
+        top_p=_or(req.top_p, d.top_p), top_k=_or(req.top_k, d.top_k), seed=req.seed,
+        stop=stop_list(req.stop), logprobs=logprobs, ignore_eos=_or(req.ignore_eos, False),
+        n=_or(req.n, 1), frequency_penalty=_or(req.frequency_penalty, 0.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0), min_p=_or(req.min_p, 0.0),
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        min_tokens=_or(req.min_tokens, 0), stop_token_ids=list(req.stop_token_ids or []),
+        response_format=None if fmt is None or fmt.type == "text" else fmt.type,
+        json_schema=(msgspec.json.encode(fmt.json_schema.schema).decode()
+                     if fmt is not None and fmt.type == "json_schema"
+                     and fmt.json_schema is not None else None),
+    )
+
+
 def completion_input(req: CompletionRequest, request_id: str) -> GenerateBody:
     text, ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
-    sampling = SamplingBody(max_tokens=req.max_tokens, temperature=req.temperature,
-                            top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
-                            logprobs=req.logprobs)
+    sampling = sampling_body(req, _or(req.max_tokens, DEFAULT_MAX_TOKENS), req.logprobs)
     return GenerateBody(request_id=request_id, prompt=text, prompt_token_ids=ids,
                         sampling=sampling)
 
 
 def chat_input(req: ChatRequest, request_id: str) -> GenerateBody:
-    # The runtime applies the chat template; it takes each message's text.
-    messages = [ChatMessage(m.role, message_text(m)) for m in req.messages]
-    sampling = SamplingBody(
-        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    # The runtime applies the chat template; it takes each message's text. `developer` is
+    # OpenAI's new name for the system role: chat templates know only `system`.
+    messages = [ChatMessage("system" if m.role == "developer" else m.role, message_text(m))
+                for m in req.messages]
+    sampling = sampling_body(
+        req, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        (req.top_logprobs or 0) if req.logprobs else None)
     return GenerateBody(request_id=request_id, messages=messages, sampling=sampling)
 
 
