@@ -110,27 +110,33 @@ def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 
 def completion_body(
-    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool, n: int = 1
 ) -> Completion:
-    choice = CompletionChoice(
-        index=0, text=got.output,
-        logprobs=completion_logprobs(got.logprobs) if logprobs else None,
-        finish_reason=got.finish_reason,
-        token_ids=list(got.token_ids) if token_ids else None,
-    )
-    return Completion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
+    choices = [
+        CompletionChoice(
+            index=i, text=c.output,
+            logprobs=completion_logprobs(c.logprobs) if logprobs else None,
+            finish_reason=c.finish_reason,
+            token_ids=list(c.token_ids) if token_ids else None,
+        )
+        for i, c in enumerate(got.ordered(n))
+    ]
+    return Completion(request_id, int(time.time()), model, choices, usage=usage_of(got))
 
 
 def chat_body(
-    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool, n: int = 1
 ) -> ChatCompletion:
-    choice = ChatChoice(
-        index=0, message=ChatMessageOut("assistant", got.output),
-        logprobs=chat_logprobs(got.logprobs) if logprobs else None,
-        finish_reason=got.finish_reason,
-        token_ids=list(got.token_ids) if token_ids else None,
-    )
-    return ChatCompletion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
+    choices = [
+        ChatChoice(
+            index=i, message=ChatMessageOut("assistant", c.output),
+            logprobs=chat_logprobs(c.logprobs) if logprobs else None,
+            finish_reason=c.finish_reason,
+            token_ids=list(c.token_ids) if token_ids else None,
+        )
+        for i, c in enumerate(got.ordered(n))
+    ]
+    return ChatCompletion(request_id, int(time.time()), model, choices, usage=usage_of(got))
 
 
 def sse(payload: Any) -> bytes:
@@ -138,17 +144,19 @@ def sse(payload: Any) -> bytes:
 
 
 class ChunkWriter:
-    """SSE chunks of one streamed answer, completions or chat."""
+    """SSE chunks of one streamed answer, completions or chat; with n choices each chunk
+    carries one choice, by its index, as OpenAI streams them."""
 
     def __init__(self, request_id: str, model: str, *, chat: bool, logprobs: bool,
-                 token_ids: bool) -> None:
+                 token_ids: bool, n: int = 1) -> None:
         self.request_id = request_id
         self.model = model
         self.chat = chat
         self.logprobs = logprobs
         self.token_ids = token_ids
+        self.n = n
         self.created = int(time.time())
-        self._offset = 0
+        self._offset = [0] * n  # each choice's text offset, for completions' logprobs
 
     def _chunk(self, choice: dict[str, Any], usage: Usage | None = None) -> bytes:
         body: dict[str, Any] = {
@@ -162,11 +170,14 @@ class ChunkWriter:
         return sse(body)
 
     def role(self) -> bytes:
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None})
+        return b"".join(
+            self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None})
+            for i in range(self.n))
 
     def token(self, event: TokenEvent) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None}
+        index = event.index
+        choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
         if self.chat:
             choice["delta"] = {"content": event.text}
             if self.logprobs and event.logprobs:
@@ -174,14 +185,14 @@ class ChunkWriter:
         else:
             choice["text"] = event.text
             if self.logprobs and event.logprobs:
-                choice["logprobs"] = completion_logprobs(event.logprobs, self._offset)
-        self._offset += len(event.text)
+                choice["logprobs"] = completion_logprobs(event.logprobs, self._offset[index])
+        self._offset[index] += len(event.text)
         if self.token_ids:
             choice["token_ids"] = event.token_ids
         return self._chunk(choice)
 
-    def finish(self, reason: str) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": None}
         if self.chat:
             choice["delta"] = {}
         else:

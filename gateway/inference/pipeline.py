@@ -113,7 +113,7 @@ def for_tenant(error: ErrorEvent, plan: Plan) -> ErrorEvent:
 
 def error_for(error: ErrorEvent) -> GatewayError:
     """The HTTP error of a whole answer whose stream ended with `error`."""
-    if error.code in ("invalid_request", "prompt_too_long"):
+    if error.code in ("invalid_request", "prompt_too_long", "context_length_exceeded"):
         return BadRequest(error.message, code=error.code)
     return Unavailable(error.message, code=error.code, retry_after=1)
 

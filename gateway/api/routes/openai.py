@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from gateway.api.openai_format import (
@@ -69,7 +70,7 @@ async def _sse(inference: Inference, writer: ChunkWriter,
             if isinstance(event, TokenEvent):
                 yield writer.token(event)
             elif isinstance(event, FinishEvent):
-                yield writer.finish(event.finish_reason)
+                yield writer.finish(event.finish_reason, event.index)
             elif isinstance(event, ErrorEvent):
                 yield error_chunk(event.message, event.code)
         if include_usage and inference.got.error is None:
@@ -100,14 +101,14 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream
     request_id = f"cmpl-{uuid.uuid4().hex}"
     inference = await _send(request, req, completion_input(req, request_id))
     logprobs = req.logprobs is not None
-    token_ids = bool(req.return_token_ids)
+    token_ids, n = bool(req.return_token_ids), inference.body.sampling.n
     if req.stream:
         writer = ChunkWriter(request_id, req.model, chat=False, logprobs=logprobs,
-                             token_ids=token_ids)
+                             token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
     got = await inference.collect()
     return _whole(completion_body(request_id, req.model, got, logprobs=logprobs,
-                                  token_ids=token_ids), inference)
+                                  token_ids=token_ids, n=n), inference)
 
 
 @post("/v1/chat/completions", guards=[require_tenant], status_code=200, security=_BEARER,
@@ -117,13 +118,14 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | S
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     inference = await _send(request, req, chat_input(req, request_id))
     logprobs, token_ids = bool(req.logprobs), bool(req.return_token_ids)
+    n = inference.body.sampling.n
     if req.stream:
         writer = ChunkWriter(request_id, req.model, chat=True, logprobs=logprobs,
-                             token_ids=token_ids)
+                             token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
     got = await inference.collect()
     return _whole(chat_body(request_id, req.model, got, logprobs=logprobs,
-                            token_ids=token_ids), inference)
+                            token_ids=token_ids, n=n), inference)
 
 
 async def _model_cards(request: Request[Any, Any, Any]) -> list[ModelCard]:
@@ -141,7 +143,7 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
 
 
 @get("/v1/models/{model_id:str}", guards=[require_tenant], security=_BEARER)
-async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> ModelCard:
+async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> ModelCard:
     # One of the cards /v1/models lists to this tenant, else 404: never another tenant's.
     for card in await _model_cards(request):
         if card.id == model_id:
