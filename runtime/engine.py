@@ -18,6 +18,7 @@ from runtime.config import RuntimeConfig
 from runtime.lora.manager import build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
 from runtime.model.attention import build_metadata
+from runtime.model.grammar import Grammars, check_grammar
 from runtime.model.kv_cache import KVCache, bytes_per_block
 from runtime.model.llama import LlamaModel
 from runtime.model.sampler import Batch, SamplerState, make_generator, sample
@@ -95,12 +96,14 @@ class LLMEngine:
             vocab_size=args.vocab_size,
             max_lora_rank=config.max_lora_rank,
             serves_adapters=lora is not None and adapters is not None,
+            check_grammar=check_grammar,
         )
         if lora is not None:
             self.model.set_lora(lora)
         self._streams: dict[str, TextStream] = {}
         self._generators: dict[str, torch.Generator] = {}
         self.sampler_state = SamplerState(args.vocab_size, self.device, config.max_running)
+        self.grammars = Grammars(self.tokenizer.hf, args.vocab_size, self.device)
         self._choices: dict[str, list[Sequence]] = {}  # request id -> its choices, n > 1 only
         # choice 0's key -> (choice 0, the choices still to fork from it)
         self._unforked: dict[str, tuple[Sequence, list[Sequence]]] = {}
@@ -137,6 +140,7 @@ class LLMEngine:
             raise QueueFull("the waiting queue is full")
         choices = [Sequence(req, arrival=0, index=i) for i in range(req.sampling.n)]
         for seq in choices:
+            self.grammars.add(seq.request_id, req.sampling)
             self._streams[seq.request_id] = TextStream(self.tokenizer, req.sampling.stop)
             seed = choice_seed(req.sampling.seed, seq.index)
             self._generators[seq.request_id] = make_generator(seed, self.device)
@@ -258,13 +262,22 @@ class LLMEngine:
         rows = torch.tensor([ends[s.request_id] for s in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         keys = [s.request_id for s in sampling]
+        grammars = len(self.grammars) > 0
         tokens, logprobs = sample(
             logits,
             [s.sampling for s in sampling],
             [self._generators[k] for k in keys],
-            Batch(self.sampler_state.rows(keys), self.sampler_state),
+            Batch(self.sampler_state.rows(keys), self.sampler_state,
+                  self.grammars.allowed(keys) if grammars else None),
         )
+        ended = self.grammars.advance(keys, tokens) if grammars else {}
         self.scheduler.postprocess(list(zip(sampling, tokens, strict=True)))
+        for seq in sampling:
+            if seq.request_id in ended and not seq.is_finished:
+                error = ended[seq.request_id]
+                # A complete JSON value stops the choice; a refused token fails only it.
+                self.scheduler.finish(seq, FinishReason.ERROR if error else FinishReason.STOP,
+                                      error)
         self.num_generated_tokens += len(tokens)
         for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
             stream = self._streams[seq.request_id]
@@ -287,6 +300,7 @@ class LLMEngine:
         stream = self._streams.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
         self.sampler_state.remove(seq.request_id)
+        self.grammars.remove(seq.request_id)
         choices = self._choices.get(seq.output_id)
         if choices is not None and all(c.is_finished for c in choices):
             del self._choices[seq.output_id]

@@ -117,6 +117,8 @@ class RequestLimits:
     vocab_size: int
     max_lora_rank: int
     serves_adapters: bool = True
+    # Refuses a response_format grammar the runtime's grammar library cannot build (ValueError).
+    check_grammar: Callable[[SamplingParams], None] | None = None
 
     def check(self, req: EngineRequest) -> None:
         """Raise ProtocolError (a ValueError: HTTP 400) when `req` can never be served as asked.
@@ -139,6 +141,11 @@ class RequestLimits:
             req.sampling.validate(self.max_model_len, self.vocab_size)
         except ValueError as exc:
             raise ProtocolError(f"sampling: {exc}") from exc
+        if req.sampling.response_format is not None and self.check_grammar is not None:
+            try:
+                self.check_grammar(req.sampling)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
         asked = len(ids) + req.sampling.max_tokens
         if asked > self.max_model_len:
             # Never capped silently: the client asked for more than the context can hold.
