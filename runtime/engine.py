@@ -159,8 +159,9 @@ class LLMEngine:
             prefetch(req.adapter)
 
     def abort(self, request_id: str) -> None:
-        for seq in self._choices.get(request_id) or [self.scheduler.get(request_id)]:
-            if seq is None or seq.is_finished:
+        lone = self.scheduler.get(request_id)
+        for seq in self._choices.get(request_id) or ([lone] if lone is not None else []):
+            if seq.is_finished:
                 continue
             if self.scheduler.get(seq.request_id) is not None:
                 self.scheduler.abort(seq.request_id)

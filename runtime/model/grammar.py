@@ -30,7 +30,8 @@ import torch
 from runtime.types import SamplingParams
 
 MAX_BLANKS = 8
-_JSON_OPTIONS = {"whitespace_flexible": False, "whitespace_pattern": rf"[ \n]{{0,{MAX_BLANKS}}}"}
+_JSON_OPTIONS: Any = {"whitespace_flexible": False,
+                      "whitespace_pattern": rf"[ \n]{{0,{MAX_BLANKS}}}"}
 _ANY_OBJECT = '{"type": "object"}'
 
 

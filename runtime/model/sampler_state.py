@@ -32,25 +32,25 @@ class SamplerState:
         self._grow(max(capacity, 1))
 
     def _grow(self, capacity: int) -> None:
-        v, dev = self.vocab_size, self.device
+        """Reallocate every per-row tensor to `capacity` rows, keeping the rows in use."""
+        v, dev, first = self.vocab_size, self.device, self.capacity == 0
 
-        def grown(old: torch.Tensor | None, *shape: int, dtype: torch.dtype,
-                  fill: float = 0) -> torch.Tensor:
+        def grown(name: str, *shape: int, dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
             new = torch.full((capacity, *shape), fill, dtype=dtype, device=dev)
-            if old is not None:
+            if not first:
+                old: torch.Tensor = getattr(self, name)
                 new[: old.shape[0]] = old
             return new
 
-        first = self.capacity == 0
-        self.counts = grown(None if first else self.counts, v, dtype=torch.float32)
-        self.bias = grown(None if first else self.bias, v, dtype=torch.float32)
-        self.prompt_seen = grown(None if first else self.prompt_seen, v, dtype=torch.bool)
-        self.stop_mask = grown(None if first else self.stop_mask, v, dtype=torch.bool)
-        self.num_generated = grown(None if first else self.num_generated, dtype=torch.int64)
-        self.min_tokens = grown(None if first else self.min_tokens, dtype=torch.int64)
-        self.frequency = grown(None if first else self.frequency, dtype=torch.float32)
-        self.presence = grown(None if first else self.presence, dtype=torch.float32)
-        self.repetition = grown(None if first else self.repetition, dtype=torch.float32, fill=1)
+        self.counts = grown("counts", v, dtype=torch.float32)  # [rows, vocab] generated counts
+        self.bias = grown("bias", v, dtype=torch.float32)  # [rows, vocab] logit_bias
+        self.prompt_seen = grown("prompt_seen", v, dtype=torch.bool)  # [rows, vocab]
+        self.stop_mask = grown("stop_mask", v, dtype=torch.bool)  # [rows, vocab] EOS + stop ids
+        self.num_generated = grown("num_generated", dtype=torch.int64)  # [rows]
+        self.min_tokens = grown("min_tokens", dtype=torch.int64)  # [rows]
+        self.frequency = grown("frequency", dtype=torch.float32)  # [rows]
+        self.presence = grown("presence", dtype=torch.float32)  # [rows]
+        self.repetition = grown("repetition", dtype=torch.float32, fill=1)  # [rows]
         self._free += range(capacity - 1, self.capacity - 1, -1)
         self.capacity = capacity
 

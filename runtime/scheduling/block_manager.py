@@ -56,7 +56,9 @@ class BlockManager:
     def can_fork(self, num_tokens: int) -> bool:
         return num_tokens % self.block_size == 0 or bool(self.free_blocks)
 
-    def fork(self, block_table: list[int], num_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
+    def fork(
+        self, block_table: list[int], num_tokens: int
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """A table for a copy of a sequence whose first `num_tokens` tokens are cached in
         `block_table`: (new table, [(src block, dst block)] whose KV the caller must copy)."""
         full = num_tokens // self.block_size
