@@ -18,7 +18,7 @@ from runtime.config import RuntimeConfig
 from runtime.lora.manager import build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
 from runtime.model.attention import build_metadata
-from runtime.model.grammar import Grammars, check_grammar
+from runtime.model.grammar import Grammars
 from runtime.model.kv_cache import KVCache, bytes_per_block
 from runtime.model.llama import LlamaModel
 from runtime.model.sampler import Batch, SamplerState, make_generator, sample
@@ -96,7 +96,6 @@ class LLMEngine:
             vocab_size=args.vocab_size,
             max_lora_rank=config.max_lora_rank,
             serves_adapters=lora is not None and adapters is not None,
-            check_grammar=check_grammar,
         )
         if lora is not None:
             self.model.set_lora(lora)

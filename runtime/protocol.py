@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from runtime.lora.protocol import ADAPTER_KEY_RE, LORA_TARGET_MODULES
+from runtime.structured import grammar_text
 from runtime.types import (
     AdapterRef,
     EngineRequest,
@@ -117,8 +118,6 @@ class RequestLimits:
     vocab_size: int
     max_lora_rank: int
     serves_adapters: bool = True
-    # Refuses a response_format grammar the runtime's grammar library cannot build (ValueError).
-    check_grammar: Callable[[SamplingParams], None] | None = None
 
     def check(self, req: EngineRequest) -> None:
         """Raise ProtocolError (a ValueError: HTTP 400) when `req` can never be served as asked.
@@ -137,24 +136,25 @@ class RequestLimits:
             )
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ProtocolError(f"prompt token ids must be between 0 and {self.vocab_size - 1}")
-        try:
-            req.sampling.validate(self.max_model_len, self.vocab_size)
-        except ValueError as exc:
-            raise ProtocolError(f"sampling: {exc}") from exc
-        if req.sampling.response_format is not None and self.check_grammar is not None:
-            try:
-                self.check_grammar(req.sampling)
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from exc
         asked = len(ids) + req.sampling.max_tokens
-        if asked > self.max_model_len:
+        if req.sampling.max_tokens >= 1 and asked > self.max_model_len:
             # Never capped silently: the client asked for more than the context can hold.
+            # Checked before the sampling bounds, so a huge max_tokens gets this code too.
             raise ProtocolError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but "
                 f"{asked} were requested ({len(ids)} in the prompt, {req.sampling.max_tokens} "
                 "for the completion): shorten the prompt or lower max_tokens",
                 code="context_length_exceeded",
             )
+        try:
+            req.sampling.validate(self.max_model_len, self.vocab_size)
+        except ValueError as exc:
+            raise ProtocolError(f"sampling: {exc}") from exc
+        if req.sampling.response_format is not None:
+            try:
+                grammar_text(req.sampling)  # an invalid schema: 400 here, not a failed stream
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
         if req.adapter is not None:
             self._check_adapter(req.adapter)
 

@@ -13,53 +13,19 @@ pool (Rust, no torch op, no GIL held) on a helper thread, which fills the bitmas
 the engine runs the next forward; `allowed` waits for it only when the sampler needs the mask.
 The sampler applies it as a [num_seqs, vocab] bool mask in the batched step.
 
-Whitespace is bounded: between JSON tokens at most `MAX_BLANKS` spaces or newlines (enough
-for the indented layout models are trained on, which keeps their answers as good as
-unconstrained), so a small model cannot loop on blanks; the answer always parses unless it
-ended by length.
+The grammar itself (compact JSON with bounded whitespace) comes from runtime/structured.py;
+an answer always parses unless it ended by length.
 """
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from runtime.structured import grammar_text
 from runtime.types import SamplingParams
-
-MAX_BLANKS = 8
-_JSON_OPTIONS: Any = {"whitespace_flexible": False,
-                      "whitespace_pattern": rf"[ \n]{{0,{MAX_BLANKS}}}"}
-_ANY_OBJECT = '{"type": "object"}'
-
-
-def grammar_text(params: SamplingParams) -> str | None:
-    """The llguidance grammar for the request's response_format, None for plain text.
-
-    Raises ValueError when the schema is not one llguidance accepts (HTTP 400).
-    """
-    if params.response_format is None:
-        return None
-    import llguidance
-
-    schema = params.json_schema if params.response_format == "json_schema" else _ANY_OBJECT
-    assert schema is not None  # SamplingParams.validate pairs them
-    try:
-        json.loads(schema)
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"response_format: the JSON schema is invalid: {exc}") from None
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(f"response_format: the JSON schema is not supported: {error}")
-    return str(grammar)
-
-
-def check_grammar(params: SamplingParams) -> None:
-    """For RequestLimits: refuse an invalid schema before the request is queued."""
-    grammar_text(params)
 
 
 class Grammars:

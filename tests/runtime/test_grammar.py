@@ -14,8 +14,8 @@ import pytest
 
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine, build_engine
-from runtime.model.grammar import MAX_BLANKS, check_grammar
 from runtime.protocol import ProtocolError, RequestLimits
+from runtime.structured import MAX_BLANKS
 from runtime.types import EngineRequest, FinishReason, SamplingParams
 from tests.support.hf_models import torch_threads
 
@@ -37,8 +37,7 @@ def schema_params(schema: object, **kw) -> SamplingParams:
                                     '{"type": "string", "minLength": "three"}',
                                     '{"$ref": "#/definitions/missing"}'])
 def test_an_invalid_schema_is_refused_before_it_is_queued(schema: str) -> None:
-    limits = RequestLimits(max_model_len=64, vocab_size=100, max_lora_rank=8,
-                           check_grammar=check_grammar)
+    limits = RequestLimits(max_model_len=64, vocab_size=100, max_lora_rank=8)
     with pytest.raises(ProtocolError) as excinfo:
         limits.check(EngineRequest("r", [1, 2], schema_params(schema, max_tokens=4)))
     assert excinfo.value.code == "invalid_request" and "schema" in excinfo.value.message
