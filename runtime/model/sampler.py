@@ -59,15 +59,18 @@ def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         out.masked_fill_(state.stop_mask[rows] & early[:, None], float("-inf"))
     if state.num_with_bias:
         out += state.bias[rows]
-    if state.num_with_penalties:
+    # The penalties touch only the tokens a row has seen (hundreds of a 49k vocabulary): they
+    # gather those (row, token) pairs once and scatter the new logits back.
+    if state.num_with_repetition:
+        r, t = state.seen[rows].nonzero(as_tuple=True)  # prompt and generated tokens
+        v, p = out[r, t], state.repetition[rows][r]
+        # transformers' RepetitionPenaltyLogitsProcessor: l / p if l > 0 else l * p.
+        out[r, t] = torch.where(v < 0, v * p, v / p)
+    if state.num_with_frequency:
         counts = state.counts[rows]  # [num_seqs, vocab] generated-token counts
-        seen = state.prompt_seen[rows] | (counts > 0)
-        rep = state.repetition[rows][:, None]
-        # transformers' RepetitionPenaltyLogitsProcessor: shrink toward "less likely" either sign.
-        penalized = torch.where(out < 0, out * rep, out / rep)
-        out = torch.where(seen, penalized, out)
-        out -= counts * state.frequency[rows][:, None]
-        out -= (counts > 0).to(out.dtype) * state.presence[rows][:, None]
+        r, t = counts.nonzero(as_tuple=True)
+        # OpenAI: l - c * frequency_penalty - (c > 0) * presence_penalty
+        out[r, t] -= counts[r, t] * state.frequency[rows][r] + state.presence[rows][r]
     return out
 
 

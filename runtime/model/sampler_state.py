@@ -6,8 +6,8 @@ scalars written once) and gives it back when it finishes (`remove`). After each 
 never rebuilds a [batch, vocab] tensor from Python lists. Rows are reused; the pool doubles
 when full (preempted sequences keep their rows, so it may outgrow max_running).
 
-Memory: 9 bytes per vocabulary entry per row (counts float32, bias float32, two bool masks);
-64 rows of a 49152 vocabulary are 28 MB.
+Memory: 10 bytes per vocabulary entry per row (counts and bias float32, seen and stop bool);
+64 rows of a 49152 vocabulary are 31 MB.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ class SamplerState:
         self.capacity = 0
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
-        self._flags: dict[str, tuple[bool, bool, bool]] = {}
+        self._flags: dict[str, tuple[bool, bool, bool, bool]] = {}
         # How many live rows use each control: the sampler skips a control nobody uses.
-        self.num_with_penalties = 0
+        self.num_with_repetition = 0
+        self.num_with_frequency = 0  # frequency or presence penalty
         self.num_with_bias = 0
         self.num_with_min_tokens = 0
         self._grow(max(capacity, 1))
@@ -44,7 +45,7 @@ class SamplerState:
 
         self.counts = grown("counts", v, dtype=torch.float32)  # [rows, vocab] generated counts
         self.bias = grown("bias", v, dtype=torch.float32)  # [rows, vocab] logit_bias
-        self.prompt_seen = grown("prompt_seen", v, dtype=torch.bool)  # [rows, vocab]
+        self.seen = grown("seen", v, dtype=torch.bool)  # [rows, vocab] prompt or generated
         self.stop_mask = grown("stop_mask", v, dtype=torch.bool)  # [rows, vocab] EOS + stop ids
         self.num_generated = grown("num_generated", dtype=torch.int64)  # [rows]
         self.min_tokens = grown("min_tokens", dtype=torch.int64)  # [rows]
@@ -72,14 +73,14 @@ class SamplerState:
         dev = self.device
         self.counts[r].zero_()
         self.bias[r].zero_()
-        self.prompt_seen[r].zero_()
+        self.seen[r].zero_()
         self.stop_mask[r].zero_()
         self.num_generated[r] = 0
-        if params.repetition_penalty != 1.0:
-            self.prompt_seen[r, torch.tensor(prompt_ids, dtype=torch.int64, device=dev)] = True
+        self.seen[r, torch.tensor(prompt_ids, dtype=torch.int64, device=dev)] = True
         if generated:
             ids = torch.tensor(generated, dtype=torch.int64, device=dev)
             self.counts[r].index_add_(0, ids, torch.ones(len(generated), device=dev))
+            self.seen[r, ids] = True
             self.num_generated[r] = len(generated)
         if params.logit_bias:
             ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.int64, device=dev)
@@ -92,7 +93,9 @@ class SamplerState:
         self.frequency[r] = params.frequency_penalty
         self.presence[r] = params.presence_penalty
         self.repetition[r] = params.repetition_penalty
-        flags = (params.uses_penalties, bool(params.logit_bias), params.min_tokens > 0)
+        flags = (params.repetition_penalty != 1.0,
+                 params.frequency_penalty != 0.0 or params.presence_penalty != 0.0,
+                 bool(params.logit_bias), params.min_tokens > 0)
         self._flags[key] = flags
         self._count(flags, +1)
 
@@ -102,7 +105,7 @@ class SamplerState:
             self._grow(self.capacity * 2)
         src, dst = self._rows[parent], self._free.pop()
         self._rows[child] = dst
-        for t in (self.counts, self.bias, self.prompt_seen, self.stop_mask, self.num_generated,
+        for t in (self.counts, self.bias, self.seen, self.stop_mask, self.num_generated,
                   self.min_tokens, self.frequency, self.presence, self.repetition):
             t[dst] = t[src]
         self._flags[child] = self._flags[parent]
@@ -119,11 +122,13 @@ class SamplerState:
         """rows, tokens: [n] int64; each row sampled its token this step."""
         ones = torch.ones(rows.shape[0], dtype=self.counts.dtype, device=self.device)
         self.counts.index_put_((rows, tokens), ones, accumulate=True)
+        self.seen[rows, tokens] = True
         self.num_generated[rows] += 1
 
-    def _count(self, flags: tuple[bool, bool, bool], sign: int) -> None:
-        penalties, bias, min_tokens = flags
-        self.num_with_penalties += sign * penalties
+    def _count(self, flags: tuple[bool, bool, bool, bool], sign: int) -> None:
+        repetition, frequency, bias, min_tokens = flags
+        self.num_with_repetition += sign * repetition
+        self.num_with_frequency += sign * frequency
         self.num_with_bias += sign * bias
         self.num_with_min_tokens += sign * min_tokens
 
