@@ -133,8 +133,6 @@ class LLMEngine:
         against `self.limits`), so it is not run a second time."""
         if not checked:
             self.check_request(req)
-        if req.sampling.n > self.config.max_running:
-            raise ValueError(f"n must be at most {self.config.max_running} on this runtime")
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull("the waiting queue is full")
         choices = [Sequence(req, arrival=0, index=i) for i in range(req.sampling.n)]

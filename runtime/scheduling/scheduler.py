@@ -166,8 +166,8 @@ class Scheduler:
             n = min(seq.num_uncached_tokens, budget)
             if not self.block_manager.can_allocate(seq.block_table, n):
                 break  # wait for blocks rather than let smaller requests overtake forever
-            if len(self.running) + 1 + seq.num_forks > self.max_running:
-                break  # its n choices run side by side once forked: wait for room for all
+            if len(self.running) + min(1 + seq.num_forks, self.max_running) > self.max_running:
+                break  # its n choices run side by side once forked: wait for room for them
             if seq.adapter is not None and not self._acquire(seq, not_ready, failed):
                 if seq.is_finished:
                     continue
@@ -222,8 +222,10 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
         """Run `child` from where `parent` is now (its prompt cached, nothing sampled yet),
         sharing the parent's full KV blocks. Returns the (src, dst) blocks whose KV the
-        caller copies, or None when there is no block for the copy or no adapter slot: then
-        the caller queues the child to prefill on its own."""
+        caller copies, or None when there is no room in the running batch, no block for the
+        copy or no adapter slot: then the caller queues the child to prefill on its own."""
+        if len(self.running) >= self.max_running:
+            return None  # n above max_running: the rest wait their turn
         if not self.block_manager.can_fork(parent.num_cached_tokens):
             return None
         if child.adapter is not None and self.adapters is not None:

@@ -148,6 +148,16 @@ def test_greedy_choices_without_blocks_for_the_fork_prefill_on_their_own(
     assert len(answers) == 1 and all(got[("g", i)][-1].finished for i in range(3))
 
 
+def test_more_choices_than_max_running_all_finish(model_dir: Path) -> None:
+    engine = make_engine(model_dir, max_running=2)
+    got = run(engine, [EngineRequest("n", prompt(10), sampled(seed=3, n=5, max_tokens=3))])
+    assert sorted(got) == [("n", i) for i in range(5)]
+    assert all(len(tokens(outs)) == 3 and outs[-1].finished for outs in got.values())
+    alone = run(make_engine(model_dir), [EngineRequest("a", prompt(10), sampled(
+        seed=choice_seed(3, 4), max_tokens=3))])
+    assert tokens(got[("n", 4)]) == tokens(alone[("a", 0)])  # queued, not forked: same answer
+
+
 def test_mixed_controls_in_one_batch_give_each_request_its_lone_answer(model_dir: Path) -> None:
     cases = {
         "plain": sampled(seed=1),
