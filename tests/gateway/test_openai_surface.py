@@ -5,6 +5,7 @@ test_openai_client.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from adapters.db import upgrade_database
-from gateway.api.openai_format import chat_input, completion_input
+from gateway.api.openai_format import (
+    ChunkWriter,
+    chat_body,
+    chat_input,
+    completion_body,
+    completion_input,
+    usage_of,
+)
 from gateway.api.schemas.openai import (
     UNSUPPORTED_CHAT,
     UNSUPPORTED_COMPLETION,
@@ -22,7 +30,15 @@ from gateway.api.schemas.openai import (
     decode_completion,
 )
 from gateway.app import create_app
-from runtime.protocol import SamplingBody, decode_generate
+from gateway.inference.runtime_client import Collected
+from runtime.protocol import (
+    FinishEvent,
+    SamplingBody,
+    StartEvent,
+    TokenEvent,
+    Usage,
+    decode_generate,
+)
 from tests.support.gw_helpers import bearer, create_tenant, make_settings, upload
 from tests.support.stub_procs import start_stub, stop
 
@@ -174,3 +190,32 @@ async def test_one_model_by_id_tenant_scoped(gw: AsyncTestClient[Any], key: str)
     hidden = await gw.get("/v1/models/support", headers=bearer(other))
     assert hidden.status_code == 404  # never another tenant's adapter
     assert (await gw.get("/v1/models/support")).status_code == 401
+
+
+def test_n_choices_are_indexed_whole_and_streamed_with_usage_summed() -> None:
+    events = [StartEvent(prompt_tokens=4), TokenEvent([7], " a", None, 1),
+              TokenEvent([5], " b", None, 0), TokenEvent([8], " c", None, 1),
+              FinishEvent("length", Usage(4, 1), 0), FinishEvent("stop", Usage(4, 2), 1)]
+    got = Collected()
+    for event in events:
+        got.add(event)
+    whole = completion_body("cmpl-1", "m", got, logprobs=False, token_ids=True, n=2)
+    assert [(c.index, c.text, c.finish_reason, c.token_ids) for c in whole.choices] == [
+        (0, " b", "length", [5]), (1, " a c", "stop", [7, 8])]
+    assert whole.usage == usage_of(got) and (whole.usage.prompt_tokens,
+                                             whole.usage.completion_tokens) == (4, 3)
+    chat = chat_body("chatcmpl-1", "m", got, logprobs=False, token_ids=False, n=3)
+    assert [c.message.content for c in chat.choices] == [" b", " a c", ""]  # 3rd: nothing came
+    writer = ChunkWriter("chatcmpl-1", "m", chat=True, logprobs=False, token_ids=False, n=2)
+    frames = [writer.role(), *(writer.token(e) for e in events[1:4]),
+              writer.finish("stop", 1)]
+    chunks = [json.loads(part.removeprefix(b"data: ")) for frame in frames
+              for part in frame.split(b"\n\n") if part]
+    roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
+    assert roles == [0, 1]
+    texts: dict[int, str] = {}
+    for c in chunks:
+        choice = c["choices"][0]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["delta"].get(
+            "content", "")
+    assert texts == {0: " b", 1: " a c"} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
