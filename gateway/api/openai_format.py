@@ -45,7 +45,8 @@ def sampling_body(req: CompletionRequest | ChatRequest, max_tokens: int,
     fmt = req.response_format
     return SamplingBody(
         max_tokens=max_tokens, temperature=_or(req.temperature, d.temperature),
-        top_p=_or(req.top_p, d.top_p), top_k=_or(req.top_k, d.top_k), seed=req.seed,
+        # top_k 0 is "off" in API.md as in vLLM; the runtime spells off -1.
+        top_p=_or(req.top_p, d.top_p), top_k=_or(req.top_k, 0) or d.top_k, seed=req.seed,
         stop=stop_list(req.stop), logprobs=logprobs, ignore_eos=_or(req.ignore_eos, False),
         n=_or(req.n, 1), frequency_penalty=_or(req.frequency_penalty, 0.0),
         presence_penalty=_or(req.presence_penalty, 0.0),

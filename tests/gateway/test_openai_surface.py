@@ -107,6 +107,12 @@ def test_sampling_fields_travel_to_the_runtime() -> None:
         "type": "object"}
 
 
+@pytest.mark.parametrize("top_k,sent_as", [(0, -1), (-1, -1), (None, -1), (5, 5)])
+def test_top_k_zero_or_minus_one_is_off(top_k: int | None, sent_as: int) -> None:
+    raw = msgspec.json.encode({"model": "m", "prompt": "hi", "top_k": top_k})
+    assert sent(completion_input(decode_completion(raw), "c")).sampling.top_k == sent_as
+
+
 def test_developer_role_is_rendered_as_system() -> None:
     raw = msgspec.json.encode({"model": "m", "messages": [
         {"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]})
@@ -168,6 +174,7 @@ async def test_an_all_null_request_answers_with_the_defaults(
 @pytest.mark.parametrize("field,value", [
     ("frequency_penalty", 2.5), ("presence_penalty", -3), ("repetition_penalty", 0),
     ("top_k", -2), ("min_p", 1.5), ("logit_bias", {"7": 101}), ("logit_bias", {"x": 1}),
+    ("logit_bias", {"\u00b2": 1}),
     ("min_tokens", -1), ("stop_token_ids", [1] * 65),
     ("response_format", {"type": "yaml"}), ("response_format", {"type": "json_schema"}),
 ])

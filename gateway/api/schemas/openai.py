@@ -216,7 +216,7 @@ def _refuse_unsupported(req: Any, fields: dict[str, tuple[Any, ...]]) -> None:
 def _check_fields(req: CompletionRequest | ChatRequest) -> None:
     if req.logit_bias is not None:
         for token in req.logit_bias:
-            if not token.isdigit():
+            if not (token.isascii() and token.isdigit()):
                 # The id's range is the runtime's (it knows the vocabulary); the shape is ours.
                 raise BadRequest("logit_bias keys must be token ids", param="logit_bias")
     fmt = req.response_format
