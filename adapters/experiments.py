@@ -224,7 +224,7 @@ class Resolver:
         if chosen is None:
             raise NotFound(f"adapter {name!r} has no active version")
         ref = AdapterRefData(
-            key=chosen.sha256,
+            sha256=chosen.sha256,
             uri=self.store.uri(chosen.sha256),
             rank=chosen.rank,
             alpha=chosen.alpha,

@@ -2,9 +2,11 @@
 
 `validate_adapter(config_path, model_path, base, max_rank)` reads both files from disk, never
 whole into memory, and returns what the catalog stores, or raises ValidationFailed naming
-the rule. Honest limits: DoRA, rank_pattern/alpha_pattern (per-module ranks), LoRA biases,
-modules_to_save, layer replication and trainable tokens are refused because the runtime's
-kernels apply one plain rank-r LoRA per projection.
+the rule. Values are bounded too (adapters/weight_bounds.py): the scale, every weight and
+each module's delta, so that serving the adapter cannot overflow. Honest limits: DoRA,
+rank_pattern/alpha_pattern (per-module ranks), LoRA biases, modules_to_save, layer
+replication and trainable tokens are refused because the runtime's kernels apply one plain
+rank-r LoRA per projection.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import regex
 from adapters.base_model import ATTENTION_MODULES, TARGET_MODULES, BaseModelSpec
 from adapters.errors import ValidationFailed
 from adapters.safetensors_header import SafetensorsHeader, TensorInfo, parse_header
+from adapters.weight_bounds import check_delta, check_scale, check_weight, lora_scale
 
 MAX_CONFIG_BYTES = 1024 * 1024
-SCAN_BYTES = 4 * 1024 * 1024  # chunk of tensor data held at once during the NaN/inf scan
+SCAN_BYTES = 4 * 1024 * 1024  # chunk of tensor data held at once during the value scan
 MAX_REGEX_CHARS = 512
 # A target_modules regex is the uploader's code: with `re`, a pattern such as
 # "(?:[a-z.0-9_]|\w|.)*(?:\w|.)*\d{2}" backtracks for hours while holding the GIL, which froze
@@ -36,8 +39,16 @@ _TENSOR_NAME = re.compile(
     r"base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,5})\.(self_attn|mlp)\."
     r"([a-z_]+)\.lora_(A|B)\.weight"
 )
-# Exponent bits all ones means NaN or infinity, in each float format's little-endian bits.
-_NONFINITE = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000)}
+# Per dtype: little-endian bits, the mask that drops the sign, and the magnitude bits of
+# infinity. IEEE magnitudes order like their bits read as unsigned ints (subnormals included),
+# so one integer max per chunk gives both max |value| and, at or above infinity's bits (the
+# exponent all ones), NaN or infinity. bfloat16 is float32's top half: shifted back into
+# float32 bits its max is read exactly, since numpy has no bfloat16.
+_BITS = {
+    "F16": ("<u2", 0x7FFF, 0x7C00),
+    "BF16": ("<u2", 0x7FFF, 0x7F80),
+    "F32": ("<u4", 0x7FFFFFFF, 0x7F800000),
+}
 # Config fields whose non-default value changes the math beyond plain LoRA.
 _REFUSED_TRUTHY = {
     "use_dora": "DoRA (use_dora) is not supported",
@@ -131,17 +142,20 @@ def check_config(config: dict[str, Any], max_rank: int) -> tuple[int, float, boo
     if rank > max_rank:
         raise _refuse(f"rank {rank} exceeds the maximum rank {max_rank}")
     alpha = config.get("lora_alpha")
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, int | float)
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
-        raise _refuse("lora_alpha must be a positive number")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise _refuse("lora_alpha must be a finite positive number")
+    try:
+        alpha = float(alpha)
+    # An int literal past float range (1e400 written out): math.isfinite raised this, a 500.
+    except OverflowError:
+        raise _refuse("lora_alpha must be a finite positive number") from None
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise _refuse("lora_alpha must be a finite positive number")
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise _refuse("use_rslora must be a boolean")
-    return rank, float(alpha), use_rslora, _declared_modules(config.get("target_modules"))
+    check_scale(alpha, rank, use_rslora)
+    return rank, alpha, use_rslora, _declared_modules(config.get("target_modules"))
 
 
 def _sniff(path: Path) -> None:
@@ -158,16 +172,21 @@ def _sniff(path: Path) -> None:
         raise _refuse("a pickle file (.bin/.pt) is refused; upload safetensors")
 
 
+def _parse_name(name: str) -> tuple[int, str, str, str]:
+    """(layer, "self_attn" or "mlp", module, "A" or "B") of a PEFT LoRA tensor name."""
+    match = _TENSOR_NAME.fullmatch(name)
+    if match is None:
+        raise _refuse(f"tensor {name[:200]!r} does not name a LoRA weight of the base model")
+    return int(match[1]), match[2], match[3], match[4]
+
+
 def check_tensors(
     header: SafetensorsHeader, base: BaseModelSpec, rank: int, declared: frozenset[str]
 ) -> tuple[str, ...]:
     """Names, layers and shapes against the base model; returns the modules present."""
     pairs: dict[tuple[int, str], set[str]] = {}
     for t in header.tensors:
-        match = _TENSOR_NAME.fullmatch(t.name)
-        if match is None:
-            raise _refuse(f"tensor {t.name[:200]!r} does not name a LoRA weight of the base model")
-        layer, group, module, side = int(match[1]), match[2], match[3], match[4]
+        layer, group, module, side = _parse_name(t.name)
         expected_group = "self_attn" if module in ATTENTION_MODULES else "mlp"
         if module not in TARGET_MODULES or group != expected_group:
             raise _refuse(f"tensor {t.name!r}: unknown module {group}.{module}")
@@ -190,31 +209,62 @@ def check_tensors(
     return tuple(m for m in TARGET_MODULES if m in present)
 
 
-def _scan_tensor(f: Any, t: TensorInfo, digest: Any) -> None:
-    dtype, mask = _NONFINITE[t.dtype]
+def _magnitude(top: int, dtype: str) -> float:
+    """The float whose magnitude bits are `top` in `dtype`."""
+    if dtype == "F32":
+        return float(np.array([top], "<u4").view("<f4")[0])
+    if dtype == "F16":
+        return float(np.array([top], "<u2").view("<f2")[0])
+    return float(np.array([top << 16], "<u4").view("<f4")[0])  # BF16
+
+
+def _scan_tensor(f: Any, t: TensorInfo, digest: Any) -> float:
+    """Hash the tensor's bytes, refuse NaN/inf in them; returns its max |value|."""
+    dtype, magnitude, infinity = _BITS[t.dtype]
+    top = 0
     remaining = t.end - t.begin
     chunk = SCAN_BYTES - SCAN_BYTES % t.itemsize
     while remaining:
         raw = f.read(min(chunk, remaining))
-        if not raw:
+        # A partial item too: np.frombuffer raised ValueError (a 500) on a file cut mid-value.
+        if not raw or len(raw) % t.itemsize:
             raise _refuse("adapter_model.safetensors is truncated")
         digest.update(raw)
-        bits = np.frombuffer(raw, dtype=dtype)
-        if np.any((bits & mask) == mask):
+        top = max(top, int((np.frombuffer(raw, dtype=dtype) & magnitude).max()))
+        if top >= infinity:
             raise _refuse(f"tensor {t.name!r} contains NaN or infinite values")
         remaining -= len(raw)
+    return _magnitude(top, t.dtype)
 
 
-def scan_and_hash(path: Path, header: SafetensorsHeader) -> str:
-    """sha256 of the whole file, checking every value is finite, chunk by chunk."""
+def scan_and_hash(path: Path, header: SafetensorsHeader) -> tuple[str, dict[str, float]]:
+    """sha256 of the whole file and each tensor's max |value|, chunk by chunk, refusing NaN/inf
+    and values over the weight bound."""
     digest = hashlib.sha256()
+    maxima: dict[str, float] = {}
     with path.open("rb") as f:
         digest.update(f.read(header.data_start))
         for t in header.tensors:  # they tile the data section in order (header check)
-            _scan_tensor(f, t, digest)
+            maxima[t.name] = _scan_tensor(f, t, digest)
+            check_weight(_label(t.name), maxima[t.name])
         if f.read(1):
             raise _refuse("adapter_model.safetensors changed while it was validated")
-    return digest.hexdigest()
+    return digest.hexdigest(), maxima
+
+
+def _label(name: str) -> str:
+    """The tensor as "lora_B of layers.0.q_proj", for a name check_tensors accepted."""
+    layer, _, module, side = _parse_name(name)
+    return f"lora_{side} of layers.{layer}.{module}"
+
+
+def check_deltas(maxima: dict[str, float], scale: float, rank: int) -> None:
+    """Each (layer, module)'s delta weight bound, from its lora_A and lora_B maxima."""
+    for name in sorted(maxima):
+        layer, _, module, side = _parse_name(name)
+        if side == "A":  # check_tensors made sure its lora_B is there
+            max_b = maxima[name.replace(".lora_A.", ".lora_B.")]
+            check_delta(f"layers.{layer}.{module}", scale, rank, maxima[name], max_b)
 
 
 def validate_adapter(
@@ -226,7 +276,8 @@ def validate_adapter(
     _sniff(model_path)
     header = parse_header(model_path)
     modules = check_tensors(header, base, rank, declared)
-    sha = scan_and_hash(model_path, header)
+    sha, maxima = scan_and_hash(model_path, header)
+    check_deltas(maxima, lora_scale(alpha, rank, use_rslora), rank)
     return ValidatedAdapter(
         sha256=sha,
         config_sha256=config_sha,

@@ -144,9 +144,14 @@ class AdapterView:
 
 @dataclass(frozen=True, slots=True)
 class AdapterRefData:
-    """Everything a runtime needs to fetch and apply one adapter version."""
+    """Everything a runtime needs to fetch and apply one adapter version.
 
-    key: str  # sha256 of the safetensors: the runtime's adapter_key
+    The runtime's cache identity (adapter_key) is not stored here: it is computed from these
+    fields by the gateway's mapping to the runtime's reference (runtime_client.adapter_body),
+    with the runtime's one definition of it.
+    """
+
+    sha256: str  # of adapter_model.safetensors: its content address in the store
     uri: str
     rank: int
     alpha: float

@@ -90,7 +90,9 @@ def start_stack(data_dir: Path, base: Path, log: Path, slots: int
             runtime_cpus,
             [*cli, "runtime", "--base-model", str(base), "--device", "cpu",
              "--port", str(runtime_port), "--max-gpu-adapters", str(slots),
-             "--max-host-adapters", str(NUM_TENANTS * ADAPTERS_PER_TENANT)],
+             "--max-host-adapters", str(NUM_TENANTS * ADAPTERS_PER_TENANT),
+             # The runtime opens artifacts only in the store this gateway writes.
+             "--artifacts-dir", str((data_dir / "artifacts").resolve())],
             env={**env, "OMP_NUM_THREADS": str(len(runtime_cpus))}, out=out)
         gateway = spawn_on(
             edge_cpus,

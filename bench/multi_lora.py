@@ -57,9 +57,10 @@ def make_adapters(model_dir: Path, out: Path, count: int) -> list[tuple[AdapterR
         save_file(tensors, str(path / "adapter_model.safetensors"))
         shutil.copy(template / "adapter_config.json", path / "adapter_config.json")
         data = (path / "adapter_model.safetensors").read_bytes()
-        ref = AdapterRef(key=hashlib.sha256(data).hexdigest(),
-                         uri=(path / "adapter_model.safetensors").as_uri(), rank=RANK,
-                         alpha=ALPHA, target_modules=MODULES, name=f"bench/a{i}@1")
+        ref = AdapterRef.for_version(sha256=hashlib.sha256(data).hexdigest(),
+                                     uri=(path / "adapter_model.safetensors").as_uri(),
+                                     rank=RANK, alpha=ALPHA, target_modules=MODULES,
+                                     name=f"bench/a{i}@1")
         adapters.append((ref, path))
     return adapters
 

@@ -2,13 +2,15 @@
 
 Each input is turned into a mutated adapter by the same structured mutators as the hypothesis
 fuzz (tests/security/adapter_mutations.py), with atheris's bytes driving every choice, so
-coverage feedback steers which header fields, values and JSON edits get combined. Every input
-must validate or be refused with ValidationFailed within the time bound; anything else is a
-crash that atheris reports with the input that caused it.
+coverage feedback steers which header fields, values and JSON edits get combined (value-range
+mutations included: huge finite, tiny and subnormal values, scaled tensors, alpha against r).
+Every input must validate or be refused with ValidationFailed within the time bound; anything
+else is a crash that atheris reports with the input that caused it.
 
     .venv/bin/python fuzz/adapter_atheris.py -atheris_runs=20000   # or -max_total_time=60
 
-Prints the inputs tried and the outcome counts (accepted, refused by rule) at the end.
+Prints the inputs tried, the outcome counts (accepted, refused by rule) and which of the value
+bounds (scale, weight, delta) refused something at the end.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 with atheris.instrument_imports():
     import adapters.safetensors_header
-    import adapters.validation  # noqa: F401 (instrumented for coverage)
-from tests.support.adapter_mutations import classify, mutated_pair  # noqa: E402 (after instrumenting)
+    import adapters.validation
+    import adapters.weight_bounds  # noqa: F401 (instrumented for coverage)
+from tests.support.adapter_mutations import (  # noqa: E402 (after instrumenting)
+    BOUND_RULES,
+    classify,
+    mutated_pair,
+)
 
 OUTCOMES: Counter[str] = Counter()
 
@@ -52,6 +59,9 @@ def _print_counts() -> None:
           f"{OUTCOMES['accepted']} accepted, {refused} refused")
     for outcome, count in OUTCOMES.most_common():
         print(f"  {count:6d}  {outcome}")
+    reached = {rule: sum(v for k, v in OUTCOMES.items() if words in k)
+               for rule, words in BOUND_RULES.items()}
+    print("value bounds refused: " + ", ".join(f"{rule} {n}" for rule, n in reached.items()))
 
 
 if __name__ == "__main__":

@@ -19,19 +19,22 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.router import Router as LitestarRouter
 
 from adapters.base_model import BaseModelSpec
 from adapters.catalog import Catalog
 from adapters.db import create_engine, create_sessionmaker
 from adapters.storage import ArtifactStore, LocalStore, S3Store
 from gateway import errors
-from gateway.api.routes import admin, openai, ops
-from gateway.auth import Authenticator, load_admin_token_sha256
+from gateway.api.routes import admin, feedback, openai, ops
+from gateway.auth import Authenticator, load_admin_token_sha256, require_any_token
 from gateway.inference.experiments import ExperimentStats
+from gateway.inference.feedback import AnswerLog, ScoreBook
 from gateway.inference.metrics import Metrics
 from gateway.inference.pipeline import Background, Pipeline
 from gateway.inference.ratelimit import RateLimiter
 from gateway.inference.resolver import Resolver
+from gateway.inference.rollouts import RolloutController, RolloutStats
 from gateway.inference.router import Router
 from gateway.inference.shadow import Shadow
 from gateway.services import Part, Services
@@ -82,15 +85,21 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
     )
     router = Router(runtime_http, settings.runtimes, redis,
                     request_timeout_s=settings.request_timeout_s,
-                    max_inflight_per_runtime=settings.max_inflight_per_runtime)
+                    max_inflight_per_runtime=settings.max_inflight_per_runtime,
+                    token=settings.runtime_token)
     resolver = Resolver(catalog, settings.base_model_path.resolve().name, settings.redis_url)
     catalog.on_change(resolver.invalidate)
     stats = ExperimentStats(redis)
     rate_limiter = RateLimiter(redis, fail_open=settings.ratelimit_fail_open)
     metrics = Metrics(router.cache_figures, router.load_figures)
     background = Background()
+    scores = ScoreBook(redis)
+    rollout_stats = RolloutStats(redis, scores)
+    answers = AnswerLog(redis, ttl_s=settings.feedback_ttl_s,
+                        max_entries=settings.feedback_max_entries, scores=scores)
+    rollouts = RolloutController(catalog, rollout_stats, metrics, tick_s=settings.rollout_tick_s)
     pipeline = Pipeline(resolver, rate_limiter, router, metrics, stats, Shadow(router, stats),
-                        background)
+                        background, rollout_stats=rollout_stats, answers=answers)
     parts = [
         Part("catalog database", stop=engine.dispose),
         *([Part("redis", stop=redis.aclose)] if redis is not None else []),
@@ -99,13 +108,15 @@ def build_services(settings: Settings, extra_parts: Sequence[Part] = ()) -> Serv
         Part("resolver", resolver.start, resolver.stop),
         Part("router", router.start, router.stop),
         Part("experiment stats", stats.start, stats.stop),  # flushes after the tasks below
+        Part("rollout decisions", rollouts.start, rollouts.stop),
         Part("background", stop=background.stop),
         *extra_parts,
     ]
     return Services(
         settings=settings, catalog=catalog, auth=auth, db_engine=engine, redis=redis,
         router=router, rate_limiter=rate_limiter, metrics=metrics, resolver=resolver,
-        experiment_stats=stats, background=background, pipeline=pipeline, parts=parts,
+        experiment_stats=stats, rollout_stats=rollout_stats, rollouts=rollouts,
+        answers=answers, background=background, pipeline=pipeline, parts=parts,
     )
 
 
@@ -130,7 +141,9 @@ def _openapi() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="loragate",
         version=API_VERSION,
-        path="/schema",
+        # The document describes every route, the admin API's included: it takes a token.
+        openapi_router=LitestarRouter(path="/schema", route_handlers=[],
+                                      guards=[require_any_token], include_in_schema=False),
         components=Components(
             security_schemes={
                 "bearer": SecurityScheme(
@@ -152,7 +165,8 @@ def create_app(
         services = build_services(settings, extra_parts)
     elif extra_parts:
         raise ValueError("extra_parts join services that create_app builds, not ones passed in")
-    route_handlers: list[Any] = [*ops.routes, *admin.routes, *openai.routes]
+    route_handlers: list[Any] = [*ops.routes, *admin.routes, *openai.routes,
+                                     *feedback.routes]
     return Litestar(
         route_handlers=route_handlers,
         state=State({"services": services}),

@@ -26,6 +26,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from litestar.connection import ASGIConnection
@@ -80,6 +81,7 @@ class Authenticator:
         cache_ttl_s: float,
         revocation_check_s: float,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._catalog = catalog
         self._admin_sha256 = admin_token_sha256
@@ -87,6 +89,7 @@ class Authenticator:
         self._cache_ttl_s = cache_ttl_s
         self._revocation_check_s = revocation_check_s
         self._clock = clock
+        self._wall_clock = wall_clock  # key expiry is a wall-clock instant
         self._cache: dict[str, _CachedKey] = {}
         self._generation: bytes | str | None = None
         self._generation_read_at = float("-inf")
@@ -108,6 +111,9 @@ class Authenticator:
             raise Unauthorized("invalid API key")
         if record.revoked:
             raise Unauthorized("this API key has been revoked")
+        # A cached record outlives the lookup that found the key unexpired.
+        if record.expired(self._wall_clock()):
+            raise Unauthorized("this API key has expired")
         return TenantPrincipal(
             tenant=record.tenant,
             key_id=str(record.key_id),
@@ -116,7 +122,8 @@ class Authenticator:
         )
 
     async def key_revoked(self) -> None:
-        """Call after the catalog revoked a key: forget cached keys here and everywhere."""
+        """Call after the catalog revoked a key, deleted a tenant or changed its limits (which
+        cached key records carry): forget cached keys here and everywhere."""
         self._clear()
         if self._redis is None:
             return
@@ -231,6 +238,17 @@ async def require_tenant(
     """Guard: a valid tenant key; sets `connection.state.tenant` to its TenantPrincipal."""
     token = bearer_token(connection)
     connection.state.tenant = await _authenticator(connection).authenticate_tenant(token)
+
+
+async def require_any_token(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
+    """Guard of /schema (API.md: "takes any valid token"): the admin token or a valid tenant
+    key, else 401."""
+    token = bearer_token(connection)
+    auth = _authenticator(connection)
+    if not auth.is_admin(token):
+        await auth.authenticate_tenant(token)
 
 
 def tenant_of(connection: ASGIConnection[Any, Any, Any, Any]) -> TenantPrincipal:

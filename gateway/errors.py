@@ -5,6 +5,8 @@ catalog (`adapters.errors`), the gateway's own errors below and Litestar's frame
 (validation, 404 and 405 of unknown routes, body too large) all go through `ERROR_TABLE`;
 a lost catalog connection is first turned into `CatalogUnavailable` (`as_domain_error`).
 Anything else is a 500 whose body says nothing about the fault (the log has the trace).
+An expected refusal (the gateway's own errors and the catalog's, a shed request's 503
+included) logs one line at most: a trace per request would bury the real faults.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class Unavailable(GatewayError):
     """No healthy runtime or queues full; raise with `retry_after` (seconds)."""
 
 
+class AdapterUnusable(GatewayError):
+    """An adapter version whose artifact is gone or unusable for good (missing object, bad
+    sha256, weights that do not parse): a server-side fault that retrying cannot cure, so a
+    500 without Retry-After, with a message written for the tenant."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorSpec:
     status: int
@@ -118,6 +126,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorSpec] = {
     catalog_errors.CatalogUnavailable: _UNAVAILABLE,
     Unavailable: _UNAVAILABLE,
     ServiceUnavailableException: _UNAVAILABLE,
+    AdapterUnusable: ErrorSpec(500, "server_error", "adapter_load_failed"),
 }
 
 # Seconds a client should wait when the error itself does not say.
@@ -198,6 +207,10 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         # An outage, expected and retryable: one line per request, not a trace each.
         logger.warning("%s %s: catalog database unreachable (%s)", request.method,
                        request.url.path, type(exc).__name__)
+    elif isinstance(exc, GatewayError | catalog_errors.CatalogError):
+        if spec_for(exc).status >= 500:  # refused on purpose: what and why, no trace
+            logger.warning("%s %s: %s (%s)", request.method, request.url.path,
+                           type(exc).__name__, str(exc)[:200])
     elif spec_for(exc).status >= 500:
         # The trace goes to the log only; the body above says nothing about the fault.
         logger.error(

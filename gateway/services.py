@@ -27,10 +27,12 @@ if TYPE_CHECKING:
     from adapters.catalog import Catalog
     from gateway.auth import Authenticator
     from gateway.inference.experiments import ExperimentStats
+    from gateway.inference.feedback import AnswerLog
     from gateway.inference.metrics import Metrics
     from gateway.inference.pipeline import Background, Pipeline
     from gateway.inference.ratelimit import RateLimiter
     from gateway.inference.resolver import Resolver
+    from gateway.inference.rollouts import RolloutController, RolloutStats
     from gateway.inference.router import Router, RuntimeHealth
     from gateway.settings import Settings
 
@@ -70,6 +72,9 @@ class Services:
         metrics: Metrics,
         resolver: Resolver,
         experiment_stats: ExperimentStats,
+        rollout_stats: RolloutStats,
+        rollouts: RolloutController,
+        answers: AnswerLog,
         background: Background,
         pipeline: Pipeline,
         parts: Sequence[Part],
@@ -84,6 +89,9 @@ class Services:
         self.metrics = metrics
         self.resolver = resolver
         self.experiment_stats = experiment_stats  # GET experiment shows its figures
+        self.rollout_stats = rollout_stats  # per (rollout, stage, arm); GET rollout shows them
+        self.rollouts = rollouts  # this replica's decision loop
+        self.answers = answers  # completion id -> what served it, for POST /v1/feedback
         self.background = background  # book-keeping and shadow tasks after an answer
         self.pipeline = pipeline  # one inference request: resolve, assign, limit, route, book
         # /readyz asks this; a test may swap in its own before asking.

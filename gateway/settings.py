@@ -35,6 +35,9 @@ class Settings:
     s3_prefix: str = ""
     # Plaintext only in memory and only when given through the environment; never in repr.
     admin_token: str | None = field(default=None, repr=False)
+    # The bearer token runtimes require (API.md "Runtimes"): gateways send it, `loragate
+    # runtime` requires it. `serve` makes a fresh one for the runtime it starts.
+    runtime_token: str | None = field(default=None, repr=False)
     max_adapter_bytes: int = 512 * MIB
     max_adapter_config_bytes: int = 1 * MIB
     max_lora_rank: int = 64
@@ -50,6 +53,12 @@ class Settings:
     # With Redis, a cached key is trusted only if the revocation generation was read from
     # Redis at most this long ago: the bound on how late a revocation is noticed.
     revocation_check_s: float = 1.0
+    # How long an answer can be scored through POST /v1/feedback after it was served.
+    feedback_ttl_s: float = 7 * 24 * 3600.0
+    # Without Redis: answers kept for feedback in process (the oldest go first beyond it).
+    feedback_max_entries: int = 200_000
+    # How often each replica's rollout decision loop looks at the running rollouts.
+    rollout_tick_s: float = 1.0
     log_level: str = "INFO"
 
     @property
@@ -100,14 +109,15 @@ class Settings:
 
     def validate(self) -> None:
         for name in ("port", "max_adapter_bytes", "max_adapter_config_bytes", "max_lora_rank",
-                     "max_request_bytes"):
+                     "max_request_bytes", "feedback_max_entries"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"LORAGATE_{name.upper()} must be positive")
         if not 0 < self.port < 65536:
             raise SettingsError("LORAGATE_PORT must be between 1 and 65535")
         if self.max_inflight_per_runtime < 0:
             raise SettingsError("LORAGATE_MAX_INFLIGHT_PER_RUNTIME must not be negative")
-        if self.request_timeout_s <= 0 or self.revocation_check_s <= 0:
+        if (self.request_timeout_s <= 0 or self.revocation_check_s <= 0
+                or self.feedback_ttl_s <= 0 or self.rollout_tick_s <= 0):
             raise SettingsError("timeouts must be positive")
         for url in self.runtimes:
             if not url.startswith(("http://", "https://")):
@@ -117,8 +127,9 @@ class Settings:
 KEY_CACHE_TTL_WITHOUT_REDIS_S = 4.0
 
 _INT = {"port", "max_adapter_bytes", "max_adapter_config_bytes", "max_lora_rank",
-        "max_request_bytes", "max_inflight_per_runtime"}
-_FLOAT = {"request_timeout_s", "key_cache_ttl_s", "revocation_check_s"}
+        "max_request_bytes", "max_inflight_per_runtime", "feedback_max_entries"}
+_FLOAT = {"request_timeout_s", "key_cache_ttl_s", "revocation_check_s", "feedback_ttl_s",
+          "rollout_tick_s"}
 _BOOL = {"ratelimit_fail_open"}
 _PATH = {"data_dir", "base_model_dir"}
 

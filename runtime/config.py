@@ -41,9 +41,22 @@ class RuntimeConfig:
     # Artifact store passthrough; boto3 reads AWS credentials from its usual sources.
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # The store adapters may come from: artifacts under `artifacts_dir`, objects in
+    # `s3_bucket` under `s3_prefix`. Any other URI is refused before it is opened. With
+    # neither set the engine is unconfined (embedded use, tests); `loragate runtime` always
+    # sets one.
+    artifacts_dir: Path | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+
+    @property
+    def confined(self) -> bool:
+        return self.artifacts_dir is not None or self.s3_bucket is not None
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        if self.artifacts_dir is not None:
+            self.artifacts_dir = Path(self.artifacts_dir)
         if self.max_running < 1 or self.max_batch_tokens < 1 or self.block_size < 1:
             raise ValueError("max_running, max_batch_tokens and block_size must be positive")
         if self.max_waiting < 0:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from runtime.config import RuntimeConfig
-from runtime.lora.manager import build_lora_runtime
+from runtime.lora.manager import artifact_scope, build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
 from runtime.model.attention import build_metadata
 from runtime.model.grammar import Grammars
@@ -96,6 +96,7 @@ class LLMEngine:
             vocab_size=args.vocab_size,
             max_lora_rank=config.max_lora_rank,
             serves_adapters=lora is not None and adapters is not None,
+            store=artifact_scope(config),
         )
         if lora is not None:
             self.model.set_lora(lora)
@@ -259,6 +260,17 @@ class LLMEngine:
                     sampling.append(child)
         rows = torch.tensor([ends[s.request_id] for s in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
+        # One batched check per step: a sequence whose activations turned non-finite stops
+        # here with its own error; the others sample on in this same step.
+        finite = torch.isfinite(logits).all(-1).tolist()
+        if not all(finite):
+            keep = [i for i, ok in enumerate(finite) if ok]
+            outputs += [self._stop_non_finite(s) for s, ok in zip(sampling, finite, strict=True)
+                        if not ok]
+            sampling = [sampling[i] for i in keep]
+            if not sampling:
+                return outputs
+            logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
         keys = [s.request_id for s in sampling]
         grammars = len(self.grammars) > 0
         tokens, logprobs = sample(
@@ -293,6 +305,23 @@ class LLMEngine:
                     num_output_tokens=seq.num_output_tokens, index=seq.index,
                 ))
         return outputs
+
+    def _stop_non_finite(self, seq: Sequence) -> RequestOutput:
+        """End `seq` with an error naming its adapter and zero its KV blocks as they are freed."""
+        if seq.adapter is not None:
+            name = seq.adapter.name or seq.adapter.key
+            message = f"adapter {name} produced non-finite activations"
+            code = "adapter_numerics"
+        else:
+            message, code = "the model produced non-finite activations", "internal_error"
+        # Only the blocks it alone holds: a block shared with its sibling choices (n > 1) is
+        # zeroed by the last of them to let go of it.
+        refs = self.scheduler.block_manager.ref_counts
+        self.kv_cache.zero_blocks([b for b in seq.block_table if refs[b] == 1])
+        self.scheduler.finish(seq, FinishReason.ERROR, message)
+        out = self._final(seq, "", None)
+        out.error_code = code
+        return out
 
     def _final(self, seq: Sequence, delta: str, tokens: list[int] | None, lp=None) -> RequestOutput:
         stream = self._streams.pop(seq.request_id, None)

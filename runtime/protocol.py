@@ -17,7 +17,12 @@ from typing import Literal
 
 import msgspec
 
-from runtime.lora.protocol import ADAPTER_KEY_RE, LORA_TARGET_MODULES
+from runtime.lora.protocol import (
+    ADAPTER_KEY_RE,
+    LORA_TARGET_MODULES,
+    ArtifactRefused,
+    ArtifactScope,
+)
 from runtime.structured import grammar_text
 from runtime.types import (
     AdapterRef,
@@ -25,6 +30,7 @@ from runtime.types import (
     FinishReason,
     RequestOutput,
     SamplingParams,
+    adapter_key,
 )
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a 4 MiB body is far more prompt than any context holds
@@ -118,6 +124,9 @@ class RequestLimits:
     vocab_size: int
     max_lora_rank: int
     serves_adapters: bool = True
+    # Where adapter artifacts may come from; None: unconfined (an engine embedded without a
+    # store, as in tests). `loragate runtime` always configures one (runtime/http/process.py).
+    store: ArtifactScope | None = None
 
     def check(self, req: EngineRequest) -> None:
         """Raise ProtocolError (a ValueError: HTTP 400) when `req` can never be served as asked.
@@ -163,6 +172,8 @@ class RequestLimits:
             raise ProtocolError("this runtime serves no adapters")  # never the base model instead
         if not ADAPTER_KEY_RE.match(ref.key):
             raise ProtocolError("adapter.key must be a lowercase hex sha256 (64 characters)")
+        if not ADAPTER_KEY_RE.match(ref.sha256):
+            raise ProtocolError("adapter.sha256 must be a lowercase hex sha256 (64 characters)")
         if not ref.uri.startswith(("file:///", "s3://")):
             raise ProtocolError("adapter.uri must be a file:/// or s3:// URI")
         if not 1 <= ref.rank <= self.max_lora_rank:
@@ -172,6 +183,29 @@ class RequestLimits:
         if not ref.target_modules or not LORA_TARGET_MODULES.issuperset(ref.target_modules):
             known = sorted(LORA_TARGET_MODULES)
             raise ProtocolError(f"adapter.target_modules must be a non-empty subset of {known}")
+        if ref.key != ref.expected_key:
+            # The key is the cache identity: one that does not follow from the fields could
+            # serve this request with another version's weights or scale.
+            raise ProtocolError(
+                "adapter.key is not the adapter_key of its sha256, rank, alpha, use_rslora and "
+                "target_modules", code="adapter_key_mismatch",
+            )
+        if self.store is not None:
+            try:
+                self.store.check(ref.uri, ref.sha256)
+            except ArtifactRefused as exc:
+                raise ProtocolError(str(exc), code="adapter_uri_refused") from None
+
+
+def legacy_adapter(ref: AdapterRef) -> AdapterRef:
+    """A reference from a gateway that predates `sha256`: its `key` was the weights' sha256.
+
+    The identity is computed here from the fields, never taken from the body.
+    """
+    return msgspec.structs.replace(
+        ref, sha256=ref.key,
+        key=adapter_key(ref.key, ref.rank, ref.alpha, ref.use_rslora, ref.target_modules),
+    )
 
 
 def sampling_params(body: SamplingBody) -> SamplingParams:
@@ -206,6 +240,8 @@ def build_request(
     if adapter is not None and len(adapter.name) > MAX_ID_CHARS:
         # The name is a label for logs and errors: cut, not refused.
         adapter = msgspec.structs.replace(adapter, name=adapter.name[:MAX_ID_CHARS])
+    if adapter is not None and not adapter.sha256 and ADAPTER_KEY_RE.match(adapter.key):
+        adapter = legacy_adapter(adapter)  # else the check names the bad key
     req = EngineRequest(
         request_id=body.request_id,
         prompt_token_ids=list(prompt_token_ids),
@@ -316,7 +352,7 @@ def output_events(
     if out.finished:
         if out.finish_reason is FinishReason.ERROR or out.error is not None:
             message = out.error or "the request failed"
-            events.append(ErrorEvent(error_code(message), message))
+            events.append(ErrorEvent(out.error_code or error_code(message), message))
         else:
             reason = (out.finish_reason or FinishReason.STOP).value
             usage = Usage(

@@ -131,21 +131,79 @@ class SamplingParams:
             )
 
 
+ADAPTER_KEY_SCHEME = "loragate-adapter-key-v1"
+
+
+def adapter_key(
+    sha256: str, rank: int, alpha: float, use_rslora: bool, target_modules: tuple[str, ...]
+) -> str:
+    """The adapter_key of one version: the runtime's cache identity.
+
+    sha256 over the weights' sha256 and every config field that changes the math, in one
+    canonical encoding (docs/internals.md, "Adapter identity"):
+
+        sha256("\n".join([scheme, weights_sha256, str(rank), float(alpha).hex(),
+                          "1" if use_rslora else "0", ",".join(sorted(set(target_modules)))]))
+
+    Two versions with the same bytes and another alpha (or rsLoRA, rank, targets) get
+    different keys, so neither is ever served with the other's scale. The one definition:
+    the gateway calls it to build a reference, the runtime to check one.
+    """
+    fields = (
+        ADAPTER_KEY_SCHEME,
+        sha256,
+        str(int(rank)),
+        float(alpha).hex(),  # exact and canonical: 16 and 16.0 encode alike, 16.0000001 not
+        "1" if use_rslora else "0",
+        ",".join(sorted(set(target_modules))),
+    )
+    return hashlib.sha256("\n".join(fields).encode()).hexdigest()
+
+
 class AdapterRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything a runtime needs to fetch and apply one adapter version by itself.
 
     The one adapter reference: the `adapter` object of the wire body (runtime.protocol
     decodes it straight into this type), and what the scheduler, the cache and the PEFT
-    reader get. Its bounds against this runtime are checked in runtime.protocol.
+    reader get. Its bounds against this runtime are checked in runtime.protocol, which also
+    refuses a `key` that is not `adapter_key(...)` of the other fields.
     """
 
-    key: str  # sha256 of adapter_model.safetensors: the cache key (adapter_key)
+    key: str  # adapter_key(sha256, rank, alpha, use_rslora, targets): device and host tiers
     uri: str  # file:///... or s3://bucket/prefix/sha256/aa/<hex>
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
     use_rslora: bool = False
     name: str = ""  # "tenant/adapter@version", for logs and errors only
+    # sha256 of adapter_model.safetensors: what is fetched, verified and kept on disk. Empty
+    # only in a body from a gateway that predates it (runtime.protocol reads that as legacy).
+    sha256: str = ""
+
+    @classmethod
+    def for_version(
+        cls,
+        sha256: str,
+        uri: str,
+        rank: int,
+        alpha: float,
+        target_modules: tuple[str, ...],
+        use_rslora: bool = False,
+        name: str = "",
+    ) -> AdapterRef:
+        """The reference of one version, its key computed from its weights and config."""
+        targets = tuple(sorted(set(target_modules)))
+        return cls(
+            key=adapter_key(sha256, rank, alpha, use_rslora, targets), uri=uri, rank=rank,
+            alpha=float(alpha), target_modules=targets, use_rslora=use_rslora, name=name,
+            sha256=sha256,
+        )
+
+    @property
+    def expected_key(self) -> str:
+        """The key these fields must carry."""
+        return adapter_key(self.sha256, self.rank, self.alpha, self.use_rslora,
+                           self.target_modules)
 
     @property
     def scale(self) -> float:
@@ -180,6 +238,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     error: str | None = None  # set with FinishReason.ERROR
+    # The wire's error code when the engine knows it (e.g. "adapter_numerics"); else the
+    # protocol derives one from `error`.
+    error_code: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     index: int = 0  # the choice (0..n-1); `finished` ends this choice, the request ends with all

@@ -3,11 +3,12 @@
 `completion_input` / `chat_input` turn a decoded OpenAI request into the runtime's
 `GenerateBody` (the pipeline adds tenant and adapter). The functions below turn a request's
 collected events, or one token event, into exactly the JSON OpenAI's API answers, so that
-OpenAI's own clients parse it.
+OpenAI's own clients parse it; `for_user` puts a runtime's refusal in the request's terms.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from gateway.api.schemas.openai import (
     message_text,
     stop_list,
 )
+from gateway.errors import BadRequest
 from gateway.inference.runtime_client import Collected
 from runtime.protocol import ChatMessage, GenerateBody, LogprobEntry, SamplingBody, TokenEvent
 
@@ -76,6 +78,57 @@ def chat_input(req: ChatRequest, request_id: str) -> GenerateBody:
         req, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
         (req.top_logprobs or 0) if req.logprobs else None)
     return GenerateBody(request_id=request_id, messages=messages, sampling=sampling)
+
+
+_PATH_RE = re.compile(r"`\$\.(\w+)")
+# The runtime's sampling fields (runtime.protocol.SamplingBody) that a user's field sets.
+_SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                              "logprobs", "n", "frequency_penalty", "presence_penalty",
+                              "repetition_penalty", "min_p", "logit_bias", "min_tokens",
+                              "stop_token_ids", "response_format"})
+
+
+def _user_field(field: str, req: CompletionRequest | ChatRequest) -> str:
+    if isinstance(req, ChatRequest):
+        if field == "max_tokens" and req.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if field == "logprobs":
+            return "top_logprobs"
+    return field
+
+
+def for_user(exc: BadRequest, req: CompletionRequest | ChatRequest) -> BadRequest:
+    """A runtime's refusal as the user's request would name it.
+
+    The runtime checks its own wire body (runtime/protocol.py): its messages say
+    `sampling: max_tokens must be ...` or `prompt token ids ...` and carry no `param`. The
+    user sent `max_tokens` (or `max_completion_tokens`), `prompt` or `messages`: the message
+    loses the wire's prefix and `param` names the user's field. Anything else is unchanged.
+    """
+    if exc.param is not None:
+        return exc
+    message, param = exc.message, None
+    prompt_field = "messages" if isinstance(req, ChatRequest) else "prompt"
+    if message.startswith("sampling: "):
+        message = message.removeprefix("sampling: ")
+        field = message.split(" ", 1)[0]
+        param = _user_field(field, req) if field in _SAMPLING_FIELDS else None
+    elif message.startswith("prompt token ids"):
+        message, param = "prompt: " + message.removeprefix("prompt "), "prompt"
+    elif message.startswith("the prompt") or exc.code == "context_length_exceeded":
+        param = prompt_field  # OpenAI names the prompt for a context overflow too
+    elif message.startswith("response_format: "):  # the runtime's schema check
+        param = "response_format"
+    elif message.startswith("invalid body: "):  # msgspec's, with a path into the wire body
+        message = (message.removeprefix("invalid body: ").replace("`$.sampling.", "`$.")
+                   .replace("`$.prompt_token_ids", "`$.prompt"))
+        match = _PATH_RE.search(message)
+        path = match.group(1) if match else ""
+        param = (_user_field(path, req) if path in _SAMPLING_FIELDS
+                 else path if path in ("prompt", "messages") else None)
+    else:
+        return exc
+    return BadRequest(message, code=exc.code, param=param)
 
 
 def usage_of(got: Collected) -> Usage:

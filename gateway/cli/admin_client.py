@@ -2,7 +2,8 @@
 
 Each subcommand makes one call with the admin token from LORAGATE_ADMIN_TOKEN, prints the
 JSON answer, and exits non-zero with the server's error message on failure. An upload is
-streamed from disk with a progress bar and never read into memory whole.
+streamed from disk with a progress bar and never read into memory whole. `rollout status`
+prints a table of the stages with both arms' figures and the history (`--json`: the answer).
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ def _multipart_body(
     yield tail
 
 
-def run(args: Any, url: str, token: str | None) -> int:
+def run(args: Any, url: str, token: str | None,
+        transport: httpx.BaseTransport | None = None) -> int:
     """Run one parsed `loragate admin` subcommand; print JSON, or the error on stderr."""
     try:
-        client = AdminClient(url, token)
+        client = AdminClient(url, token, transport)
     except AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +130,9 @@ def run(args: Any, url: str, token: str | None) -> int:
         return 1
     finally:
         client.close()
-    if result is not None:
+    if isinstance(result, str):
+        print(result)
+    elif result is not None:
         print(json.dumps(result, indent=2))
     return 0
 
@@ -146,9 +150,21 @@ def _dispatch(client: AdminClient, args: Any) -> Any:
             return client.call("POST", "/admin/tenants", json=body)
         case "tenant-list":
             return client.call("GET", "/admin/tenants")
+        case "tenant-update":
+            changes = {name: _limit(value) for name, value in
+                       (("requests_per_minute", args.rpm), ("tokens_per_minute", args.tpm))
+                       if value is not None}
+            return client.call("PATCH", f"/admin/tenants/{_seg(args.name)}", json=changes)
+        case "tenant-delete":
+            client.call("DELETE", f"/admin/tenants/{_seg(args.name)}")
+            return {"tenant": args.name, "deleted": True}
         case "key-create":
-            return client.call("POST", f"/admin/tenants/{_seg(args.tenant)}/keys",
-                               json={"name": args.name})
+            body = {"name": args.name}
+            if args.expires_at:
+                body["expires_at"] = args.expires_at
+            return client.call("POST", f"/admin/tenants/{_seg(args.tenant)}/keys", json=body)
+        case "key-list":
+            return client.call("GET", f"/admin/tenants/{_seg(args.tenant)}/keys")
         case "key-revoke":
             client.call("DELETE", f"/admin/keys/{_seg(args.key_id)}")
             return {"id": args.key_id, "revoked": True}
@@ -159,4 +175,96 @@ def _dispatch(client: AdminClient, args: Any) -> Any:
         case "activate":
             return client.call("POST", f"/admin/tenants/{_seg(args.tenant)}/adapters/"
                                f"{_seg(args.adapter)}/activate", json={"version": args.version})
+        case "adapter-delete":
+            client.call("DELETE", f"/admin/tenants/{_seg(args.tenant)}/adapters/"
+                        f"{_seg(args.adapter)}")
+            return {"adapter": args.adapter, "deleted": True}
+        case "experiment-list":
+            return client.call("GET", f"/admin/tenants/{_seg(args.tenant)}/experiments")
+        case "experiment-get":
+            return client.call("GET", f"/admin/tenants/{_seg(args.tenant)}/experiments/"
+                               f"{_seg(args.name)}")
+        case "experiment-delete":
+            client.call("DELETE", f"/admin/tenants/{_seg(args.tenant)}/experiments/"
+                        f"{_seg(args.name)}")
+            return {"experiment": args.name, "deleted": True}
+        case "rollout":
+            return _rollout(client, args)
     raise AdminError(f"unknown admin command {args.admin_command!r}")
+
+
+def _limit(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise AdminError(f"a limit is a whole number or 'none', not {value!r}") from None
+
+
+def _rollout(client: AdminClient, args: Any) -> Any:
+    path = f"/admin/tenants/{_seg(args.tenant)}/adapters/{_seg(args.adapter)}/rollout"
+    match args.rollout_command:
+        case "start":
+            body: dict[str, Any] = {"version": args.version}
+            if args.stages:
+                try:
+                    body["stages"] = [float(s) for s in args.stages.split(",")]
+                except ValueError:
+                    raise AdminError("--stages is a comma-separated list of percentages") \
+                        from None
+            for name in ("stage_seconds", "min_requests"):
+                if getattr(args, name) is not None:
+                    body[name] = getattr(args, name)
+            guardrails = {name: getattr(args, name) for name in
+                          ("max_error_rate", "max_latency_p95_ratio", "min_score_delta")
+                          if getattr(args, name) is not None}
+            if guardrails:
+                body["guardrails"] = guardrails
+            return status_view(args.tenant, client.call("PUT", path, json=body))
+        case "status":
+            rollout = client.call("GET", path)
+            return rollout if args.json else status_view(args.tenant, rollout)
+        case "abort":
+            client.call("DELETE", path)
+            return status_view(args.tenant, client.call("GET", path))
+    raise AdminError(f"unknown rollout command {args.rollout_command!r}")
+
+
+_COLUMNS = f"{'req':>6} {'err':>4} {'p95':>7} {'score':>6} (n)"
+
+
+def _arm(figures: dict[str, Any]) -> str:
+    p95 = figures.get("p95_latency_ms")
+    mean = figures.get("feedback_mean")
+    return (f"{figures['requests']:>6} {figures['errors']:>4} "
+            f"{f'{p95:.0f}ms' if p95 is not None else '-':>7} "
+            f"{f'{mean:.3f}' if mean is not None else '-':>6} ({figures['feedback_count']})")
+
+
+def status_view(tenant: str, rollout: dict[str, Any]) -> str:
+    """The rollout as a table: one row per stage (figures for the stages reached), then the
+    history. `>` marks the stage traffic is in now."""
+    state, stage = rollout["state"], rollout["stage"]
+    lines = [f"{tenant}/{rollout['adapter']}: version {rollout['version']} against version "
+             f"{rollout['from_version']}: {state}, {rollout['weight']:g}% on the candidate",
+             "",
+             f"{'':27}{'stable':<38}candidate",
+             f"{'':2}{'stage':>5} {'weight':>6}  {'result':<11}{_COLUMNS:<38}{_COLUMNS}"]
+    reached = {s["stage"]: s for s in rollout.get("stage_figures", [])}
+    for index, weight in enumerate(rollout["stages"]):
+        if index < stage or (index == stage and state == "promoted"):
+            result = "passed"
+        elif index == stage:
+            result = {"running": "current", "rolled_back": "rolled back",
+                      "aborted": "aborted"}.get(state, state)
+        else:
+            result = ""
+        mark = ">" if index == stage and state == "running" else " "
+        row = f"{mark:2}{index:>5} {weight:>5g}%  {result:<11}"
+        if index in reached:
+            row += f"{_arm(reached[index]['stable']):<38}{_arm(reached[index]['candidate'])}"
+        lines.append(row.rstrip())
+    lines += ["", "history:"]
+    lines += [f"  {e['at']}  {e['action']:<11} {e['reason']}" for e in rollout["history"]]
+    return "\n".join(lines)

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--max-batch-tokens", type=int)
     runtime.add_argument("--max-running", type=int)
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
+    runtime.add_argument("--artifacts-dir", type=Path,
+                         help="the local artifact store adapters may come from "
+                              "(default: DATA_DIR/artifacts)")
     runtime.add_argument("--parent-pid", type=int,
                          help="drain and exit once this process is no longer the parent "
                               "(set by `serve` for the runtime it starts)")
@@ -63,9 +66,18 @@ def _admin_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
     sub.add_parser("tenant-list")
+    p = sub.add_parser("tenant-update", help="change a tenant's limits (PATCH)")
+    p.add_argument("name")
+    p.add_argument("--rpm", help="requests per minute, or 'none' for no limit")
+    p.add_argument("--tpm", help="tokens per minute, or 'none' for no limit")
+    p = sub.add_parser("tenant-delete", help="a tenant with its keys, adapters and experiments")
+    p.add_argument("name")
     p = sub.add_parser("key-create")
     p.add_argument("tenant")
     p.add_argument("--name", default="default")
+    p.add_argument("--expires-at", help="RFC 3339 date-time with an offset")
+    p = sub.add_parser("key-list", help="a tenant's keys (never their secrets)")
+    p.add_argument("tenant")
     p = sub.add_parser("key-revoke")
     p.add_argument("key_id")
     p = sub.add_parser("upload")
@@ -79,6 +91,37 @@ def _admin_parser(admin: argparse.ArgumentParser) -> None:
     p.add_argument("tenant")
     p.add_argument("adapter")
     p.add_argument("version", type=int)
+    p = sub.add_parser("adapter-delete", help="an adapter with every version")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
+    p = sub.add_parser("experiment-list")
+    p.add_argument("tenant")
+    for command in ("experiment-get", "experiment-delete"):
+        p = sub.add_parser(command)
+        p.add_argument("tenant")
+        p.add_argument("name")
+    _rollout_parser(sub.add_parser("rollout", help="progressive delivery of a version"))
+
+
+def _rollout_parser(rollout: argparse.ArgumentParser) -> None:
+    sub = rollout.add_subparsers(dest="rollout_command", required=True)
+    p = sub.add_parser("start", help="canary VERSION against the active version, in stages")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
+    p.add_argument("version", type=int)
+    p.add_argument("--stages", help="candidate percentages, e.g. 5,25,50,100")
+    p.add_argument("--stage-seconds", type=float)
+    p.add_argument("--min-requests", type=int, help="per arm and stage")
+    p.add_argument("--max-error-rate", type=float, help="above the stable arm's")
+    p.add_argument("--max-latency-p95-ratio", type=float)
+    p.add_argument("--min-score-delta", type=float, help="candidate mean - stable mean")
+    p = sub.add_parser("status", help="the stages, both arms' figures and the history")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
+    p.add_argument("--json", action="store_true", help="the API's answer as it is")
+    p = sub.add_parser("abort", help="all traffic back to the active version")
+    p.add_argument("tenant")
+    p.add_argument("adapter")
 
 
 # Loggers held above the configured level whatever it is, and why.
@@ -118,10 +161,20 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         device=device,
         max_lora_rank=settings.max_lora_rank,
         s3_endpoint_url=settings.s3_endpoint_url,
+        # The runtime opens artifacts only in the store the gateways write: this folder, and
+        # the bucket and prefix when the store is S3 (API.md "Runtimes").
+        artifacts_dir=(args.artifacts_dir or settings.artifacts_dir).resolve(),
+        s3_bucket=settings.s3_bucket,
+        s3_prefix=settings.s3_prefix,
         **{k: v for k, v in optional.items() if v is not None},
     )
-    serve_runtime(config, args.host, args.port, settings.redis_url, public_url=args.public_url,
-                  parent_pid=args.parent_pid)
+    try:
+        serve_runtime(config, args.host, args.port, settings.redis_url,
+                      public_url=args.public_url, parent_pid=args.parent_pid,
+                      token=settings.runtime_token)
+    except ValueError as exc:  # a bind the runtime refuses (no token off loopback)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -64,18 +65,30 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def start_runtime_child(settings: Settings) -> tuple[subprocess.Popen[bytes], str]:
+def start_runtime_child(
+    settings: Settings, token: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the runtime child on a free loopback port, requiring `token` of its callers."""
     port = free_port()
     command = [
         sys.executable, "-m", "gateway.cli", "runtime",
         "--base-model", str(settings.base_model_path.resolve()),
         "--host", "127.0.0.1", "--port", str(port),
         "--parent-pid", str(os.getpid()),  # the child exits even if we are SIGKILLed
+        # The store this gateway writes: the only place the child may open artifacts from.
+        "--artifacts-dir", str(settings.artifacts_dir.resolve()),
     ]  # fmt: skip
     if settings.device:
         command += ["--device", settings.device]
+    # The token and the S3 store go by environment: argv is visible to anyone in `ps`.
+    env = {**os.environ, "LORAGATE_RUNTIME_TOKEN": token}
+    for name, value in (("S3_BUCKET", settings.s3_bucket), ("S3_PREFIX", settings.s3_prefix),
+                        ("S3_ENDPOINT_URL", settings.s3_endpoint_url)):
+        env.pop(f"LORAGATE_{name}", None)
+        if value:
+            env[f"LORAGATE_{name}"] = value
     # Same process group (API.md); stdout/stderr shared so its logs show with ours.
-    child = subprocess.Popen(command)  # noqa: S603 (our own interpreter and fixed arguments)
+    child = subprocess.Popen(command, env=env)  # noqa: S603 (our own interpreter and fixed arguments)
     return child, f"http://127.0.0.1:{port}"
 
 
@@ -139,8 +152,10 @@ def serve(settings: Settings) -> int:
         print(f"admin token (shown once; only its hash is kept): {token}", flush=True)
     child = None
     if not settings.runtimes:
-        child, runtime_url = start_runtime_child(settings)
-        settings = replace(settings, runtimes=(runtime_url,))
+        # A fresh token per start: only this gateway can call the runtime it starts.
+        runtime_token = secrets.token_urlsafe(32)
+        child, runtime_url = start_runtime_child(settings, runtime_token)
+        settings = replace(settings, runtimes=(runtime_url,), runtime_token=runtime_token)
     try:
         watcher = [_child_watcher(child)] if child is not None else []
         app = create_app(settings, extra_parts=watcher)

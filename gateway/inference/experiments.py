@@ -9,7 +9,10 @@ weight; promotion and rollback are `activate` on the adapter.
 Figures per variant: requests, errors, p50/p95 latency (over the last `LATENCY_WINDOW`
 answers), tokens in and out; for the shadow, also how many of its outputs were identical to
 the primary's (whether a copy is sent at all is shadow.py's). They live in Redis when
-configured (shared by every gateway), else here.
+configured (shared by every gateway), else here, under `stats_key(experiment)`: the
+experiment's id, not its name, so an experiment deleted and created again under the same
+name starts from zero (and `forget` drops a deleted one's figures, since a database may hand
+a deleted row's id out again).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,17 +43,26 @@ def bucket_of(experiment_id: int | str, user: str) -> int:
     return int.from_bytes(digest[:8], "big") % NUM_BUCKETS
 
 
+def stats_key(experiment: ExperimentView) -> str:
+    """The figures' key of an experiment: its id (see the module's docstring)."""
+    return str(experiment.id)
+
+
 def pick_variant(
     variants: Sequence[VariantView], bucket: int
 ) -> VariantView:
-    """The variant whose cumulative-weight interval holds the bucket's midpoint."""
-    total = sum(v.weight for v in variants)
-    if total <= 0:
+    """The variant whose cumulative-weight interval holds the bucket's midpoint.
+
+    Weights are taken relative to the largest, so each is at most 1 and their sum cannot
+    overflow (1e308 + 1e308 is inf, and every point would fall past the last variant)."""
+    largest = max(min(v.weight, sys.float_info.max) for v in variants)
+    if not largest > 0:
         return variants[0]
-    point = (bucket + 0.5) / NUM_BUCKETS * total
+    weights = [min(v.weight, sys.float_info.max) / largest for v in variants]
+    point = (bucket + 0.5) / NUM_BUCKETS * sum(weights)
     running = 0.0
-    for variant in variants:
-        running += variant.weight
+    for variant, weight in zip(variants, weights, strict=True):
+        running += weight
         if point < running:
             return variant
     return variants[-1]
@@ -141,6 +154,21 @@ class ExperimentStats:
                 await pipe.execute()
         except Exception as exc:  # figures are best effort; the answers already went out
             logger.warning("experiment figures not recorded: %s", type(exc).__name__)
+
+    async def forget(self, tenant: str, experiment: str) -> None:
+        """Drop an experiment's figures (it was deleted), here and in Redis."""
+        for rows in (self._local, self._pending):
+            for key in [k for k in rows if k[:2] == (tenant, experiment)]:
+                del rows[key]
+        if self.redis is None:
+            return
+        base = f"{_PREFIX}{tenant}:{experiment}"
+        try:
+            variants = [v.decode() for v in await self.redis.smembers(base)]
+            keys = [base] + [f"{base}:{v}{lat}" for v in variants for lat in ("", ":lat")]
+            await self.redis.delete(*keys)
+        except Exception as exc:  # best effort, as recording is: the id is not reused there
+            logger.warning("experiment figures not dropped: %s", type(exc).__name__)
 
     async def start(self) -> None:
         if self.redis is not None:

@@ -9,12 +9,15 @@ from their latest `/stats` (fetched by the router's probe loop) at scrape time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from adapters.views import RolloutView
 
 OTHER = "other"
 LABELS = ("tenant", "adapter", "variant")
@@ -94,6 +97,26 @@ class _LoadCollector(Collector):
         yield from (shed, in_flight, limit)
 
 
+class _RolloutCollector(Collector):
+    """Stage and weight of each running rollout, as of this replica's last decision round:
+    one series per running rollout, gone once it ends (bounded by the running rollouts)."""
+
+    def __init__(self) -> None:
+        self.running: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stage = GaugeMetricFamily("loragate_rollout_stage",
+                                  "index of the running rollout's stage (0-based)",
+                                  labels=["tenant", "adapter"])
+        weight = GaugeMetricFamily("loragate_rollout_weight",
+                                   "percent of users on the rollout's candidate",
+                                   labels=["tenant", "adapter"])
+        for (tenant, adapter), (index, percent) in self.running.items():
+            stage.add_metric([tenant, adapter], index)
+            weight.add_metric([tenant, adapter], percent)
+        yield from (stage, weight)
+
+
 def _by_tier(value: Any) -> list[tuple[str, float]]:
     """A runtime figure given per tier ({"device": 3, ...}) or as one number ("all")."""
     if isinstance(value, bool):
@@ -128,6 +151,16 @@ class Metrics:
                                  registry=self.registry)
         self.tokens_out = Counter("loragate_tokens_out", "generated tokens", LABELS,
                                   registry=self.registry)
+        self.feedback = Counter("loragate_feedback", "feedback scores received",
+                                LABELS, registry=self.registry)
+        self.feedback_score = Counter("loragate_feedback_score",
+                                      "sum of the feedback scores received", LABELS,
+                                      registry=self.registry)
+        # Only the replica whose decision applied counts it: the sum over replicas is exact.
+        self.rollbacks = Counter("loragate_rollout_rollbacks", "rollouts rolled back",
+                                 ["tenant", "adapter"], registry=self.registry)
+        self._rollouts = _RolloutCollector()
+        self.registry.register(self._rollouts)
         if runtime_stats is not None:
             self.registry.register(_RuntimeCollector(runtime_stats))
         if router_load is not None:
@@ -149,6 +182,18 @@ class Metrics:
             self.tokens_in.labels(*labels).inc(tokens_in)
         if tokens_out:
             self.tokens_out.labels(*labels).inc(tokens_out)
+
+    def observe_feedback(self, labels: tuple[str, str, str], score: float) -> None:
+        self.feedback.labels(*labels).inc()
+        self.feedback_score.labels(*labels).inc(score)
+
+    def rollout_rolled_back(self, tenant: str, adapter: str) -> None:
+        self.rollbacks.labels(self._caps["tenant"](tenant), self._caps["adapter"](adapter)).inc()
+
+    def rollouts_now(self, views: Sequence[RolloutView]) -> None:
+        """The running rollouts as of a decision round (ended ones drop out)."""
+        self._rollouts.running = {(v.tenant, v.adapter): (v.stage, float(v.weight))
+                                  for v in views if v.state == "running"}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

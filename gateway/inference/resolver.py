@@ -4,7 +4,10 @@ Order (API.md): an experiment of the tenant, an adapter (its active version), `a
 the base model's id; anything else is `ModelNotFound` (404 `model_not_found`), with one
 message for every unknown name so that another tenant's names cannot be probed.
 
-Every answer, negative ones included, is cached per (tenant, model) for `ttl_s`. A catalog
+Every answer, negative ones included, is cached per (tenant, model) for `ttl_s`, in an LRU of
+at most `max_entries` (unique unknown names must not grow the gateway without bound). A name
+longer than `MAX_MODEL_CHARS` can be no model at all: 404 with no lookup and no entry. The
+404's message echoes a name only up to `ECHO_CHARS`. A catalog
 change calls `invalidate(tenant)` (the catalog's `on_change` listener, registered by
 gateway/app.py), which drops the tenant's entries here and publishes the tenant's name on
 `CHANNEL`; every gateway listens and drops them too, so a promote or rollback is seen
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from typing import Any
 
 from adapters.errors import NotFound
@@ -28,6 +32,11 @@ from gateway.errors import ModelNotFound
 logger = logging.getLogger("loragate.gateway.resolver")
 CHANNEL = "loragate:catalog:changed"
 RECONNECT_S = 1.0
+# Catalog names are at most 63 characters, `adapter@N` a few more; the base model's id is a
+# directory name (at most 255 bytes on the usual file systems).
+MAX_MODEL_CHARS = 256
+ECHO_CHARS = 80
+MAX_ENTRIES = 10_000
 
 
 class Resolver:
@@ -38,13 +47,17 @@ class Resolver:
         redis_url: str | None = None,
         *,
         ttl_s: float = 30.0,
+        max_entries: int = MAX_ENTRIES,
     ) -> None:
         self.catalog = catalog
         self.base_model_id = base_model_id
         self.redis_url = redis_url
         self.ttl_s = ttl_s
-        # (tenant, model) -> (expires_at, Resolution | None); None: not found
-        self._cache: dict[tuple[str, str], tuple[float, Resolution | None]] = {}
+        self.max_entries = max_entries
+        # (tenant, model) -> (expires_at, Resolution | None); None: not found. Least recently
+        # used first.
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Resolution | None]] = (
+            OrderedDict())
         # Bumped on every invalidation, so a lookup that raced one does not store stale data.
         self._generation: dict[str, int] = {}
         self._redis: Any = None
@@ -52,9 +65,12 @@ class Resolver:
         self.listening = asyncio.Event()
 
     async def resolve(self, tenant: str, model: str) -> Resolution:
+        if len(model) > MAX_MODEL_CHARS:
+            return self._answer(None, model)
         now = time.monotonic()
         hit = self._cache.get((tenant, model))
         if hit is not None and hit[0] > now:
+            self._cache.move_to_end((tenant, model))
             return self._answer(hit[1], model)
         generation = self._generation.get(tenant, 0)
         try:
@@ -63,6 +79,9 @@ class Resolver:
             resolution = None
         if self._generation.get(tenant, 0) == generation:
             self._cache[(tenant, model)] = (now + self.ttl_s, resolution)
+            self._cache.move_to_end((tenant, model))
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
         return self._answer(resolution, model)
 
     def _answer(self, resolution: Resolution | None, model: str) -> Resolution:
@@ -70,8 +89,9 @@ class Resolver:
             return resolution
         if model == self.base_model_id:  # last in API.md's order: a tenant's names come first
             return Resolution("base")
+        shown = model if len(model) <= ECHO_CHARS else f"{model[:ECHO_CHARS]}..."
         raise ModelNotFound(
-            f"The model `{model}` does not exist or you do not have access to it.",
+            f"The model `{shown}` does not exist or you do not have access to it.",
             param="model")
 
     def drop(self, tenant: str | None) -> None:

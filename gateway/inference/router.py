@@ -113,9 +113,13 @@ class Router:
         load_factor: float = 1.25,
         max_inflight_per_runtime: int = 0,
         client: Any = None,
+        token: str | None = None,
     ) -> None:
+        """`token`: LORAGATE_RUNTIME_TOKEN, sent with /stats probes and /generate calls."""
         self.http = http  # health and stats probes
-        self.client = client if client is not None else RuntimeClient()  # /generate traffic
+        # /generate traffic
+        self.client = client if client is not None else RuntimeClient(token=token)
+        self._probe_headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.static_urls = tuple(static_urls)
         self.redis = redis
         self.request_timeout_s = request_timeout_s
@@ -172,7 +176,8 @@ class Router:
             state.healthy = status == "ok"
             state.detail = str(status) if status else f"HTTP {response.status_code}"
             if state.healthy:
-                stats = await self.http.get(f"{state.url}/stats", timeout=2.0)
+                stats = await self.http.get(f"{state.url}/stats", timeout=2.0,
+                                            headers=self._probe_headers)
                 if stats.status_code == 200:
                     state.stats = stats.json()
         except (httpx.HTTPError, ValueError) as exc:
@@ -306,6 +311,17 @@ class Router:
         raise Unavailable("no runtime could take the request",
                           code="no_runtime" if shed_reason is None else "overloaded",
                           retry_after=retry_after)
+
+    def max_model_len(self) -> int | None:
+        """The longest context of the healthy runtimes, from their /stats "limits"; None
+        while none has reported one."""
+        lengths = []
+        for state in self.runtimes.values():
+            limits = state.stats.get("limits") if state.healthy else None
+            length = limits.get("max_model_len") if isinstance(limits, dict) else None
+            if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+                lengths.append(length)
+        return max(lengths, default=None)
 
     def cache_figures(self) -> dict[str, dict[str, Any]]:
         """The runtimes' latest /stats, for /metrics."""

@@ -46,13 +46,20 @@ _encoder = msgspec.json.Encoder()
 
 
 def adapter_body(tenant: str, adapter: ResolvedAdapter | None) -> AdapterRef | None:
-    """The runtime's reference to a catalog version: all it needs to fetch and apply it."""
+    """The runtime's reference to a catalog version: all it needs to fetch and apply it.
+
+    Its key is the version's identity (runtime.types.adapter_key over the weights' sha256
+    and the config that changes the math), computed by the runtime's own function: adapters/
+    cannot import the runtime, and the runtime refuses a key that does not match.
+    """
     if adapter is None:
         return None
     ref = adapter.ref
-    return AdapterRef(key=ref.key, uri=ref.uri, rank=ref.rank, alpha=ref.alpha,
-                       target_modules=tuple(ref.target_modules), use_rslora=ref.use_rslora,
-                       name=f"{tenant}/{adapter.name}@{adapter.version}")
+    return AdapterRef.for_version(
+        sha256=ref.sha256, uri=ref.uri, rank=ref.rank, alpha=ref.alpha,
+        target_modules=tuple(ref.target_modules), use_rslora=ref.use_rslora,
+        name=f"{tenant}/{adapter.name}@{adapter.version}",
+    )
 
 
 @dataclass(slots=True)
@@ -230,8 +237,10 @@ class GenerateStream:
 
 
 class RuntimeClient:
-    def __init__(self, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, connect_timeout_s: float = 5.0, token: str | None = None) -> None:
+        """`token`: LORAGATE_RUNTIME_TOKEN, sent as a bearer token with every request."""
         self.connect_timeout_s = connect_timeout_s
+        self._auth = f"Authorization: Bearer {token}\r\n" if token else ""
         self._idle: dict[str, list[Conn]] = {}
 
     async def open_generate(self, url: str, body: GenerateBody,
@@ -242,7 +251,7 @@ class RuntimeClient:
             raise RuntimeUnreachable(f"unsupported runtime URL {url!r} (http:// only)")
         host, port = parts.hostname, parts.port or 80
         payload = _encoder.encode(body)
-        request_head = (f"POST /generate HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        request_head = (f"POST /generate HTTP/1.1\r\nHost: {parts.netloc}\r\n{self._auth}"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
         raw = request_head.encode() + payload
         conn = self._take(url)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from gateway.errors import GatewayError
-from gateway.inference.experiments import SHADOW
+from gateway.inference.experiments import SHADOW, stats_key
 from gateway.inference.runtime_client import Collected, adapter_body
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class Shadow:
         got = Collected()
         ok = False
         try:
-            async for event in self.router.generate(body, shadow.resolved.ref.key):
+            async for event in self.router.generate(body, shadow.resolved.ref.sha256):
                 got.add(event)
             ok = got.error is None
         except GatewayError as exc:
@@ -65,6 +65,6 @@ class Shadow:
         finally:
             self._running -= 1
         await self.stats.record(
-            tenant, experiment.name, SHADOW, ok=ok, latency_s=time.perf_counter() - started,
+            tenant, stats_key(experiment), SHADOW, ok=ok, latency_s=time.perf_counter() - started,
             tokens_in=got.prompt_tokens, tokens_out=got.num_completion_tokens,
             identical=(got.output == primary_output) if ok else None)

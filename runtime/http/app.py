@@ -2,6 +2,9 @@
 `/stats` (docs/internals.md, "Runtime wire protocol"). The process around it (engine loading,
 uvicorn, the registry, draining) is `runtime/http/process.py`.
 
+With a `token`, every route but `/health` answers only `Authorization: Bearer <token>`
+(API.md "Runtimes"; compared in constant time); 401 otherwise, before the body is read.
+
 `create_runtime_app` takes an already built front (`AsyncLLMEngine` or anything with its
 interface) so tests can drive the HTTP layer with a fake engine. Handlers stay thin: parsing
 and checks live in `runtime.protocol`, scheduling in the engine.
@@ -10,6 +13,7 @@ and checks live in `runtime.protocol`, scheduling in the engine.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +24,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.params import FromPath
 from litestar.response import Stream
 
+from runtime.lora.protocol import ArtifactScope
 from runtime.protocol import (
     MAX_BODY_BYTES,
     ErrorEvent,
@@ -70,6 +75,7 @@ class RuntimeInfo:
     max_waiting: int  # over this many waiting requests, /generate answers 503
     max_gpu_adapters: int = 0
     max_lora_rank: int = 64
+    store: ArtifactScope | None = None  # where adapters may come from; never in /stats
 
     @property
     def limits(self) -> RequestLimits:
@@ -79,6 +85,7 @@ class RuntimeInfo:
             vocab_size=self.vocab_size,
             max_lora_rank=self.max_lora_rank,
             serves_adapters=self.max_gpu_adapters > 0,
+            store=self.store,
         )
 
 
@@ -121,6 +128,26 @@ def _error(status: int, message: str, code: str, retry_after: int | None = None)
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return Response({"error": {"message": message, "code": code}}, status_code=status,
                     headers=headers)
+
+
+OPEN_PATHS = frozenset({"/health"})  # the router probes it; it tells nothing a caller could use
+
+
+def bearer_guard(token: str | None) -> Callable[[Request], Any] | None:
+    """The before-request hook refusing a request without the runtime's token (None: open)."""
+    if not token:
+        return None
+    expected = f"Bearer {token}".encode()
+
+    async def guard(request: Request) -> Response | None:
+        if request.url.path in OPEN_PATHS:
+            return None
+        given = request.headers.get("authorization", "").encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(given, expected):
+            return None
+        return _error(401, "this runtime answers only its gateways' token", "unauthorized")
+
+    return guard
 
 
 def _unavailable(state: RuntimeState) -> Response | None:
@@ -204,8 +231,13 @@ def create_runtime_app(
     state: RuntimeState | None = None,
     on_startup: Sequence[Callable[[], Any]] = (),
     on_shutdown: Sequence[Callable[[], Any]] = (),
+    token: str | None = None,
 ) -> Litestar:
     """The runtime's Litestar app.
+
+    `token`: LORAGATE_RUNTIME_TOKEN; with it, every route but /health needs it as a bearer
+    token. None serves unauthenticated (a loopback runtime; `loragate runtime` refuses any
+    other bind without one).
 
     With `front` given the app owns its lifecycle (started on startup, drained on shutdown).
     Without it, `state` is filled later (by `serve()` once the model is loaded) and the app
@@ -269,7 +301,9 @@ def create_runtime_app(
         body = dict(state.front.stats())
         body["num_streams"] = len(state.streams)
         body["draining"] = state.draining
-        body["limits"] = asdict(state.info)
+        limits = asdict(state.info)
+        limits.pop("store")  # the store's paths are the operator's business
+        body["limits"] = limits
         return Response(body)
 
     startup: list[Callable[[], Any]] = list(on_startup)
@@ -287,5 +321,6 @@ def create_runtime_app(
         on_shutdown=shutdown,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=None,
+        before_request=bearer_guard(token),
     )
 

@@ -14,6 +14,7 @@ stop its child, and an orphaned runtime would hold the port, the memory and the 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -99,6 +100,7 @@ def build_front(config: RuntimeConfig) -> Loaded:
         max_waiting=config.max_waiting,
         max_gpu_adapters=config.max_gpu_adapters if limits.serves_adapters else 0,
         max_lora_rank=limits.max_lora_rank,
+        store=limits.store,
     )
     # The app checks every request against info.limits (== engine.limits) as it decodes it.
     front = AsyncLLMEngine(engine, requests_checked=True)
@@ -110,7 +112,7 @@ class RuntimeProcess:
 
     def __init__(
         self, config: RuntimeConfig, host: str, port: int, redis_url: str | None, url: str,
-        parent_pid: int | None = None,
+        parent_pid: int | None = None, token: str | None = None,
     ) -> None:
         self.config, self.redis_url, self.url = config, redis_url, url
         self.parent_pid = parent_pid
@@ -120,7 +122,8 @@ class RuntimeProcess:
         self.loaded: Loaded | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         app = create_runtime_app(
-            state=self.state, on_startup=[self._start_loading], on_shutdown=[self._shutdown]
+            state=self.state, on_startup=[self._start_loading], on_shutdown=[self._shutdown],
+            token=token,
         )
         uv_config = uvicorn.Config(
             app, host=host, port=port, log_level="info", access_log=False, lifespan="on",
@@ -203,6 +206,26 @@ class RuntimeProcess:
 
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """ValueError for a non-loopback bind without a token (API.md "Runtimes"): anyone who can
+    reach the port could otherwise run any tenant's adapters, or any artifact of the store."""
+    if not token and not is_loopback(host):
+        raise ValueError(
+            f"refusing to listen on {host!r} without LORAGATE_RUNTIME_TOKEN: a runtime reachable "
+            "from other machines answers only its gateways' token"
+        )
+
+
 def serve(
     config: RuntimeConfig,
     host: str,
@@ -210,13 +233,17 @@ def serve(
     redis_url: str | None,
     public_url: str | None = None,
     parent_pid: int | None = None,
+    token: str | None = None,
 ) -> None:
     """Run one runtime until SIGTERM/SIGINT (blocking), in the order this module's docstring says.
 
     `public_url` is what the registry advertises (default: http://host:port); with
-    `parent_pid` the runtime drains and exits once that process is no longer its parent.
-    Raises RuntimeError when the engine or the registry fails to start.
+    `parent_pid` the runtime drains and exits once that process is no longer its parent;
+    `token`: the bearer token every route but /health requires.
+    Raises ValueError for a non-loopback `host` without a token, RuntimeError when the engine
+    or the registry fails to start.
     """
+    check_bind(host, token)
     url = public_url or public_url_for(host, port)
-    process = RuntimeProcess(config, host, port, redis_url, url, parent_pid)
+    process = RuntimeProcess(config, host, port, redis_url, url, parent_pid, token)
     asyncio.run(process.run())

@@ -13,7 +13,9 @@ every slot is held, a cold adapter waits (no thrashing) and the batch keeps runn
 requests for one cold adapter cause one load; a failed load fails the requests of that
 adapter only, with the reason, and is retried by a later request after `failure_ttl_s`
 (`transient_failure_ttl_s` when the loader's FetchError says `transient`: a store that was
-unreachable may be back, and its adapters must not stay refused for long after).
+unreachable may be back, and its adapters must not stay refused for long after). An install
+that fails (`install` raised) fails that adapter's requests the same way and leaves the slot
+empty; it never fails the step, so the rest of the batch runs on.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ LOAD_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 @dataclass(frozen=True, slots=True)
 class CacheEvent:
     seq: int
-    kind: str  # acquire | release | install | evict | load_start | load_done | load_failed
+    # acquire | release | install | install_failed | evict | load_start | load_done | load_failed
+    kind: str
     key: str
     tier: str  # device | host | disk | store
     slot: int = -1
@@ -115,7 +118,7 @@ class AdapterCache:
             slot = self.slots.victim()
             if slot is None:
                 return None  # every slot serves a running request: wait, never thrash
-            self._place(slot, key, weights)
+            self._place(slot, ref, weights)
             self._pump()  # installing it freed load budget: start the next queued adapters
             return self._acquire(key)
 
@@ -147,12 +150,29 @@ class AdapterCache:
         self._log("acquire", key, "device", slot)
         return slot
 
-    def _place(self, slot: int, key: str, weights: Any) -> None:
+    def _place(self, slot: int, ref: AdapterRef, weights: Any) -> None:
+        """Install `ref` in the idle `slot`; AdapterUnavailable (for its requests only) if the
+        install fails, with the slot then empty: its old adapter is not trusted to be intact."""
+        key = ref.key
         old = self.slots.key_of(slot)
         if old is not None:
             self.evictions["device"] += 1
             self._log("evict", old, "device", slot)
-        self._install(slot, weights)
+        try:
+            self._install(slot, weights)
+        except Exception as exc:
+            # The slot table must never map an adapter to a slot whose weights may be another
+            # adapter's: empty it. Its old adapter reloads from the host tier when asked for.
+            self.slots.unassign(slot)
+            self.host.remove(key)
+            self._fresh.discard(key)
+            reason = str(exc) or type(exc).__name__
+            self._failed[key] = (reason, self._clock(), self._failure_ttl_s)
+            self.num_load_failures += 1
+            self._log("install_failed", key, "device", slot)
+            raise AdapterUnavailable(
+                f"adapter {ref.name or key} could not be installed: {reason}"
+            ) from exc
         self.slots.assign(slot, key)
         if key in self._fresh:
             self._fresh.discard(key)

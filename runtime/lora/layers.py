@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from runtime.lora.peft import LoraShapes, LoraWeights, parse_peft_adapter
+from runtime.lora.peft import LoraShapes, LoraWeights, parse_peft_adapter, slot_scale
 from runtime.lora.protocol import PROJECTIONS
 from runtime.model.weights import ModelArgs
 from runtime.types import AdapterRef
@@ -76,8 +76,30 @@ class LoraManager:
         return parse_peft_adapter(data, ref, self.shapes, self.max_rank, self.dtype, pin)
 
     def set_lora(self, slot: int, weights: LoraWeights) -> None:
-        """Copy an adapter into `slot`, zeroing whatever it does not target."""
+        """Copy an adapter into `slot`, zeroing whatever it does not target. All or nothing.
+
+        Everything that can fail is checked before the first write (ValueError): the slot,
+        the rank, every stack's shape and dtype, the scale as float32. A failure therefore
+        leaves the slot exactly as it was; the copies that follow cannot fail on shapes.
+        """
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is outside 0..{self.num_slots - 1}")
         rank = weights.rank
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"rank {rank} is outside 1..{self.max_rank}")
+        scale = slot_scale(weights.scale)
+        for proj in weights.a:
+            if proj not in self.lora_a or proj not in weights.b:
+                raise ValueError(f"adapter stacks name an unknown projection {proj!r}")
+            a_tab, b_tab = self.lora_a[proj], self.lora_b[proj]
+            want_a = (*a_tab.shape[:2], rank, a_tab.shape[-1])
+            want_b = (*b_tab.shape[:2], b_tab.shape[3], rank)
+            a, b = weights.a[proj], weights.b[proj]
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise ValueError(f"{proj}: stacks {tuple(a.shape)} / {tuple(b.shape)} do not "
+                                 f"fit the slot tables {want_a} / {want_b}")
+            if not (a.dtype.is_floating_point and b.dtype.is_floating_point):
+                raise ValueError(f"{proj}: stacks must be floating point")
         for proj in PROJECTIONS:
             a_tab, b_tab = self.lora_a[proj], self.lora_b[proj]
             if proj not in weights.a:
@@ -89,7 +111,7 @@ class LoraManager:
             if rank < self.max_rank:
                 a_tab[:, :, slot, rank:].zero_()
                 b_tab[:, :, slot, :, rank:].zero_()
-        self.scales[slot] = weights.scale
+        self.scales[slot] = scale
 
     def reset_lora(self, slot: int) -> None:
         for proj in PROJECTIONS:

@@ -145,3 +145,13 @@ class SlotTable:
         self._key_of[slot] = key
         self._slot_of[key] = slot
         return old
+
+    def unassign(self, slot: int) -> str | None:
+        """Empty an idle `slot` (its contents are no longer trusted); returns the key it held."""
+        if slot not in self._idle:
+            raise ValueError(f"slot {slot} is held by a running request")
+        old = self._key_of[slot]
+        if old is not None:
+            del self._slot_of[old]
+        self._key_of[slot] = None
+        return old

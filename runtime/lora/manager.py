@@ -14,6 +14,7 @@ import torch
 from runtime.config import RuntimeConfig
 from runtime.lora.cache import AdapterCache
 from runtime.lora.layers import LoraManager
+from runtime.lora.protocol import ArtifactScope
 from runtime.lora.store import AdapterLoader, ArtifactFetcher, DiskCache
 from runtime.model.weights import ModelArgs
 
@@ -35,8 +36,16 @@ def build_lora_runtime(
         DiskCache(config.adapter_disk_dir, config.adapter_disk_bytes)
         if config.adapter_disk_dir is not None else None
     )
-    fetcher = ArtifactFetcher(config.s3_endpoint_url, s3_region=config.s3_region)
+    fetcher = ArtifactFetcher(config.s3_endpoint_url, s3_region=config.s3_region,
+                              scope=artifact_scope(config))
     loader = AdapterLoader(fetcher, manager.parse, disk)
     cache = AdapterCache(config.max_gpu_adapters, config.max_host_adapters, loader,
                          manager.set_lora)
     return manager, cache
+
+
+def artifact_scope(config: RuntimeConfig) -> ArtifactScope | None:
+    """The store the config confines adapters to; None when it names none (unconfined)."""
+    if not config.confined:
+        return None
+    return ArtifactScope.of(config.artifacts_dir, config.s3_bucket, config.s3_prefix)

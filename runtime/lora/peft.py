@@ -8,6 +8,7 @@ device slot takes in a few copies. Runs in the loader's threads: no device work 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -76,10 +77,12 @@ def parse_peft_adapter(
 
     Raises ValueError naming the first problem: an unknown tensor, a module outside
     `ref.target_modules`, a shape that does not fit the model, a rank other than `ref.rank`
-    (per-module ranks are not supported), a rank above `max_rank`, a non-finite value.
+    (per-module ranks are not supported), a rank above `max_rank`, a non-finite value, a
+    scale that is not a positive finite float32.
     """
     if not 1 <= ref.rank <= max_rank:
         raise ValueError(f"rank {ref.rank} is outside 1..{max_rank}")
+    scale = slot_scale(ref.scale)
     try:
         tensors = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types on a bad header
@@ -125,4 +128,13 @@ def parse_peft_adapter(
     if pin_memory:  # page-locked host copies make the copy into a slot asynchronous
         stack_a = {p: t.pin_memory() for p, t in stack_a.items()}
         stack_b = {p: t.pin_memory() for p, t in stack_b.items()}
-    return LoraWeights(ref.rank, ref.scale, stack_a, stack_b)
+    return LoraWeights(ref.rank, scale, stack_a, stack_b)
+
+
+def slot_scale(scale: float) -> float:
+    """`scale` as the float32 slot table holds it; ValueError when it is not a positive
+    finite float32 (alpha 1e308 overflows it: the table would hold inf)."""
+    as_f32 = float(torch.tensor(scale, dtype=torch.float64).to(torch.float32))
+    if not (math.isfinite(as_f32) and as_f32 > 0):
+        raise ValueError(f"the scale {scale!r} (alpha / r) is not a positive finite float32")
+    return as_f32

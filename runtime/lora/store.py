@@ -1,14 +1,17 @@
 """Where adapter bytes come from: the artifact store (file:// or s3://), a local disk cache
 with a byte budget, and a thread pool that loads them off the engine's thread.
 
-Every byte is checked against the adapter's sha256 (its `adapter_key`) after each fetch
-and each disk read. Transient store errors (connection refused, timeouts, 5xx, throttling)
+Every byte is checked against the artifact's sha256 (`AdapterRef.sha256`, its content
+address; not the `key`, which is the version's identity) after each fetch and each disk
+read. With an `ArtifactScope`, a URI outside the runtime's store is refused before it is
+opened. Transient store errors (connection refused, timeouts, 5xx, throttling)
 are retried with exponential backoff; a missing object, a refused access or a hash mismatch
 fail at once. Torch stays out: parsing the bytes is the injected `parse(data, ref)`.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
@@ -23,7 +26,13 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from runtime.lora.lru import LruTier
-from runtime.lora.protocol import ADAPTER_KEY_RE, FetchError, LoadResult
+from runtime.lora.protocol import (
+    ADAPTER_KEY_RE,
+    ArtifactRefused,
+    ArtifactScope,
+    FetchError,
+    LoadResult,
+)
 from runtime.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -46,7 +55,10 @@ class ArtifactFetcher:
         backoff_s: float = 0.2,
         s3_client: Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        scope: ArtifactScope | None = None,
     ) -> None:
+        """`scope`: the store this fetcher may read; None reads any URI (tests of fetching)."""
+        self._scope = scope
         self._endpoint = s3_endpoint_url
         self._region = s3_region
         self._max_bytes = max_bytes
@@ -58,6 +70,11 @@ class ArtifactFetcher:
 
     def fetch(self, uri: str, sha256: str) -> bytes:
         """The artifact's bytes; FetchError with a clear reason otherwise."""
+        if self._scope is not None:
+            try:
+                self._scope.check(uri, sha256)
+            except ArtifactRefused as exc:
+                raise FetchError(f"refused: {exc}", False) from None
         for attempt in range(self._attempts):
             try:
                 data = self._read(uri)
@@ -91,14 +108,19 @@ class ArtifactFetcher:
     def _read_file(self, path: Path) -> bytes:
         if not path.is_absolute():
             raise FetchError("file URI must hold an absolute path", False)
+        # O_NOFOLLOW: a symlink put in place after the scope check is not followed.
+        flags = os.O_RDONLY | (getattr(os, "O_NOFOLLOW", 0) if self._scope is not None else 0)
         try:
-            with path.open("rb") as f:
+            with os.fdopen(os.open(path, flags), "rb") as f:
                 data = f.read(self._max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FetchError(f"artifact not found at {path}", False) from None
         except PermissionError:
             raise FetchError(f"artifact not readable at {path}", False) from None
-        except OSError as exc:  # I/O errors of a network mount may pass
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+                raise FetchError(f"artifact at {path} is a symlink", False) from None
+            # Other I/O errors (of a network mount, say) may pass: transient.
             raise FetchError(f"reading {path}: {exc.strerror or exc}", True) from exc
         return self._check_size(data)
 
@@ -146,7 +168,9 @@ class ArtifactFetcher:
 
 
 class DiskCache:
-    """Verified artifacts on local disk under `root/<adapter_key>`, LRU within `max_bytes`."""
+    """Verified artifacts on local disk under `root/<sha256>`, LRU within `max_bytes`.
+
+    Keyed by the artifact's content sha256: versions that share weights share one file."""
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = Path(root)
@@ -220,8 +244,9 @@ class DiskCache:
 class AdapterLoader:
     """Loads adapters in a thread pool: disk cache, else fetch (then keep on disk); parse.
 
-    `load(ref)` returns the one Future of that key while its load runs, so concurrent
-    callers share a fetch. Implements runtime.lora.protocol.Loader.
+    `load(ref)` returns the one Future of that adapter_key while its load runs, so concurrent
+    callers share a fetch. The disk tier and the fetch go by `ref.sha256`; the parsed weights
+    (which carry the version's scale) by `ref.key`. Implements runtime.lora.protocol.Loader.
     """
 
     def __init__(
@@ -262,12 +287,12 @@ class AdapterLoader:
 
     def _load(self, ref: AdapterRef) -> LoadResult:
         start = time.perf_counter()
-        data = self.disk.get(ref.key) if self.disk is not None else None
+        data = self.disk.get(ref.sha256) if self.disk is not None else None
         source = "disk"
         if data is None:
             source = "store"
-            data = self._fetcher.fetch(ref.uri, ref.key)
+            data = self._fetcher.fetch(ref.uri, ref.sha256)
             if self.disk is not None:
-                self.disk.put(ref.key, data)
+                self.disk.put(ref.sha256, data)
         weights = self._parse(data, ref)
         return LoadResult(ref.key, weights, source, time.perf_counter() - start, len(data))

@@ -30,7 +30,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V goes
     decode_rows: torch.Tensor | None  # [num_decode] int64 rows of the flattened tokens
-    decode_gather: torch.Tensor | None  # [num_decode, max_context] int64 pool rows (0-padded)
+    # [num_decode, max_context] int64 pool rows, padded with each sequence's own last row
+    decode_gather: torch.Tensor | None
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_context] bool, True = attend
     prefills: list[PrefillChunk]
 
@@ -75,6 +76,11 @@ def build_metadata(
         gather = (tables[:, :, None] * block_size + offsets).reshape(len(decode), -1)
         lengths = torch.tensor([ctx for _, _, ctx in decode])
         mask = torch.arange(gather.shape[1])[None, :] < lengths[:, None]
+        # Isolation: a masked position still enters SDPA (probability 0 times its value), and
+        # 0 * NaN is NaN. So every position past a sequence's length gathers that sequence's
+        # own last row, never another sequence's block, nor a stale row of its own last block.
+        last = gather.gather(1, (lengths - 1)[:, None])  # [num_decode, 1]
+        gather = torch.where(mask, gather, last)
         meta.decode_rows = torch.tensor([r for r, _, _ in decode]).to(device)
         meta.decode_gather = gather.to(device)
         meta.decode_mask = mask[:, None, None, :].to(device)

@@ -57,3 +57,17 @@ class KVCache:
         src, dst = src.flatten(), dst.flatten()  # [len(pairs) * block_size] pool rows
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
+
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero every row of `blocks` in every layer, K and V.
+
+        For a sequence stopped for non-finite values: its blocks go back to the free list
+        holding finite values, so no later owner of them can read its NaN.
+        """
+        if not blocks:
+            return
+        ids = torch.tensor(blocks, dtype=torch.int64, device=self.k.device)
+        rows = (ids[:, None] * self.block_size
+                + torch.arange(self.block_size, device=self.k.device)).reshape(-1)
+        self.k.index_fill_(1, rows, 0)
+        self.v.index_fill_(1, rows, 0)

@@ -215,11 +215,11 @@ async def test_resolve_follows_api_order_and_the_active_version(
     )
     by_name = await cat.resolve("acme", "a")
     assert by_name.kind == "adapter" and by_name.adapter is not None
-    assert (by_name.adapter.version, by_name.adapter.ref.key) == (1, v1.sha256)
+    assert (by_name.adapter.version, by_name.adapter.ref.sha256) == (1, v1.sha256)
     ref_path = Path(unquote(urlsplit(by_name.adapter.ref.uri).path))
     assert hashlib.sha256(ref_path.read_bytes()).hexdigest() == v1.sha256  # noqa: ASYNC240
     pinned = await cat.resolve("acme", "a@2")
-    assert pinned.adapter is not None and pinned.adapter.ref.key == v2.sha256
+    assert pinned.adapter is not None and pinned.adapter.ref.sha256 == v2.sha256
     experiment = await cat.resolve("acme", "exp")
     assert experiment.kind == "experiment" and experiment.experiment is not None
     [variant] = experiment.experiment.variants

@@ -228,7 +228,7 @@ async def test_an_object_collected_before_an_upload_commits_is_put_back(
     assert collected == [[]]  # the object really was gone in between
     assert mine.sha256 == theirs.sha256 and mine.sha256 in stored_names(cat.store)
     resolved = await cat.resolve("beta", "b")
-    assert resolved.adapter is not None and resolved.adapter.ref.key == mine.sha256
+    assert resolved.adapter is not None and resolved.adapter.ref.sha256 == mine.sha256
 
 
 async def test_an_upload_racing_a_delete_of_its_adapter_ends_consistent(

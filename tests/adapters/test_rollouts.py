@@ -169,7 +169,8 @@ async def test_resolution_shows_both_arms_and_pins_bypass_it(
     assert resolved.kind == "adapter" and rollout is not None
     assert (rollout.id, rollout.stage, rollout.weight) == (view.id, 0, 10)
     assert resolved.adapter == rollout.stable and rollout.stable.version == 1
-    assert rollout.candidate.version == 2 and rollout.candidate.ref.key != rollout.stable.ref.key
+    assert rollout.candidate.version == 2
+    assert rollout.candidate.ref.sha256 != rollout.stable.ref.sha256
     for pinned in ("a@1", "a@2", "a@3"):
         assert (await cat.resolve("acme", pinned)).rollout is None
     experiment = await cat.resolve("acme", "exp")

@@ -143,6 +143,17 @@ BAD_MODELS: dict[str, tuple[object, Callable[[], object], str]] = {
     "inf_value": (None, lambda: encode_safetensors(_poisoned(float("inf"))), "infinite"),
     "f16_minus_inf": (None, lambda: encode_safetensors(_poisoned(-np.inf, "F16")), "infinite"),
     "bf16_nan": (None, lambda: encode_safetensors(_bf16_nan()), "NaN"),
+    # The hostile-tenant finding: finite, yet one request poisoned every tenant's K/V rows.
+    "finite_3e38_in_lora_b": (
+        None,
+        lambda: encode_safetensors(_poisoned(3e38)),
+        "lora_B of layers.0.q_proj: max |value| 3e+38 exceeds 10000",
+    ),
+    "delta_bound_exceeded": (
+        None,
+        lambda: encode_safetensors({k: v * 10 for k, v in lora_tensors().items()}),
+        "delta bound scale x r x max|A| x max|B|",
+    ),
     "unknown_module_name": (
         None,
         lambda: encode_safetensors(
@@ -211,6 +222,8 @@ BAD_CONFIGS: dict[str, tuple[object, str]] = {
     "rank_zero": (lora_config(rank=0), "r must be"),
     "alpha_not_number": (lora_config(lora_alpha="8"), "lora_alpha"),
     "alpha_nan": (lora_config(lora_alpha=float("nan")), "lora_alpha"),
+    "alpha_1e308": (lora_config(lora_alpha=1e308), "scale lora_alpha / r = 2.5e+307"),
+    "alpha_int_past_float_range": (lora_config(lora_alpha=10**400), "lora_alpha must be"),
 }
 
 

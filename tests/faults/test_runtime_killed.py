@@ -51,7 +51,8 @@ def data_lines(lines: Iterator[str]) -> Iterator[str]:
 def test_runtime_killed_mid_stream(tmp_path: Path, base_model_dir: Path,
                                    peft_adapter: Path) -> None:
     with ExitStack() as stack:
-        runtimes = start_runtimes(base_model_dir, [tmp_path / f"runtime{i}.log" for i in (0, 1)])
+        runtimes = start_runtimes(base_model_dir, [tmp_path / f"runtime{i}.log" for i in (0, 1)],
+                                  artifacts_dir=tmp_path / "data" / "artifacts")
         for runtime in runtimes:
             stack.callback(runtime.stop)
         gateway = start_gateway(tmp_path / "data", base_model_dir, [r.url for r in runtimes],

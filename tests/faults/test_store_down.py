@@ -11,7 +11,6 @@ serves and uploads work again.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -100,14 +99,15 @@ def test_store_down_and_back(tmp_path: Path, base_model_dir: Path, peft_adapter:
             assert internal not in error["message"], error
         assert int(cold.headers["retry-after"]) >= 1
         assert complete("a").status_code == 200  # still, after B's failure
-        # Streamed, B's failure is an error event closing the stream, sanitized the same way.
-        with httpx.stream("POST", f"{gateway.url}/v1/completions", headers=bearer(key),
-                          timeout=60, json={"model": "b", "prompt": "hi", "max_tokens": 4,
-                                            "stream": True}) as stream:
-            events = [line.removeprefix("data: ") for line in stream.iter_lines()
-                      if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        streamed_error = json.loads(events[-2])["error"]
+        # Streamed, B's failure comes before any token, so before the status line: the same
+        # status, Retry-After and sanitized body as the whole answer (issue 12, finding 7).
+        streamed = httpx.post(f"{gateway.url}/v1/completions", headers=bearer(key), timeout=60,
+                              json={"model": "b", "prompt": "hi", "max_tokens": 4,
+                                    "stream": True})
+        assert streamed.status_code == cold.status_code, streamed.text
+        assert streamed.headers["content-type"].startswith("application/json")
+        assert int(streamed.headers["retry-after"]) >= 1
+        streamed_error = streamed.json()["error"]
         assert streamed_error["code"] == "adapter_load_failed"
         assert streamed_error["message"] == error["message"]
 

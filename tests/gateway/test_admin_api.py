@@ -245,7 +245,7 @@ async def test_upload_refuses_pickle_in_place_of_safetensors(
 
 
 async def test_openapi_document_lists_the_admin_api(client: AsyncTestClient[Any]) -> None:
-    response = await client.get("/schema/openapi.json")
+    response = await client.get("/schema/openapi.json", headers=admin())  # any valid token
     assert response.status_code == 200
     paths = response.json()["paths"]
     for path in ("/admin/tenants", "/admin/tenants/{tenant}/keys", "/admin/keys/{key_id}",

@@ -11,6 +11,7 @@ import pytest
 from adapters.views import AdapterRefData, ResolvedAdapter
 from gateway.inference.runtime_client import RuntimeClient, RuntimeUnreachable, adapter_body
 from runtime.protocol import FinishEvent, GenerateBody, StartEvent, TokenEvent, decode_generate
+from runtime.types import adapter_key
 from tests.support.stub_procs import free_port, start_stub, stop
 
 pytestmark = pytest.mark.unit
@@ -62,7 +63,9 @@ def test_a_catalog_version_maps_to_the_runtimes_adapter_reference() -> None:
     assert adapter is not None and adapter_body("acme", None) is None
     sent = decode_generate(msgspec.json.encode(GenerateBody("r1", prompt="x", adapter=adapter)))
     assert sent.adapter == adapter
-    assert (adapter.key, adapter.uri, adapter.rank, adapter.alpha) == (
+    assert (adapter.sha256, adapter.uri, adapter.rank, adapter.alpha) == (
         "ab" * 32, "file:///store/sha256/ab/x", 8, 16.0)
-    assert (adapter.target_modules, adapter.use_rslora) == (["q_proj", "v_proj"], True)
+    # The cache identity: the runtime's own function over the weights and the config.
+    assert adapter.key == adapter_key("ab" * 32, 8, 16.0, True, ("q_proj", "v_proj"))
+    assert (adapter.target_modules, adapter.use_rslora) == (("q_proj", "v_proj"), True)
     assert adapter.name == "acme/support@3"

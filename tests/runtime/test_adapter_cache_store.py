@@ -168,7 +168,7 @@ def test_loader_fetches_once_for_concurrent_loads_then_serves_from_disk(tmp_path
         parsed.append(raw)
         return f"parsed:{ref.name}"
 
-    ref = AdapterRef(key=key, uri=uri, rank=4, alpha=8.0, target_modules=("q_proj",), name="a")
+    ref = AdapterRef.for_version(key, uri, 4, 8.0, ("q_proj",), name="a")
     loader = AdapterLoader(ArtifactFetcher(), parse, DiskCache(tmp_path / "disk", 10_000))
     try:
         futures = [loader.load(ref) for _ in range(8)]
@@ -186,7 +186,7 @@ def test_loader_fetches_once_for_concurrent_loads_then_serves_from_disk(tmp_path
 @pytest.mark.unit
 def test_loader_surfaces_fetch_errors_on_the_future(tmp_path: Path) -> None:
     uri, _ = artifact(tmp_path, b"abc")
-    ref = AdapterRef(key="1" * 64, uri=uri, rank=4, alpha=8.0, target_modules=("q_proj",))
+    ref = AdapterRef.for_version("1" * 64, uri, 4, 8.0, ("q_proj",))
     loader = AdapterLoader(ArtifactFetcher(), lambda raw, r: raw)
     try:
         error = loader.load(ref).exception(5)

@@ -19,7 +19,7 @@ from litestar.testing import AsyncTestClient
 
 from runtime.http.app import RuntimeInfo, RuntimeState, create_runtime_app
 from runtime.protocol import MAX_BODY_BYTES
-from runtime.types import EngineRequest, FinishReason, RequestOutput, TokenLogprob
+from runtime.types import EngineRequest, FinishReason, RequestOutput, TokenLogprob, adapter_key
 
 pytestmark = pytest.mark.unit
 
@@ -172,14 +172,34 @@ async def test_string_prompt_and_messages_are_tokenized_by_the_runtime(client, f
 
 
 async def test_adapter_reference_reaches_the_engine(client, front) -> None:
-    adapter = {"key": KEY, "uri": "file:///tmp/x", "rank": 8, "alpha": 16.0,
+    identity = adapter_key(KEY, 8, 16.0, True, ("q_proj", "v_proj"))
+    adapter = {"key": identity, "sha256": KEY, "uri": "file:///tmp/x", "rank": 8, "alpha": 16.0,
                "target_modules": ["q_proj", "v_proj"], "use_rslora": True, "name": "acme/a@1"}
     resp = await client.post("/generate", json=body(adapter=adapter))
     assert resp.status_code == 200
     ref = front.requests[0].adapter
-    assert (ref.key, ref.rank, ref.target_modules, ref.use_rslora) == (
-        KEY, 8, ("q_proj", "v_proj"), True)
+    assert (ref.key, ref.sha256, ref.rank, ref.target_modules, ref.use_rslora) == (
+        identity, KEY, 8, ("q_proj", "v_proj"), True)
     assert ref.scale == pytest.approx(16.0 / 8**0.5)
+
+
+async def test_a_legacy_reference_gets_its_identity_computed_not_taken(client, front) -> None:
+    # A gateway that predates `sha256` sent the weights' sha256 as `key`.
+    adapter = {"key": KEY, "uri": "file:///tmp/x", "rank": 8, "alpha": 16.0,
+               "target_modules": ["q_proj"]}
+    assert (await client.post("/generate", json=body(adapter=adapter))).status_code == 200
+    ref = front.requests[0].adapter
+    assert (ref.sha256, ref.key) == (KEY, adapter_key(KEY, 8, 16.0, False, ("q_proj",)))
+
+
+async def test_a_key_that_does_not_follow_from_its_fields_is_refused(client, front) -> None:
+    # Same weights, alpha 16, but the key of the alpha-8 version: it would be served with
+    # whichever of the two the cache holds under that key.
+    adapter = {"key": adapter_key(KEY, 8, 8.0, False, ("q_proj",)), "sha256": KEY,
+               "uri": "file:///tmp/x", "rank": 8, "alpha": 16.0, "target_modules": ["q_proj"]}
+    resp = await client.post("/generate", json=body(adapter=adapter))
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "adapter_key_mismatch"
+    assert front.requests == []
 
 
 async def test_engine_error_becomes_an_error_event_and_server_keeps_serving(client, front) -> None:

@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient
 
 from runtime.config import RuntimeConfig
 from runtime.model.builtin import ensure_builtin_model
+from runtime.types import adapter_key
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,9 @@ def build_app(model_dir: Path):
 
 
 def adapter_body(ref) -> dict:
-    return {"key": ref.key, "uri": ref.uri, "rank": ref.rank, "alpha": ref.alpha,
-            "target_modules": list(ref.target_modules), "use_rslora": ref.use_rslora,
-            "name": ref.name}
+    return {"key": ref.key, "sha256": ref.sha256, "uri": ref.uri, "rank": ref.rank,
+            "alpha": ref.alpha, "target_modules": list(ref.target_modules),
+            "use_rslora": ref.use_rslora, "name": ref.name}
 
 
 @pytest.mark.slow
@@ -61,7 +62,9 @@ async def test_adapter_and_base_requests_over_http_match_peft(model_dir: Path, t
             tokens(client, "with-adapter", adapter_body(ref)), tokens(client, "base", None)
         )
         # The right URI under the wrong hash: the fetch is refused, the request fails alone.
-        bad = adapter_body(ref) | {"key": "0" * 64, "name": "acme/bad@1"}
+        wrong = "0" * 64
+        bad = adapter_body(ref) | {"sha256": wrong, "name": "acme/bad@1", "key": adapter_key(
+            wrong, ref.rank, ref.alpha, ref.use_rslora, ref.target_modules)}
         failed = await tokens(client, "bad", bad)
         stats = (await client.get("/stats")).json()
         after = await tokens(client, "after", None)

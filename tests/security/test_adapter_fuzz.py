@@ -5,7 +5,9 @@ leave nothing behind.
 The mutations (tests/security/adapter_mutations.py) start from a valid PEFT adapter and flip
 bits, truncate, rewrite the header length, break dtype/shape/offsets/names, put NaN and
 infinity in tensor data, inject repeated keys, giant numbers and deep nesting into either
-JSON, and set config fields to values of every type. `LORAGATE_FUZZ_EXAMPLES` (default 150)
+JSON, and set config fields to values of every type; value-range mutations change only
+numbers (huge finite, tiny, subnormal, each dtype's max, scaled tensors, alpha against r),
+so each value bound is refused in the counts too. `LORAGATE_FUZZ_EXAMPLES` (default 150)
 sets the number of inputs; `make fuzz-adapters` raises it and prints the outcome counts.
 """
 
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 from adapters.errors import ValidationFailed
 from adapters.safetensors_header import parse_header
 from tests.support.adapter_mutations import (
+    BOUND_RULES,
     RandomChooser,
     classify,
     good_config,
@@ -74,6 +77,18 @@ def test_mutated_adapters_are_accepted_or_refused_cleanly(
     # The mutations must reach deep rules, not only the first byte checks.
     assert any("NaN" in k for k in outcomes) or EXAMPLES < 100, outcomes
     assert len(outcomes) >= min(10, EXAMPLES // 10), outcomes
+    if EXAMPLES >= 1000:  # each rule ~1% of inputs or more; below, the seeded test checks
+        for rule, words in BOUND_RULES.items():
+            assert any(words in k for k in outcomes), (rule, outcomes)
+
+
+def test_seeded_mutations_reach_every_value_bound(tmp_path: Path) -> None:
+    """A fixed draw of 300 pairs: every value bound refuses some, and nothing else escapes."""
+    chooser = RandomChooser(3)
+    outcomes = Counter(classify(*mutated_pair(chooser), tmp_path) for _ in range(300))
+    for rule, words in BOUND_RULES.items():
+        assert any(words in k for k in outcomes), (rule, outcomes)
+    assert outcomes["accepted"] > 0  # small and subnormal values, among others, pass
 
 
 def _parse_seconds(tmp_path: Path, blob: bytes) -> float:

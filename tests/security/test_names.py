@@ -105,10 +105,17 @@ async def test_hostile_names_are_refused_everywhere_and_write_nothing(
             ("PUT", "/admin/tenants/acme/experiments/exp",
              {"variants": [variant], "shadow": {"adapter": name, "sample_rate": 0.1}}),
             ("DELETE", f"/admin/keys/{seg}", None),
+            ("PATCH", f"/admin/tenants/{seg}", {"requests_per_minute": 5}),
+            ("GET", f"/admin/tenants/{seg}/keys", None),
+            ("DELETE", f"/admin/tenants/acme/adapters/{seg}", None),
+            ("PUT", f"/admin/tenants/acme/adapters/{seg}/rollout", {"version": 1}),
+            ("GET", f"/admin/tenants/acme/adapters/{seg}/rollout", None),
+            ("DELETE", f"/admin/tenants/acme/adapters/{seg}/rollout", None),
+            ("DELETE", f"/admin/tenants/{seg}", None),
         ]
         for method, path, body in calls:
-            if method == "GET" and path == "/admin/tenants/":
-                continue  # an empty name there is the tenant list itself, not a name
+            if method == "GET" and path in ("/admin/tenants/", "/admin/tenants/acme/experiments/"):
+                continue  # an empty name there is the list itself, not a name
             r = await client.request(method, path, json=body, headers=admin())
             _assert_shaped_4xx(r, f"{method} {path!r} {body!r}")
         # The upload checks the adapter name before reading the body.

@@ -1,5 +1,10 @@
 """Structured mutations of a valid PEFT LoRA adapter, for fuzzing the upload validator.
 
+Besides broken structure, value-range mutations keep the file well formed and change only
+numbers: huge finite values, tiny and subnormal ones, each dtype's largest finite value,
+whole tensors scaled, and lora_alpha / r / use_rslora combinations, so that every value bound
+of adapters/weight_bounds.py (BOUND_RULES) shows up in the outcome counts.
+
 The same mutators serve hypothesis (tests/security/test_adapter_fuzz.py), atheris
 (fuzz/adapter_atheris.py) and a seeded `random.Random` (the HTTP sample): each draws its
 choices from a `Chooser`, so every engine explores the same space of broken files.
@@ -26,6 +31,7 @@ import numpy as np
 from adapters.base_model import BaseModelSpec
 from adapters.errors import ValidationFailed
 from adapters.validation import validate_adapter
+from adapters.weight_bounds import MAX_LORA_SCALE, MAX_WEIGHT_ABS
 
 # The catalog tests' tiny Llama (hidden 64, two layers): files of a few KB, fast to validate.
 SPEC = BaseModelSpec(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -58,6 +64,28 @@ TENSOR_NAMES = [
 NONFINITE_BITS = {"F32": ("<u4", [0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001]),
                   "F16": ("<u2", [0x7C00, 0xFC00, 0x7E00]),
                   "BF16": ("<u2", [0x7F80, 0xFF80, 0x7FC0])}
+# Finite extremes as bits: largest finite, smallest subnormal, largest subnormal, smallest
+# normal, and the largest value at or under the weight bound (1e4) and the next one above it.
+EXTREME_BITS = {"F32": ("<u4", [0x7F7FFFFF, 0x00000001, 0x007FFFFF, 0x00800000, 0x461C4000,
+                                0x461C4001]),
+                "F16": ("<u2", [0x7BFF, 0x0001, 0x03FF, 0x0400, 0x70E2, 0x70E3]),
+                "BF16": ("<u2", [0x7F7F, 0x0001, 0x007F, 0x0080, 0x461C, 0x461D])}
+# Finite values from 1e-45 (a float32 subnormal) to 3e38, and values around the bounds; each
+# is clipped to the largest finite value of the tensor's dtype, so only the NaN/inf mutation
+# makes non-finite data.
+RANGE_VALUES = [3e38, 1e30, 1e6, 65504.0, MAX_WEIGHT_ABS, MAX_WEIGHT_ABS * 1.01, 5000.0, 300.0,
+                100.0, 32.0, 1.0, 1e-3, 1e-8, 1e-30, 1e-40, 1.4e-45, 0.0, -0.0, -3e38, -5000.0]
+SCALE_FACTORS = [0.0, 1e-30, 1e-3, 0.5, 2.0, 4.0, 8.0, 30.0, 100.0, 1e4, 1e30]
+# lora_alpha values: past float range (as JSON ints and floats), subnormal, and around
+# MAX_LORA_SCALE * r (alpha / r) and MAX_LORA_SCALE * sqrt(r) (rsLoRA) for r 4 and 8.
+ALPHAS: list[Any] = [1e308, 10**400, -(10**400), 2**1024, 3e38, 65504, 5e-324, 1e-30, 1, 16,
+                     64, 1e4, 4 * MAX_LORA_SCALE, math.nextafter(4 * MAX_LORA_SCALE, math.inf),
+                     8 * MAX_LORA_SCALE, math.nextafter(8 * MAX_LORA_SCALE, math.inf),
+                     2 * MAX_LORA_SCALE, math.sqrt(8) * MAX_LORA_SCALE, 1.5 * MAX_LORA_SCALE]
+# The words that name each value bound's refusal (adapters/weight_bounds.py).
+BOUND_RULES = {"scale": "scale lora_alpha", "weight": "max |value|", "delta": "delta bound"}
+_FINITE_MAX = {"F32": float(np.finfo(np.float32).max), "F16": 65504.0,
+               "BF16": float(np.array([0x7F7F0000], "<u4").view("<f4")[0])}
 
 
 class Chooser(Protocol):
@@ -158,6 +186,57 @@ def _ints(value: Any, count: int) -> list[int] | None:
     return None
 
 
+def _decode(data: bytes, entry: dict[str, Any]) -> np.ndarray:
+    """One tensor's values as float64 (bfloat16 shifted into float32 bits)."""
+    b, e = entry["data_offsets"]
+    raw = data[b:e]
+    if entry["dtype"] == "F32":
+        return np.frombuffer(raw, "<f4").astype(np.float64)
+    if entry["dtype"] == "F16":
+        return np.frombuffer(raw, "<f2").astype(np.float64)
+    bits = np.frombuffer(raw, "<u2").astype("<u4") << 16
+    return bits.view("<f4").astype(np.float64)
+
+
+def _encode(values: np.ndarray, dtype: str) -> bytes:
+    """Values clipped to dtype's finite range, as its little-endian bytes (bfloat16 truncated
+    from float32, which never rounds a finite value up to infinity)."""
+    clipped = np.clip(values, -_FINITE_MAX[dtype], _FINITE_MAX[dtype])
+    if dtype == "F16":
+        return clipped.astype("<f2").tobytes()
+    f32 = clipped.astype("<f4")
+    return f32.tobytes() if dtype == "F32" else (f32.view("<u4") >> 16).astype("<u2").tobytes()
+
+
+def mutate_values(c: Chooser, header: dict[str, Any], data: bytes) -> bytes:
+    """The same well-formed file with numbers changed: the structure checks all pass, so the
+    value bounds decide."""
+    out = bytearray(data)
+    names = list(header)
+    kind = c.integer(0, 3)
+    if kind == 2:  # every tensor scaled: values within the weight bound, the delta not
+        factor = pick(c, SCALE_FACTORS)
+        for entry in header.values():
+            b, e = entry["data_offsets"]
+            out[b:e] = _encode(_decode(data, entry) * factor, entry["dtype"])
+        return pack(json.dumps(header).encode(), bytes(out))
+    entry = header[pick(c, names)]
+    b, e = entry["data_offsets"]
+    values = _decode(data, entry)
+    if kind == 0:  # one value
+        values[c.integer(0, len(values) - 1)] = pick(c, RANGE_VALUES)
+        out[b:e] = _encode(values, entry["dtype"])
+    elif kind == 1:  # the whole tensor
+        out[b:e] = _encode(np.full_like(values, pick(c, RANGE_VALUES)), entry["dtype"])
+    else:  # one value set to an extreme bit pattern of its dtype, either sign
+        fmt, patterns = EXTREME_BITS[entry["dtype"]]
+        itemsize = np.dtype(fmt).itemsize
+        sign = (1 << (8 * itemsize - 1)) * c.integer(0, 1)
+        at = b + c.integer(0, len(values) - 1) * itemsize
+        out[at : at + itemsize] = np.array([pick(c, patterns) | sign], dtype=fmt).tobytes()
+    return pack(json.dumps(header).encode(), bytes(out))
+
+
 def _mutate_entry(c: Chooser, header: dict[str, Any]) -> None:
     names = [n for n in header if n != "__metadata__"]
     name = pick(c, names)
@@ -190,7 +269,7 @@ def _mutate_entry(c: Chooser, header: dict[str, Any]) -> None:
 
 
 def mutate_model(c: Chooser, model: bytes, header: dict[str, Any], data: bytes) -> bytes:
-    kind = c.integer(0, 7)
+    kind = c.integer(0, 8)
     if kind == 0:  # bit flips anywhere
         out = bytearray(model)
         for _ in range(c.integer(1, 8)):
@@ -228,13 +307,25 @@ def mutate_model(c: Chooser, model: bytes, header: dict[str, Any], data: bytes) 
         out[b + index * itemsize : b + (index + 1) * itemsize] = np.array(
             [pick(c, patterns)], dtype=fmt).tobytes()
         return pack(json.dumps(header).encode(), bytes(out))
+    if kind == 7:  # finite values out of range, or tiny, or around the bounds
+        return mutate_values(c, header, data)
     # A file that is not safetensors at all: pickle and zip magic, random bytes.
     head = pick(c, [b"\x80\x04\x95", b"PK\x03\x04", b"", b"{", b"\xef\xbb\xbf{"])
     return head + c.raw(256)
 
 
+def mutate_scale(c: Chooser, config: dict[str, Any]) -> dict[str, Any]:
+    """lora_alpha against r and use_rslora: the scale bound, and the delta bound through it."""
+    mutated = dict(config)
+    mutated["lora_alpha"] = pick(c, ALPHAS)
+    mutated["use_rslora"] = bool(c.integer(0, 1))
+    if c.integer(0, 3) == 0:  # mostly the rank the tensors have, so the bounds decide
+        mutated["r"] = pick(c, [1, 2, 4, 8, MAX_RANK])
+    return mutated
+
+
 def mutate_config(c: Chooser, config: dict[str, Any]) -> bytes:
-    kind = c.integer(0, 5)
+    kind = c.integer(0, 6)
     mutated = dict(config)
     if kind == 0:  # a field set to a value of any type
         for _ in range(c.integer(1, 3)):
@@ -247,6 +338,8 @@ def mutate_config(c: Chooser, config: dict[str, Any]) -> bytes:
                                              ".*(q|v)_proj", pick(c, WEIRD_VALUES)])
     elif kind == 3:  # rank against the max
         mutated["r"] = pick(c, [1, MAX_RANK, MAX_RANK + 1, 8, 2])
+    elif kind == 6:
+        mutated = mutate_scale(c, mutated)
     text = json.dumps(mutated)
     if kind == 4:
         text = _inject_text(c, text)
@@ -265,8 +358,12 @@ def mutated_pair(c: Chooser, spec: BaseModelSpec = SPEC) -> tuple[bytes, bytes]:
     dtype = pick(c, ["F32", "F16", "BF16"])
     header, data = header_and_data(good_tensors(rank, modules, spec, seed=c.integer(0, 3)), dtype)
     model = pack(json.dumps(header).encode(), data)
-    which = c.integer(0, 9)  # mostly the model file: it has more structure to break
+    which = c.integer(0, 10)  # mostly the model file: it has more structure to break
     config_bytes = json.dumps(config).encode()
+    if which == 10:  # numbers only, in a well-formed pair: the value bounds decide
+        if c.integer(0, 1):
+            return json.dumps(mutate_scale(c, config)).encode(), model
+        return config_bytes, mutate_values(c, header, data)
     if which <= 1:
         config_bytes = mutate_config(c, config)
     if which >= 1:
@@ -276,7 +373,11 @@ def mutated_pair(c: Chooser, spec: BaseModelSpec = SPEC) -> tuple[bytes, bytes]:
 
 # --------------------------------------------------------------------------- the oracle
 
-_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|(?<![\w-])-?\d+(?!\w)")
+# Quoted names, lists, objects, "layers.0.q_proj" labels, then numbers (floats as %g prints
+# them: 2.5e+307, 16.0078) and ints.
+_VARIABLE = re.compile(r"'[^']*'|\"[^\"]*\"|\[[^\]]*\]|\{[^}]*\}|\blayers\.\d+\.[a-z_]+"
+                       r"|(?<![\w.-])-?\d+\.\d+(?:e[+-]\d+)?(?![\w.])"
+                       r"|(?<![\w.-])-?\d+e[+-]\d+(?![\w.])|(?<![\w-])-?\d+(?!\w)")
 
 
 def reason_kind(reason: str) -> str:

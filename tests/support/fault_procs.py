@@ -119,14 +119,19 @@ def _wait_ok(proc: Proc, path: str) -> None:
         raise
 
 
-def start_runtimes(base_model_dir: Path, log_paths: list[Path], **env: str) -> list[Proc]:
+def start_runtimes(base_model_dir: Path, log_paths: list[Path],
+                   artifacts_dir: Path | None = None, **env: str) -> list[Proc]:
     """`loragate runtime` processes over `base_model_dir` on CPU, one per log path, loading
-    side by side; returns once each /health answers 200 (all stopped if one never does)."""
+    side by side; returns once each /health answers 200 (all stopped if one never does).
+
+    `artifacts_dir`: the gateway's local store (DATA_DIR/artifacts), the only folder a
+    runtime opens artifacts from; S3 stores come through `env`."""
     procs = []
+    store = ["--artifacts-dir", str(artifacts_dir.resolve())] if artifacts_dir else []
     for log_path in log_paths:
         port = free_port()
         procs.append(_spawn(["runtime", "--base-model", str(base_model_dir), "--port",
-                             str(port), "--device", "cpu", "--max-gpu-adapters", "4"],
+                             str(port), "--device", "cpu", "--max-gpu-adapters", "4", *store],
                             log_path, clean_env(**env), f"http://127.0.0.1:{port}"))
     try:
         for proc in procs:

@@ -64,8 +64,8 @@ def make_peft_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Adap
 def adapter_ref(adapter_dir: Path, name: str) -> AdapterRef:
     model_file = adapter_dir / "adapter_model.safetensors"
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return AdapterRef(
-        key=hashlib.sha256(model_file.read_bytes()).hexdigest(),
+    return AdapterRef.for_version(
+        sha256=hashlib.sha256(model_file.read_bytes()).hexdigest(),
         uri=model_file.resolve().as_uri(),
         rank=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),

@@ -24,6 +24,7 @@ from gateway.api.openai_format import (
     completion_body,
     completion_input,
     error_chunk,
+    for_user,
     usage_of,
 )
 from gateway.api.schemas.openai import (
@@ -36,8 +37,9 @@ from gateway.api.schemas.openai import (
 )
 from gateway.api.schemas.openapi import body_operation
 from gateway.auth import require_tenant, tenant_of
-from gateway.errors import ModelNotFound
+from gateway.errors import BadRequest, ModelNotFound
 from gateway.inference.pipeline import Inference
+from gateway.inference.runtime_client import Collected
 from gateway.services import Services
 from runtime.protocol import ErrorEvent, FinishEvent, GenerateBody, TokenEvent
 
@@ -53,7 +55,17 @@ async def _send(request: Request[Any, Any, Any], req: CompletionRequest | ChatRe
                 body: GenerateBody) -> Inference:
     # The A/B identity: the request's `user`, else the X-User-Id header (API.md).
     user = req.user or request.headers.get("x-user-id")
-    return await _services(request).pipeline.send(tenant_of(request), req.model, user, body)
+    try:
+        return await _services(request).pipeline.send(tenant_of(request), req.model, user, body)
+    except BadRequest as exc:
+        raise for_user(exc, req) from None
+
+
+async def _collect(inference: Inference, req: CompletionRequest | ChatRequest) -> Collected:
+    try:
+        return await inference.collect()
+    except BadRequest as exc:
+        raise for_user(exc, req) from None
 
 
 def _stream(inference: Inference, writer: ChunkWriter, include_usage: bool) -> Stream:
@@ -106,7 +118,7 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream
         writer = ChunkWriter(request_id, req.model, chat=False, logprobs=logprobs,
                              token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
-    got = await inference.collect()
+    got = await _collect(inference, req)
     return _whole(completion_body(request_id, req.model, got, logprobs=logprobs,
                                   token_ids=token_ids, n=n), inference)
 
@@ -123,7 +135,7 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | S
         writer = ChunkWriter(request_id, req.model, chat=True, logprobs=logprobs,
                              token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
-    got = await inference.collect()
+    got = await _collect(inference, req)
     return _whole(chat_body(request_id, req.model, got, logprobs=logprobs,
                             token_ids=token_ids, n=n), inference)
 

@@ -16,12 +16,11 @@ that on, so it is not restated here.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
+from gateway.api.schemas.strict import decode_json
 from gateway.errors import BadRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat without a limit gets it too
@@ -30,6 +29,9 @@ MAX_MESSAGES = 4096
 MAX_CHOICES = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's own cap on logit_bias entries
+# A temperature below this samples as greedy (vLLM's _SAMPLING_EPS): dividing logits by
+# 1e-39 overflows them to inf, and the softmax of that is NaN, not the argmax.
+GREEDY_BELOW = 1e-5
 
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -192,17 +194,11 @@ class ModelList(Struct):
     object: str = "list"
 
 
-_PATH_RE = re.compile(r"at `\$\.(\w+)")
-
-
 def _decode(raw: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as exc:
-        match = _PATH_RE.search(str(exc))
-        raise BadRequest(str(exc), param=match.group(1) if match else None) from None
-    except msgspec.DecodeError:
-        raise BadRequest("request body is not valid JSON") from None
+    req = decode_json(raw, kind)
+    if req.temperature is not None and req.temperature < GREEDY_BELOW:
+        req.temperature = 0.0
+    return req
 
 
 def _refuse_unsupported(req: Any, fields: dict[str, tuple[Any, ...]]) -> None:
