@@ -21,6 +21,7 @@ from gateway.api.openai_format import (
     chat_input,
     completion_body,
     completion_input,
+    for_user,
     usage_of,
 )
 from gateway.api.schemas.openai import (
@@ -30,6 +31,7 @@ from gateway.api.schemas.openai import (
     decode_completion,
 )
 from gateway.app import create_app
+from gateway.errors import BadRequest
 from gateway.inference.runtime_client import Collected
 from runtime.protocol import (
     FinishEvent,
@@ -226,3 +228,22 @@ def test_n_choices_are_indexed_whole_and_streamed_with_usage_summed() -> None:
         texts[choice["index"]] = texts.get(choice["index"], "") + choice["delta"].get(
             "content", "")
     assert texts == {0: " b", 1: " a c"} and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("message,code,param", [
+    ("sampling: frequency_penalty and presence_penalty must be between -2 and 2",
+     "invalid_request", "frequency_penalty"),
+    ("sampling: min_tokens must be between 0 and max_tokens", "invalid_request", "min_tokens"),
+    ("sampling: logit_bias and stop_token_ids take token ids between 0 and 99",
+     "invalid_request", "logit_bias"),
+    ("response_format: the JSON schema is not supported: Invalid type: objectx",
+     "invalid_request", "response_format"),
+    ("this model's maximum context length is 32 tokens, but 40 were requested",
+     "context_length_exceeded", "messages"),
+])
+def test_runtime_refusals_of_the_new_fields_name_the_users_field(
+    message: str, code: str, param: str
+) -> None:
+    chat = decode_chat(msgspec.json.encode({"model": "m", "messages": CHAT}))
+    mapped = for_user(BadRequest(message, code=code), chat)
+    assert (mapped.param, mapped.code) == (param, code)
