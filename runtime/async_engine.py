@@ -54,7 +54,8 @@ class AsyncLLMEngine:
         self._thread.start()
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; the last one has `finished` set.
+        """Yield the request's outputs as they come, each choice's last with `finished` set;
+        the iteration ends once every one of the request's `n` choices has finished.
 
         Raises ValueError (bad request), QueueFull or EngineDraining before the first output.
         Leaving the iteration early (client gone) aborts the request.
@@ -75,11 +76,12 @@ class AsyncLLMEngine:
             self._new.append(req)
             self._idle.clear()
         self._wake.set()
-        finished = False
+        finished, remaining = False, req.sampling.n
         try:
-            while not finished:
+            while remaining:
                 out = await queue.get()
-                finished = out.finished
+                remaining -= out.finished
+                finished = not remaining
                 yield out
         finally:
             self._queues.pop(req.request_id, None)
@@ -126,7 +128,7 @@ class AsyncLLMEngine:
                 try:
                     engine.add_request(req, checked=True)  # generate() or the HTTP app did
                 except (ValueError, QueueFull) as exc:
-                    outputs.append(_error(req.request_id, str(exc)))
+                    outputs += [_error(req.request_id, str(exc), i) for i in range(req.sampling.n)]
             for rid in aborts:
                 engine.abort(rid)
             if engine.has_unfinished():
@@ -164,6 +166,6 @@ class AsyncLLMEngine:
                 queue.put_nowait(out)
 
 
-def _error(request_id: str, message: str) -> RequestOutput:
+def _error(request_id: str, message: str, index: int = 0) -> RequestOutput:
     return RequestOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR,
-                         error=message)
+                         error=message, index=index)

@@ -18,15 +18,16 @@ from runtime.config import RuntimeConfig
 from runtime.lora.manager import artifact_scope, build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
 from runtime.model.attention import build_metadata
+from runtime.model.grammar import Grammars
 from runtime.model.kv_cache import KVCache, bytes_per_block
 from runtime.model.llama import LlamaModel
-from runtime.model.sampler import make_generator, sample
+from runtime.model.sampler import Batch, SamplerState, make_generator, sample
 from runtime.model.tokenizer import TextStream, Tokenizer
 from runtime.model.weights import ModelArgs
 from runtime.protocol import RequestLimits
 from runtime.scheduling.scheduler import Scheduler
-from runtime.scheduling.sequence import Sequence
-from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput
+from runtime.scheduling.sequence import Sequence, SequenceStatus
+from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput, choice_seed
 
 __all__ = ["LLMEngine", "QueueFull", "build_engine", "resolve_dtype"]
 
@@ -77,6 +78,7 @@ class LLMEngine:
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
         self.scheduler = Scheduler(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -100,6 +102,11 @@ class LLMEngine:
             self.model.set_lora(lora)
         self._streams: dict[str, TextStream] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self.sampler_state = SamplerState(args.vocab_size, self.device, config.max_running)
+        self.grammars = Grammars(self.tokenizer.hf, args.vocab_size, self.device)
+        self._choices: dict[str, list[Sequence]] = {}  # request id -> its choices, n > 1 only
+        # choice 0's key -> (choice 0, the choices still to fork from it)
+        self._unforked: dict[str, tuple[Sequence, list[Sequence]]] = {}
         self._pending: list[RequestOutput] = []  # aborts to report at the next step
         self.num_generated_tokens = 0
 
@@ -129,21 +136,39 @@ class LLMEngine:
             self.check_request(req)
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise QueueFull("the waiting queue is full")
-        self.scheduler.add(Sequence(req, arrival=0))
-        self._streams[req.request_id] = TextStream(self.tokenizer, req.sampling.stop)
-        self._generators[req.request_id] = make_generator(req.sampling.seed, self.device)
+        choices = [Sequence(req, arrival=0, index=i) for i in range(req.sampling.n)]
+        for seq in choices:
+            self.grammars.add(seq.request_id, req.sampling)
+            self._streams[seq.request_id] = TextStream(self.tokenizer, req.sampling.stop)
+            seed = choice_seed(req.sampling.seed, seq.index)
+            self._generators[seq.request_id] = make_generator(seed, self.device)
+        first = choices[0]
+        self.scheduler.add(first)
+        self.sampler_state.add(first.request_id, req.sampling, req.prompt_token_ids,
+                               self.eos_token_ids)
+        if len(choices) > 1:
+            # The prompt is prefilled once, by choice 0; the others fork from it (step).
+            first.num_forks = len(choices) - 1
+            self._choices[req.request_id] = choices
+            self._unforked[first.request_id] = (first, choices[1:])
         prefetch = getattr(self.adapters, "prefetch", None)
         if req.adapter is not None and prefetch is not None:
             # Load while the running batch decodes, not after the request reaches the head.
             prefetch(req.adapter)
 
     def abort(self, request_id: str) -> None:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
+        lone = self.scheduler.get(request_id)
+        for seq in self._choices.get(request_id) or ([lone] if lone is not None else []):
+            if seq.is_finished:
+                continue
+            if self.scheduler.get(seq.request_id) is not None:
+                self.scheduler.abort(seq.request_id)
+            else:  # a choice not forked yet: it never reached the scheduler
+                self._end_unscheduled(seq, FinishReason.ABORT)
             self._pending.append(self._final(seq, "", None))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or bool(self._unforked)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every request in flight with an error (a step raised); the engine stays usable."""
@@ -151,7 +176,43 @@ class LLMEngine:
         for seq in self.scheduler.unfinished():
             self.scheduler.finish(seq, FinishReason.ERROR, message)
             outputs.append(self._final(seq, "", None))
+        return outputs + self._pending_orphans()
+
+    @staticmethod
+    def _end_unscheduled(seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.error = error
+
+    def _pending_orphans(self) -> list[RequestOutput]:
+        """End the unforked choices of parents that ended before forking (abort, error)."""
+        outputs = []
+        for key in [k for k in self._unforked if self.scheduler.get(k) is None]:
+            parent, children = self._unforked.pop(key)
+            for seq in children:
+                if not seq.is_finished:
+                    self._end_unscheduled(seq, parent.finish_reason or FinishReason.ABORT,
+                                          parent.error)
+                    outputs.append(self._final(seq, "", None))
         return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Choice 0 has its prompt cached: the other choices start from its KV blocks (copy
+        on write); those that get no block or slot now are queued to prefill on their own.
+        Returns the forked ones, which sample their first token from the parent's logits."""
+        forked = []
+        for child in self._unforked.pop(parent.request_id)[1]:
+            copies = self.scheduler.fork(parent, child)
+            if copies is None:
+                self.scheduler.add(child)
+                self.sampler_state.add(child.request_id, child.sampling,
+                                       child.token_ids, self.eos_token_ids)
+                continue
+            self.kv_cache.copy_blocks(copies)
+            self.sampler_state.fork(parent.request_id, child.request_id)
+            forked.append(child)
+        parent.num_forks = 0
+        return forked
 
     # -- one step -----------------------------------------------------------------------
 
@@ -159,6 +220,8 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         scheduled, failed = self.scheduler.schedule()
         outputs += [self._final(seq, "", None) for seq in failed]
+        if self._unforked:
+            outputs += self._pending_orphans()
         if not scheduled:
             return outputs
         input_ids: list[int] = []
@@ -190,6 +253,11 @@ class LLMEngine:
         sampling = self.scheduler.advance(scheduled)
         if not sampling:
             return outputs
+        if self._unforked:
+            for seq in [s for s in sampling if s.request_id in self._unforked]:
+                for child in self._fork(seq):
+                    ends[child.request_id] = ends[seq.request_id]
+                    sampling.append(child)
         rows = torch.tensor([ends[s.request_id] for s in sampling], device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         # One batched check per step: a sequence whose activations turned non-finite stops
@@ -203,25 +271,38 @@ class LLMEngine:
             if not sampling:
                 return outputs
             logits = logits.index_select(0, torch.tensor(keep, device=logits.device))
+        keys = [s.request_id for s in sampling]
+        grammars = len(self.grammars) > 0
         tokens, logprobs = sample(
             logits,
             [s.sampling for s in sampling],
-            [self._generators[s.request_id] for s in sampling],
+            [self._generators[k] for k in keys],
+            Batch(self.sampler_state.rows(keys), self.sampler_state,
+                  self.grammars.allowed(keys) if grammars else None),
         )
+        ended = self.grammars.advance(keys, tokens) if grammars else {}
         self.scheduler.postprocess(list(zip(sampling, tokens, strict=True)))
+        for seq in sampling:
+            if seq.request_id in ended and not seq.is_finished:
+                error = ended[seq.request_id]
+                # A complete JSON value stops the choice; a refused token fails only it.
+                self.scheduler.finish(seq, FinishReason.ERROR if error else FinishReason.STOP,
+                                      error)
         self.num_generated_tokens += len(tokens)
         for seq, token, lp in zip(sampling, tokens, logprobs, strict=True):
             stream = self._streams[seq.request_id]
-            delta = stream.push(token)
+            # A stop token id ends the choice like EOS: its text is not part of the answer.
+            by_id = seq.is_finished and token in seq.sampling.stop_token_ids
+            delta = "" if by_id else stream.push(token)
             if stream.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, FinishReason.STOP)
             if seq.is_finished:
                 outputs.append(self._final(seq, delta, [token], lp))
             else:
                 outputs.append(RequestOutput(
-                    seq.request_id, [token], None if lp is None else [lp], delta,
+                    seq.output_id, [token], None if lp is None else [lp], delta,
                     num_prompt_tokens=seq.num_prompt_tokens,
-                    num_output_tokens=seq.num_output_tokens,
+                    num_output_tokens=seq.num_output_tokens, index=seq.index,
                 ))
         return outputs
 
@@ -233,7 +314,10 @@ class LLMEngine:
             code = "adapter_numerics"
         else:
             message, code = "the model produced non-finite activations", "internal_error"
-        self.kv_cache.zero_blocks(list(seq.block_table))
+        # Only the blocks it alone holds: a block shared with its sibling choices (n > 1) is
+        # zeroed by the last of them to let go of it.
+        refs = self.scheduler.block_manager.ref_counts
+        self.kv_cache.zero_blocks([b for b in seq.block_table if refs[b] == 1])
         self.scheduler.finish(seq, FinishReason.ERROR, message)
         out = self._final(seq, "", None)
         out.error_code = code
@@ -242,10 +326,15 @@ class LLMEngine:
     def _final(self, seq: Sequence, delta: str, tokens: list[int] | None, lp=None) -> RequestOutput:
         stream = self._streams.pop(seq.request_id, None)
         self._generators.pop(seq.request_id, None)
+        self.sampler_state.remove(seq.request_id)
+        self.grammars.remove(seq.request_id)
+        choices = self._choices.get(seq.output_id)
+        if choices is not None and all(c.is_finished for c in choices):
+            del self._choices[seq.output_id]
         if stream is not None and seq.finish_reason is not FinishReason.ERROR:
             delta += stream.flush()
         return RequestOutput(
-            seq.request_id,
+            seq.output_id,
             tokens or [],
             None if lp is None else [lp],
             delta,
@@ -254,6 +343,7 @@ class LLMEngine:
             error=seq.error,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
+            index=seq.index,
         )
 
     def stats(self) -> dict[str, Any]:

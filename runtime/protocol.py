@@ -23,6 +23,7 @@ from runtime.lora.protocol import (
     ArtifactRefused,
     ArtifactScope,
 )
+from runtime.structured import grammar_text
 from runtime.types import (
     AdapterRef,
     EngineRequest,
@@ -50,6 +51,8 @@ class ProtocolError(ValueError):
 
 
 class SamplingBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Sampling and output fields (API.md, "Tenant API"); SamplingParams owns their bounds."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -58,6 +61,16 @@ class SamplingBody(msgspec.Struct, forbid_unknown_fields=True):
     stop: list[str] = msgspec.field(default_factory=list)
     logprobs: int | None = None
     ignore_eos: bool = False
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    response_format: Literal["json_object", "json_schema"] | None = None
+    json_schema: str | None = None  # the schema as JSON text, with response_format json_schema
 
 
 class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -132,10 +145,25 @@ class RequestLimits:
             )
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise ProtocolError(f"prompt token ids must be between 0 and {self.vocab_size - 1}")
+        asked = len(ids) + req.sampling.max_tokens
+        if req.sampling.max_tokens >= 1 and asked > self.max_model_len:
+            # Never capped silently: the client asked for more than the context can hold.
+            # Checked before the sampling bounds, so a huge max_tokens gets this code too.
+            raise ProtocolError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but "
+                f"{asked} were requested ({len(ids)} in the prompt, {req.sampling.max_tokens} "
+                "for the completion): shorten the prompt or lower max_tokens",
+                code="context_length_exceeded",
+            )
         try:
-            req.sampling.validate(self.max_model_len)
+            req.sampling.validate(self.max_model_len, self.vocab_size)
         except ValueError as exc:
             raise ProtocolError(f"sampling: {exc}") from exc
+        if req.sampling.response_format is not None:
+            try:
+                grammar_text(req.sampling)  # an invalid schema: 400 here, not a failed stream
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
         if req.adapter is not None:
             self._check_adapter(req.adapter)
 
@@ -191,6 +219,16 @@ def sampling_params(body: SamplingBody) -> SamplingParams:
         stop=tuple(body.stop),
         logprobs=body.logprobs,
         ignore_eos=body.ignore_eos,
+        n=body.n,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        repetition_penalty=body.repetition_penalty,
+        min_p=body.min_p,
+        logit_bias=tuple(sorted(body.logit_bias.items())),
+        min_tokens=body.min_tokens,
+        stop_token_ids=tuple(body.stop_token_ids),
+        response_format=body.response_format,
+        json_schema=body.json_schema,
     )
 
 
@@ -240,15 +278,20 @@ class StartEvent(msgspec.Struct, tag="start", tag_field="type"):
     prompt_tokens: int
 
 
-class TokenEvent(msgspec.Struct, tag="token", tag_field="type"):
+class TokenEvent(msgspec.Struct, tag="token", tag_field="type", omit_defaults=True):
     token_ids: list[int]
     text: str
     logprobs: list[LogprobEntry] | None
+    index: int = 0  # the choice, with n > 1
 
 
-class FinishEvent(msgspec.Struct, tag="finish", tag_field="type"):
+class FinishEvent(msgspec.Struct, tag="finish", tag_field="type", omit_defaults=True):
+    """One choice ended; with n choices the stream carries n of them. `usage` is the choice's:
+    the prompt's tokens and this choice's completion tokens."""
+
     finish_reason: Literal["stop", "length", "abort"]
     usage: Usage
+    index: int = 0
 
 
 class ErrorEvent(msgspec.Struct, tag="error", tag_field="type"):
@@ -305,7 +348,7 @@ def output_events(
                 )
                 for lp in out.new_logprobs
             ]
-        events.append(TokenEvent(list(out.new_token_ids), out.text_delta, logprobs))
+        events.append(TokenEvent(list(out.new_token_ids), out.text_delta, logprobs, out.index))
     if out.finished:
         if out.finish_reason is FinishReason.ERROR or out.error is not None:
             message = out.error or "the request failed"
@@ -316,5 +359,5 @@ def output_events(
                 out.num_prompt_tokens or num_prompt_tokens,
                 out.num_output_tokens or num_completion_tokens,
             )
-            events.append(FinishEvent(reason, usage))  # type: ignore[arg-type]
+            events.append(FinishEvent(reason, usage, out.index))  # type: ignore[arg-type]
     return events

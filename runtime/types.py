@@ -17,6 +17,18 @@ MAX_LOGPROBS = 5
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1  # what a torch.Generator takes
+MAX_CHOICES = 16
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 64
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed, from (seed, index): choice 0 keeps the request's seed, so n=1
+    answers as before; the others get well-mixed seeds that differ from each other's."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
 
 
 class FinishReason(enum.StrEnum):
@@ -43,15 +55,61 @@ class SamplingParams:
     seed: int | None = None  # same seed, same tokens, whatever else is in the batch
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: no logprobs; 0..5: chosen token plus that many alternatives
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # EOS neither stops nor is masked by min_tokens
+    n: int = 1  # choices: one shared prompt, n sequences, choice i seeded from (seed, i)
+    # OpenAI: logits[t] -= count[t] * frequency + (count[t] > 0) * presence, generated tokens
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    # transformers' RepetitionPenaltyLogitsProcessor over prompt and generated tokens:
+    # a seen token's logit l becomes l / p if l > 0 else l * p
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0  # drop tokens whose probability is under min_p * the best one's
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many were generated
+    stop_token_ids: tuple[int, ...] = ()  # these stop like EOS (their text is not emitted)
+    response_format: str | None = None  # None (text), "json_object" or "json_schema"
+    json_schema: str | None = None  # JSON text of the schema, with "json_schema"
 
-    def validate(self, max_model_len: int) -> None:
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def validate(self, max_model_len: int, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first field out of range.
 
         The one owner of the sampling bounds: the wire protocol and the engine both call it.
+        Token ids (logit_bias, stop_token_ids) are checked against `vocab_size` when given.
         """
-        if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)):
-            raise ValueError("temperature and top_p must be finite numbers")
+        floats = (self.temperature, self.top_p, self.frequency_penalty, self.presence_penalty,
+                  self.repetition_penalty, self.min_p, *(b for _, b in self.logit_bias))
+        if not all(math.isfinite(x) for x in floats):
+            raise ValueError("temperature, top_p, penalties, min_p and logit_bias must be finite")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES}")
+        if not (-2.0 <= self.frequency_penalty <= 2.0 and -2.0 <= self.presence_penalty <= 2.0):
+            raise ValueError("frequency_penalty and presence_penalty must be between -2 and 2")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be between 0 and 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be between 0 and max_tokens")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(
+            not -100.0 <= b <= 100.0 for _, b in self.logit_bias
+        ):
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} biases in -100..100")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids")
+        if vocab_size is not None:
+            ids = [t for t, _ in self.logit_bias] + list(self.stop_token_ids)
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise ValueError(
+                    f"logit_bias and stop_token_ids take token ids between 0 and {vocab_size - 1}")
+        if self.response_format not in (None, "json_object", "json_schema"):
+            raise ValueError("response_format must be json_object or json_schema")
+        if (self.response_format == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with response_format json_schema, and only there")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError("seed must be between 0 and 2**63 - 1")
         if not 1 <= self.max_tokens <= max_model_len:
@@ -185,3 +243,4 @@ class RequestOutput:
     error_code: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    index: int = 0  # the choice (0..n-1); `finished` ends this choice, the request ends with all

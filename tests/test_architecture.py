@@ -28,9 +28,12 @@ def test_import_contracts_hold() -> None:
 @pytest.mark.unit
 def test_scheduler_and_cache_policy_stay_free_of_torch() -> None:
     # DESIGN.md: the scheduler and the adapter cache's policy run without torch.
+    # The response_format check runs in the HTTP app before queueing: llguidance, no torch.
     code = (
         "import sys, runtime.scheduling.scheduler, runtime.lora.cache, runtime.lora.protocol,"
-        " runtime.types;"
+        " runtime.types, runtime.structured;"
+        "from runtime.types import SamplingParams;"
+        "runtime.structured.grammar_text(SamplingParams(response_format='json_object'));"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     result = subprocess.run(

@@ -35,29 +35,57 @@ _encoder = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 
 
+def _or(value: Any, default: Any) -> Any:
+    """null means the default (API.md): a field sent as null is a field not sent."""
+    return default if value is None else value
+
+
+def sampling_body(req: CompletionRequest | ChatRequest, max_tokens: int,
+                  logprobs: int | None) -> SamplingBody:
+    """The request's sampling fields in the runtime's wire type, every null as its default."""
+    d = SamplingBody()
+    fmt = req.response_format
+    return SamplingBody(
+        max_tokens=max_tokens, temperature=_or(req.temperature, d.temperature),
+        # top_k 0 is "off" in API.md as in vLLM; the runtime spells off -1.
+        top_p=_or(req.top_p, d.top_p), top_k=_or(req.top_k, 0) or d.top_k, seed=req.seed,
+        stop=stop_list(req.stop), logprobs=logprobs, ignore_eos=_or(req.ignore_eos, False),
+        n=_or(req.n, 1), frequency_penalty=_or(req.frequency_penalty, 0.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0), min_p=_or(req.min_p, 0.0),
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+        min_tokens=_or(req.min_tokens, 0), stop_token_ids=list(req.stop_token_ids or []),
+        response_format=None if fmt is None or fmt.type == "text" else fmt.type,
+        json_schema=(msgspec.json.encode(fmt.json_schema.schema).decode()
+                     if fmt is not None and fmt.type == "json_schema"
+                     and fmt.json_schema is not None else None),
+    )
+
+
 def completion_input(req: CompletionRequest, request_id: str) -> GenerateBody:
     text, ids = (req.prompt, None) if isinstance(req.prompt, str) else (None, req.prompt)
-    sampling = SamplingBody(max_tokens=req.max_tokens, temperature=req.temperature,
-                            top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
-                            logprobs=req.logprobs)
+    sampling = sampling_body(req, _or(req.max_tokens, DEFAULT_MAX_TOKENS), req.logprobs)
     return GenerateBody(request_id=request_id, prompt=text, prompt_token_ids=ids,
                         sampling=sampling)
 
 
 def chat_input(req: ChatRequest, request_id: str) -> GenerateBody:
-    # The runtime applies the chat template; it takes each message's text.
-    messages = [ChatMessage(m.role, message_text(m)) for m in req.messages]
-    sampling = SamplingBody(
-        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop_list(req.stop),
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+    # The runtime applies the chat template; it takes each message's text. `developer` is
+    # OpenAI's new name for the system role: chat templates know only `system`.
+    messages = [ChatMessage("system" if m.role == "developer" else m.role, message_text(m))
+                for m in req.messages]
+    sampling = sampling_body(
+        req, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        (req.top_logprobs or 0) if req.logprobs else None)
     return GenerateBody(request_id=request_id, messages=messages, sampling=sampling)
 
 
 _PATH_RE = re.compile(r"`\$\.(\w+)")
 # The runtime's sampling fields (runtime.protocol.SamplingBody) that a user's field sets.
 _SAMPLING_FIELDS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                              "logprobs"})
+                              "logprobs", "n", "frequency_penalty", "presence_penalty",
+                              "repetition_penalty", "min_p", "logit_bias", "min_tokens",
+                              "stop_token_ids", "response_format"})
 
 
 def _user_field(field: str, req: CompletionRequest | ChatRequest) -> str:
@@ -87,8 +115,10 @@ def for_user(exc: BadRequest, req: CompletionRequest | ChatRequest) -> BadReques
         param = _user_field(field, req) if field in _SAMPLING_FIELDS else None
     elif message.startswith("prompt token ids"):
         message, param = "prompt: " + message.removeprefix("prompt "), "prompt"
-    elif message.startswith("the prompt"):
-        param = prompt_field
+    elif message.startswith("the prompt") or exc.code == "context_length_exceeded":
+        param = prompt_field  # OpenAI names the prompt for a context overflow too
+    elif message.startswith("response_format: "):  # the runtime's schema check
+        param = "response_format"
     elif message.startswith("invalid body: "):  # msgspec's, with a path into the wire body
         message = (message.removeprefix("invalid body: ").replace("`$.sampling.", "`$.")
                    .replace("`$.prompt_token_ids", "`$.prompt"))
@@ -134,27 +164,33 @@ def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 
 def completion_body(
-    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool, n: int = 1
 ) -> Completion:
-    choice = CompletionChoice(
-        index=0, text=got.output,
-        logprobs=completion_logprobs(got.logprobs) if logprobs else None,
-        finish_reason=got.finish_reason,
-        token_ids=list(got.token_ids) if token_ids else None,
-    )
-    return Completion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
+    choices = [
+        CompletionChoice(
+            index=i, text=c.output,
+            logprobs=completion_logprobs(c.logprobs) if logprobs else None,
+            finish_reason=c.finish_reason,
+            token_ids=list(c.token_ids) if token_ids else None,
+        )
+        for i, c in enumerate(got.ordered(n))
+    ]
+    return Completion(request_id, int(time.time()), model, choices, usage=usage_of(got))
 
 
 def chat_body(
-    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool
+    request_id: str, model: str, got: Collected, *, logprobs: bool, token_ids: bool, n: int = 1
 ) -> ChatCompletion:
-    choice = ChatChoice(
-        index=0, message=ChatMessageOut("assistant", got.output),
-        logprobs=chat_logprobs(got.logprobs) if logprobs else None,
-        finish_reason=got.finish_reason,
-        token_ids=list(got.token_ids) if token_ids else None,
-    )
-    return ChatCompletion(request_id, int(time.time()), model, [choice], usage=usage_of(got))
+    choices = [
+        ChatChoice(
+            index=i, message=ChatMessageOut("assistant", c.output),
+            logprobs=chat_logprobs(c.logprobs) if logprobs else None,
+            finish_reason=c.finish_reason,
+            token_ids=list(c.token_ids) if token_ids else None,
+        )
+        for i, c in enumerate(got.ordered(n))
+    ]
+    return ChatCompletion(request_id, int(time.time()), model, choices, usage=usage_of(got))
 
 
 def sse(payload: Any) -> bytes:
@@ -162,17 +198,19 @@ def sse(payload: Any) -> bytes:
 
 
 class ChunkWriter:
-    """SSE chunks of one streamed answer, completions or chat."""
+    """SSE chunks of one streamed answer, completions or chat; with n choices each chunk
+    carries one choice, by its index, as OpenAI streams them."""
 
     def __init__(self, request_id: str, model: str, *, chat: bool, logprobs: bool,
-                 token_ids: bool) -> None:
+                 token_ids: bool, n: int = 1) -> None:
         self.request_id = request_id
         self.model = model
         self.chat = chat
         self.logprobs = logprobs
         self.token_ids = token_ids
+        self.n = n
         self.created = int(time.time())
-        self._offset = 0
+        self._offset = [0] * n  # each choice's text offset, for completions' logprobs
 
     def _chunk(self, choice: dict[str, Any], usage: Usage | None = None) -> bytes:
         body: dict[str, Any] = {
@@ -186,11 +224,14 @@ class ChunkWriter:
         return sse(body)
 
     def role(self) -> bytes:
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None})
+        return b"".join(
+            self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                         "logprobs": None, "finish_reason": None})
+            for i in range(self.n))
 
     def token(self, event: TokenEvent) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None}
+        index = event.index
+        choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
         if self.chat:
             choice["delta"] = {"content": event.text}
             if self.logprobs and event.logprobs:
@@ -198,14 +239,14 @@ class ChunkWriter:
         else:
             choice["text"] = event.text
             if self.logprobs and event.logprobs:
-                choice["logprobs"] = completion_logprobs(event.logprobs, self._offset)
-        self._offset += len(event.text)
+                choice["logprobs"] = completion_logprobs(event.logprobs, self._offset[index])
+        self._offset[index] += len(event.text)
         if self.token_ids:
             choice["token_ids"] = event.token_ids
         return self._chunk(choice)
 
-    def finish(self, reason: str) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    def finish(self, reason: str, index: int = 0) -> bytes:
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": None}
         if self.chat:
             choice["delta"] = {}
         else:

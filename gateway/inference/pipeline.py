@@ -176,7 +176,7 @@ _FOR_GOOD = "trying again will not help until a new version is uploaded"
 def error_for(error: ErrorEvent) -> GatewayError:
     """The HTTP error of an answer whose stream ended with `error` (before any token, or
     anywhere in a whole answer)."""
-    if error.code in ("invalid_request", "prompt_too_long"):
+    if error.code in ("invalid_request", "prompt_too_long", "context_length_exceeded"):
         return BadRequest(error.message, code=error.code)
     if error.code == "adapter_load_failed" and error.message.endswith(_FOR_GOOD):
         return AdapterUnusable(error.message)

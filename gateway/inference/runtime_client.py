@@ -63,31 +63,14 @@ def adapter_body(tenant: str, adapter: ResolvedAdapter | None) -> AdapterRef | N
 
 
 @dataclass(slots=True)
-class Collected:
-    """The events of one stream, gathered: text, token ids, logprobs, counts, the error."""
+class Choice:
+    """One choice's events, gathered: text, token ids, logprobs, its end."""
 
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[LogprobEntry] = field(default_factory=list)
-    prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    error: ErrorEvent | None = None
-
-    def add(self, event: Event) -> None:
-        if isinstance(event, TokenEvent):
-            self.text.append(event.text)
-            self.token_ids.extend(event.token_ids)
-            if event.logprobs:
-                self.logprobs.extend(event.logprobs)
-        elif isinstance(event, StartEvent):
-            self.prompt_tokens = event.prompt_tokens
-        elif isinstance(event, FinishEvent):
-            self.finish_reason = event.finish_reason
-            self.prompt_tokens = event.usage.prompt_tokens
-            self.completion_tokens = event.usage.completion_tokens
-        elif isinstance(event, ErrorEvent):
-            self.error = event
 
     @property
     def output(self) -> str:
@@ -97,6 +80,65 @@ class Collected:
     def num_completion_tokens(self) -> int:
         # A stream that ended without its finish event has no usage: count what it carried.
         return self.completion_tokens or len(self.token_ids)
+
+
+@dataclass(slots=True)
+class Collected:
+    """The events of one stream, gathered per choice (index 0..n-1), the counts, the error.
+
+    `output`, `token_ids`, `logprobs` and `finish_reason` are choice 0's; the token counts are
+    summed over the choices (OpenAI's usage: the prompt once, every choice's completion)."""
+
+    choices: dict[int, Choice] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    error: ErrorEvent | None = None
+
+    def choice(self, index: int) -> Choice:
+        found = self.choices.get(index)
+        if found is None:
+            found = self.choices[index] = Choice()
+        return found
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            choice = self.choice(event.index)
+            choice.text.append(event.text)
+            choice.token_ids.extend(event.token_ids)
+            if event.logprobs:
+                choice.logprobs.extend(event.logprobs)
+        elif isinstance(event, StartEvent):
+            self.prompt_tokens = event.prompt_tokens
+        elif isinstance(event, FinishEvent):
+            choice = self.choice(event.index)
+            choice.finish_reason = event.finish_reason
+            self.prompt_tokens = event.usage.prompt_tokens
+            choice.completion_tokens = event.usage.completion_tokens
+        elif isinstance(event, ErrorEvent):
+            self.error = event
+
+    def ordered(self, n: int) -> list[Choice]:
+        """Choices 0..n-1, an empty one for any that carried nothing."""
+        return [self.choices.get(i) or Choice() for i in range(n)]
+
+    @property
+    def output(self) -> str:
+        return self.choice(0).output
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choice(0).token_ids
+
+    @property
+    def logprobs(self) -> list[LogprobEntry]:
+        return self.choice(0).logprobs
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choice(0).finish_reason
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(c.num_completion_tokens for c in self.choices.values())
 
     @property
     def num_tokens(self) -> int:

@@ -172,16 +172,17 @@ async def _events(state: RuntimeState, req: EngineRequest) -> AsyncIterator[byte
     """The NDJSON stream of one request; a request that ends any other way is aborted."""
     assert state.front is not None and state.tokenizer is not None
     front, token_text = state.front, state.tokenizer.token_text
-    finished = False
-    num_prompt, num_completion = len(req.prompt_token_ids), 0
+    finished, remaining = False, req.sampling.n
+    num_prompt, num_completion = len(req.prompt_token_ids), [0] * req.sampling.n
     outputs = front.generate(req)
     try:
         yield encode_event(StartEvent(prompt_tokens=num_prompt))
         async for out in outputs:
-            num_completion += len(out.new_token_ids)
-            for event in output_events(out, token_text, num_prompt, num_completion):
+            num_completion[out.index] += len(out.new_token_ids)
+            for event in output_events(out, token_text, num_prompt, num_completion[out.index]):
                 yield encode_event(event)
-            if out.finished:
+            remaining -= out.finished
+            if not remaining:  # every choice has ended
                 finished = True
                 break
         if not finished:

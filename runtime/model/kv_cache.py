@@ -46,6 +46,18 @@ class KVCache:
         self.k[layer].index_copy_(0, slot_mapping, k)
         self.v[layer].index_copy_(0, slot_mapping, v)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (src, dst) block's K and V in every layer: the copy-on-write of a fork."""
+        if not pairs:
+            return
+        bs = self.block_size
+        offsets = torch.arange(bs, device=self.k.device)
+        src = torch.tensor([s for s, _ in pairs], device=self.k.device)[:, None] * bs + offsets
+        dst = torch.tensor([d for _, d in pairs], device=self.k.device)[:, None] * bs + offsets
+        src, dst = src.flatten(), dst.flatten()  # [len(pairs) * block_size] pool rows
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def zero_blocks(self, blocks: list[int]) -> None:
         """Zero every row of `blocks` in every layer, K and V.
 

@@ -1,4 +1,10 @@
-"""Which KV-cache blocks each sequence holds: a free list and block tables. No torch."""
+"""Which KV-cache blocks each sequence holds: a free list, block tables, shared blocks. No torch.
+
+Blocks are reference counted so that the n choices of one request share their prompt's KV
+(copy-on-write): `fork` gives a new table the same full blocks (refcount + 1) and a fresh
+copy of the partial last block, the only one either side will write next. A block goes back
+to the free list when its last holder frees it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -30,10 +37,40 @@ class BlockManager:
         if missing > len(self.free_blocks):
             raise RuntimeError("out of KV blocks: check can_allocate first")
         for _ in range(missing):
-            block_table.append(self.free_blocks.popleft())
+            block = self.free_blocks.popleft()
+            self.ref_counts[block] = 1
+            block_table.append(block)
 
     def free(self, block_table: list[int]) -> None:
-        """Return every block of the table to the free list and empty the table."""
+        """Drop the table's hold on each of its blocks and empty the table; a block nobody
+        holds any more returns to the free list."""
+        released = []
+        for block in block_table:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                released.append(block)
         # Recently used blocks go to the front: they are likelier to be warm in cache.
-        self.free_blocks.extendleft(reversed(block_table))
+        self.free_blocks.extendleft(reversed(released))
         block_table.clear()
+
+    def can_fork(self, num_tokens: int) -> bool:
+        return num_tokens % self.block_size == 0 or bool(self.free_blocks)
+
+    def fork(
+        self, block_table: list[int], num_tokens: int
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """A table for a copy of a sequence whose first `num_tokens` tokens are cached in
+        `block_table`: (new table, [(src block, dst block)] whose KV the caller must copy)."""
+        full = num_tokens // self.block_size
+        table = block_table[:full]
+        for block in table:
+            self.ref_counts[block] += 1
+        copies: list[tuple[int, int]] = []
+        if num_tokens % self.block_size:
+            if not self.free_blocks:
+                raise RuntimeError("out of KV blocks: check can_fork first")
+            block = self.free_blocks.popleft()
+            self.ref_counts[block] = 1
+            copies.append((block_table[full], block))
+            table.append(block)
+        return table, copies

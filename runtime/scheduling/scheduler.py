@@ -198,6 +198,8 @@ class Scheduler:
             n = min(seq.num_uncached_tokens, budget)
             if not self.block_manager.can_allocate(seq.block_table, n):
                 break  # wait for blocks rather than let smaller requests overtake forever
+            if len(self.running) + min(1 + seq.num_forks, self.max_running) > self.max_running:
+                break  # its n choices run side by side once forked: wait for room for them
             if seq.adapter is not None and not self._acquire(seq, not_ready, failed):
                 if seq.is_finished:
                     continue
@@ -252,6 +254,34 @@ class Scheduler:
         seq.slot = slot
         return True
 
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]] | None:
+        """Run `child` from where `parent` is now (its prompt cached, nothing sampled yet),
+        sharing the parent's full KV blocks. Returns the (src, dst) blocks whose KV the
+        caller copies, or None when there is no room in the running batch, no block for the
+        copy or no adapter slot: then the caller queues the child to prefill on its own."""
+        if len(self.running) >= self.max_running:
+            return None  # n above max_running: the rest wait their turn
+        if not self.block_manager.can_fork(parent.num_cached_tokens):
+            return None
+        if child.adapter is not None and self.adapters is not None:
+            try:
+                slot = self.adapters.try_acquire(child.adapter)  # pinned by the parent: a hit
+            except AdapterUnavailable:
+                return None
+            if slot is None:
+                return None
+            child.slot = slot
+        child.block_table, copies = self.block_manager.fork(
+            parent.block_table, parent.num_cached_tokens)
+        child.token_ids = list(parent.token_ids)
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.arrival = self._arrivals
+        self._arrivals += 1
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
+        self._by_id[child.request_id] = child
+        return copies
+
     def _all_waiting(self) -> Iterator[Sequence]:
         for queue in self.waiting.values():
             yield from queue
@@ -263,7 +293,8 @@ class Scheduler:
         """
         for seq, token in sampled:
             seq.token_ids.append(token)
-            if token in self.eos_token_ids and not seq.sampling.ignore_eos:
+            eos = token in self.eos_token_ids and not seq.sampling.ignore_eos
+            if eos or token in seq.sampling.stop_token_ids:
                 self.finish(seq, FinishReason.STOP)
             elif (
                 seq.num_output_tokens >= seq.sampling.max_tokens

@@ -7,6 +7,12 @@ import enum
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
 
 
+def choice_key(request_id: str, index: int) -> str:
+    """The scheduler's key of choice `index`; the separator is no printable character, so no
+    request id on the wire can take it."""
+    return request_id if index == 0 else f"{request_id}\x1f{index}"
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -14,8 +20,14 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, req: EngineRequest, arrival: int) -> None:
-        self.request_id: str = req.request_id
+    """One choice of a request. `request_id` is the scheduler's key: the request's own id for
+    choice 0, `choice_key(id, index)` for the others; `output_id` is always the request's."""
+
+    def __init__(self, req: EngineRequest, arrival: int, index: int = 0) -> None:
+        self.request_id: str = choice_key(req.request_id, index)
+        self.output_id: str = req.request_id
+        self.index = index  # the choice's index, 0..n-1
+        self.num_forks = 0  # choices to fork from this one once its prompt is cached
         self.tenant: str = req.tenant
         self.sampling: SamplingParams = req.sampling
         self.adapter: AdapterRef | None = req.adapter

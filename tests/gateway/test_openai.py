@@ -98,7 +98,7 @@ async def test_chat_whole_and_streamed(gw: AsyncTestClient[Any], key: str) -> No
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", 2.5),
-                                         ("top_p", 0), ("logprobs", 6), ("n", 2),
+                                         ("top_p", 0), ("logprobs", 6), ("n", 17),
                                          ("prompt", [])])
 async def test_out_of_range_fields_are_400_in_openai_shape(
     gw: AsyncTestClient[Any], key: str, field: str, value: Any

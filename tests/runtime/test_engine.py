@@ -193,8 +193,16 @@ def test_requests_out_of_range_are_refused(model_dir: Path) -> None:
 
 @pytest.mark.unit
 def test_generation_stops_at_the_context_length(model_dir: Path) -> None:
+    # A prompt plus max_tokens past the context is refused (never silently capped); one
+    # that fills it exactly runs to the end of the context.
+    from runtime.protocol import ProtocolError
+
     engine = make_engine(model_dir, max_model_len=40)
-    outs = run_alone(engine, prompts()[2][:30], greedy(40))
+    with pytest.raises(ProtocolError) as refused:
+        engine.add_request(EngineRequest("long", prompts()[2][:30], greedy(40)))
+    assert refused.value.code == "context_length_exceeded"
+    assert "40 tokens" in refused.value.message and "70 were requested" in refused.value.message
+    outs = run_alone(engine, prompts()[2][:30], greedy(10))
     assert len(tokens_of(outs)) == 10 and outs[-1].finish_reason is FinishReason.LENGTH
 
 

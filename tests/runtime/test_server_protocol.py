@@ -85,12 +85,50 @@ def test_refusals_name_the_field(body: dict, needle: str) -> None:
 
 
 def test_prompt_must_leave_room_for_one_token() -> None:
-    body = decode(prompt_token_ids=[1] * 31)
+    # max_tokens 1: a prompt plus max_tokens past the context is refused on its own (below).
+    body = decode(prompt_token_ids=[1] * 31, sampling={"max_tokens": 1})
     assert len(build_request(body, body.prompt_token_ids, LIMITS).prompt_token_ids) == 31
     body = decode(prompt_token_ids=[1] * 32)
     with pytest.raises(ProtocolError) as excinfo:
         build_request(body, body.prompt_token_ids, LIMITS)
     assert excinfo.value.code == "prompt_too_long"
+
+
+def test_prompt_plus_max_tokens_past_the_context_is_refused_with_both_numbers() -> None:
+    body = decode(prompt_token_ids=[1] * 20, sampling={"max_tokens": 12})
+    assert build_request(body, body.prompt_token_ids, LIMITS).sampling.max_tokens == 12
+    body = decode(prompt_token_ids=[1] * 20, sampling={"max_tokens": 13})
+    with pytest.raises(ProtocolError) as excinfo:
+        build_request(body, body.prompt_token_ids, LIMITS)
+    assert excinfo.value.code == "context_length_exceeded"
+    assert "32" in excinfo.value.message and "33" in excinfo.value.message
+    assert "20 in the prompt" in excinfo.value.message
+
+
+@pytest.mark.parametrize("sampling,needle", [
+    ({"n": 17}, "n must be"), ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"100": 1.0}}, "token ids between 0 and 99"),
+    ({"logit_bias": {"5": 101.0}}, "logit_bias"), ({"stop_token_ids": [100]}, "stop_token_ids"),
+    ({"min_tokens": 17}, "min_tokens"), ({"response_format": "json_schema"}, "json_schema"),
+])
+def test_sampling_controls_out_of_range_are_refused(sampling: dict, needle: str) -> None:
+    body = decode(prompt_token_ids=[1, 2], sampling=sampling)
+    with pytest.raises(ProtocolError) as excinfo:
+        build_request(body, body.prompt_token_ids, LIMITS)
+    assert needle in excinfo.value.message
+
+
+def test_sampling_controls_reach_the_engine_request() -> None:
+    body = decode(prompt_token_ids=[1, 2], sampling={
+        "n": 3, "frequency_penalty": 0.5, "presence_penalty": -0.5, "repetition_penalty": 1.3,
+        "min_p": 0.1, "top_k": 5, "logit_bias": {"7": -100, "3": 2.5}, "min_tokens": 2,
+        "stop_token_ids": [9], "ignore_eos": True, "max_tokens": 4})
+    params = build_request(body, body.prompt_token_ids, LIMITS).sampling
+    assert (params.n, params.frequency_penalty, params.presence_penalty) == (3, 0.5, -0.5)
+    assert (params.repetition_penalty, params.min_p, params.top_k) == (1.3, 0.1, 5)
+    assert params.logit_bias == ((3, 2.5), (7, -100.0)) and params.stop_token_ids == (9,)
+    assert params.min_tokens == 2 and params.ignore_eos and params.uses_penalties
 
 
 def test_events_round_trip_with_their_type_tag() -> None:

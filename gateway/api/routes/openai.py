@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from gateway.api.openai_format import (
@@ -36,7 +37,7 @@ from gateway.api.schemas.openai import (
 )
 from gateway.api.schemas.openapi import body_operation
 from gateway.auth import require_tenant, tenant_of
-from gateway.errors import BadRequest
+from gateway.errors import BadRequest, ModelNotFound
 from gateway.inference.pipeline import Inference
 from gateway.inference.runtime_client import Collected
 from gateway.services import Services
@@ -81,7 +82,7 @@ async def _sse(inference: Inference, writer: ChunkWriter,
             if isinstance(event, TokenEvent):
                 yield writer.token(event)
             elif isinstance(event, FinishEvent):
-                yield writer.finish(event.finish_reason)
+                yield writer.finish(event.finish_reason, event.index)
             elif isinstance(event, ErrorEvent):
                 yield error_chunk(event.message, event.code)
         if include_usage and inference.got.error is None:
@@ -98,7 +99,7 @@ def _whole(answer: Any, inference: Inference) -> Response[Any]:
 
 
 def _include_usage(req: CompletionRequest | ChatRequest) -> bool:
-    return req.stream_options is not None and req.stream_options.include_usage
+    return req.stream_options is not None and bool(req.stream_options.include_usage)
 
 
 # The tenant key as a bearer token, declared so the OpenAPI document says how to call these.
@@ -112,13 +113,14 @@ async def completions(request: Request[Any, Any, Any]) -> Response[Any] | Stream
     request_id = f"cmpl-{uuid.uuid4().hex}"
     inference = await _send(request, req, completion_input(req, request_id))
     logprobs = req.logprobs is not None
+    token_ids, n = bool(req.return_token_ids), inference.body.sampling.n
     if req.stream:
         writer = ChunkWriter(request_id, req.model, chat=False, logprobs=logprobs,
-                             token_ids=req.return_token_ids)
+                             token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
     got = await _collect(inference, req)
     return _whole(completion_body(request_id, req.model, got, logprobs=logprobs,
-                                  token_ids=req.return_token_ids), inference)
+                                  token_ids=token_ids, n=n), inference)
 
 
 @post("/v1/chat/completions", guards=[require_tenant], status_code=200, security=_BEARER,
@@ -127,23 +129,38 @@ async def chat_completions(request: Request[Any, Any, Any]) -> Response[Any] | S
     req = decode_chat(await request.body())
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     inference = await _send(request, req, chat_input(req, request_id))
+    logprobs, token_ids = bool(req.logprobs), bool(req.return_token_ids)
+    n = inference.body.sampling.n
     if req.stream:
-        writer = ChunkWriter(request_id, req.model, chat=True, logprobs=req.logprobs,
-                             token_ids=req.return_token_ids)
+        writer = ChunkWriter(request_id, req.model, chat=True, logprobs=logprobs,
+                             token_ids=token_ids, n=n)
         return _stream(inference, writer, _include_usage(req))
     got = await _collect(inference, req)
-    return _whole(chat_body(request_id, req.model, got, logprobs=req.logprobs,
-                            token_ids=req.return_token_ids), inference)
+    return _whole(chat_body(request_id, req.model, got, logprobs=logprobs,
+                            token_ids=token_ids, n=n), inference)
 
 
-@get("/v1/models", guards=[require_tenant], security=_BEARER)
-async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+async def _model_cards(request: Request[Any, Any, Any]) -> list[ModelCard]:
     services = _services(request)
     tenant = tenant_of(request).tenant
     cards = [ModelCard(services.resolver.base_model_id, "loragate")]
     cards += [ModelCard(a.name, tenant) for a in await services.catalog.list_adapters(tenant)]
     cards += [ModelCard(e.name, tenant) for e in await services.catalog.list_experiments(tenant)]
-    return ModelList(cards)
+    return cards
 
 
-routes = [completions, chat_completions, list_models]
+@get("/v1/models", guards=[require_tenant], security=_BEARER)
+async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+    return ModelList(await _model_cards(request))
+
+
+@get("/v1/models/{model_id:str}", guards=[require_tenant], security=_BEARER)
+async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str]) -> ModelCard:
+    # One of the cards /v1/models lists to this tenant, else 404: never another tenant's.
+    for card in await _model_cards(request):
+        if card.id == model_id:
+            return card
+    raise ModelNotFound(f"model {model_id!r} not found", code="model_not_found", param="model")
+
+
+routes = [completions, chat_completions, list_models, retrieve_model]
