@@ -60,10 +60,17 @@ def dns_stub(udp_limit: int = 0) -> Iterator[tuple[StubResolver, str]]:
         udplen = udp_limit
 
     resolver = StubResolver()
-    udp = DNSServer(resolver, address="127.0.0.1", port=0, handler=Handler, logger=_Quiet())
-    port = udp.server.server_address[1]
-    tcp = DNSServer(resolver, address="127.0.0.1", port=port, tcp=True, handler=Handler,
-                    logger=_Quiet())
+    for _ in range(50):  # the UDP port's number may be taken for TCP by another process
+        udp = DNSServer(resolver, address="127.0.0.1", port=0, handler=Handler, logger=_Quiet())
+        port = udp.server.server_address[1]
+        try:
+            tcp = DNSServer(resolver, address="127.0.0.1", port=port, tcp=True, handler=Handler,
+                            logger=_Quiet())
+            break
+        except OSError:
+            udp.server.server_close()
+    else:
+        raise RuntimeError("no port free for both UDP and TCP")
     udp.start_thread()
     tcp.start_thread()
     try:
