@@ -308,7 +308,7 @@ SMOLLM2_DIR = REPO_ROOT / ".cache" / "smollm2-135m-instruct"
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face directory (made by ../shared/models/make_smollm2.py)."""
+    """SmolLM2-135M-Instruct, a Hugging Face directory (../shared/models/make_smollm2.py)."""
     path = Path(os.environ.get("LORAGATE_SMOLLM2_DIR") or SMOLLM2_DIR)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         _unavailable(
