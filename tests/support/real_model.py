@@ -7,6 +7,7 @@ model (a random LoRA on a real model mostly nudges logits without changing greed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,3 +66,22 @@ def train_adapter(model_dir: Path, out_dir: Path, spec: TrainedSpec) -> AdapterR
     model.eval()
     model.save_pretrained(out_dir)
     return adapter_ref(out_dir, spec.name)
+
+
+@torch.no_grad()
+def peft_generate(model, prompt: list[int], adapter: str | None, max_tokens: int):
+    """Greedy tokens through PEFT with transformers' KV cache (a 30-layer model makes
+    `peft_greedy`'s full recompute costly), EOS ignored; and the logits of each step."""
+    ctx = model.disable_adapter() if adapter is None else contextlib.nullcontext()
+    if adapter is not None:
+        model.set_adapter(adapter)
+    tokens, logits_per_step = [], []
+    with ctx:
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for _ in range(max_tokens):
+            logits = out.logits[0, -1].float()
+            logits_per_step.append(logits)
+            tokens.append(int(logits.argmax()))
+            out = model(input_ids=torch.tensor([[tokens[-1]]]),
+                        past_key_values=out.past_key_values, use_cache=True)
+    return tokens, logits_per_step
