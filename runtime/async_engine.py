@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from runtime.engine import LLMEngine
+from runtime.model.threads import engine_threads
 from runtime.types import EngineDraining, EngineRequest, FinishReason, QueueFull, RequestOutput
 
 __all__ = ["AsyncLLMEngine", "EngineDraining"]
@@ -118,6 +119,9 @@ class AsyncLLMEngine:
     # -- worker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Every torch op of the runtime runs here, on the process's intra-op pool; helper
+        # threads (model load, adapter parsing) keep to one thread (runtime/model/threads.py).
+        engine_threads()
         engine = self.engine
         while True:
             with self._lock:

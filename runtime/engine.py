@@ -29,7 +29,7 @@ from runtime.scheduling.scheduler import Scheduler
 from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import EngineRequest, FinishReason, QueueFull, RequestOutput, choice_seed
 
-__all__ = ["LLMEngine", "QueueFull", "build_engine", "resolve_dtype"]
+__all__ = ["LLMEngine", "QueueFull", "attention_dtype", "build_engine", "resolve_dtype"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +38,15 @@ def resolve_dtype(config: RuntimeConfig) -> torch.dtype:
     """The configured dtype; by default float32 on CPU (exact) and bfloat16 on CUDA."""
     default = "bfloat16" if torch.device(config.device).type == "cuda" else "float32"
     return _DTYPES[config.dtype or default]
+
+
+def attention_dtype(config: RuntimeConfig) -> torch.dtype:
+    """Of rotary, attention and the KV cache: float32 on CPU whatever the weights' dtype.
+
+    bf16 pays on the CPU in the GEMMs (oneDNN's avx512_bf16 path, ~2.5x float32); attention
+    is a small share of the step there, and float32 scores and cache keep greedy text close
+    to float32's. On CUDA the weights' dtype, as the fused SDPA kernels want."""
+    return resolve_dtype(config) if torch.device(config.device).type == "cuda" else torch.float32
 
 
 def build_engine(config: RuntimeConfig) -> LLMEngine:
@@ -68,12 +77,14 @@ class LLMEngine:
         # A sliding window is not implemented: capping the context at the window keeps
         # Mistral-style models exact (attention never reaches past it).
         self.max_model_len = min(x for x in limits if x)
+        self.kv_dtype = attention_dtype(config)
         self.model = LlamaModel.load(
-            config.model_dir, config.device, self.dtype, self.max_model_len, args=args
+            config.model_dir, config.device, self.dtype, self.max_model_len, args=args,
+            attn_dtype=self.kv_dtype,
         )
         self.tokenizer = Tokenizer.load(config.model_dir)
         num_blocks = self._num_blocks(args)
-        self.kv_cache = KVCache(args, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(args, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -112,7 +123,7 @@ class LLMEngine:
 
     def _num_blocks(self, args: ModelArgs) -> int:
         cfg = self.config
-        per_block = bytes_per_block(args, cfg.block_size, self.dtype)
+        per_block = bytes_per_block(args, cfg.block_size, self.kv_dtype)
         budget = cfg.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)

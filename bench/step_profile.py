@@ -1,0 +1,242 @@
+"""One decode step of the engine on a real checkpoint, timed by part, beside the GEMM roof.
+
+    .venv/bin/python -m bench.step_profile [--batch 32] [--legacy] [--dtype bfloat16] [--json]
+
+A batch of `--batch` requests over the base model and two adapters (round robin) decodes;
+after warm-up, `--steps` steps are timed with perf_counter around each part (the CPU runs
+every op synchronously, so the timers are the parts' own costs):
+  base_gemm  F.linear of the four projections of every layer
+  lora       the LoRA term (`LoraManager.apply`)
+  attention  KV write and paged attention
+  lm_head    the logits of the sampled rows
+  sampler    `runtime.model.sampler.sample`
+  python     the rest of `engine.step` (scheduling, metadata, norms, rotary, residuals)
+An adapter is loaded through the runtime's own loader threads before timing. `--legacy`
+reproduces the code before issue 13 in the same tree: loader threads with torch's default
+thread count (a second OpenMP team) and the per-adapter LoRA loop instead of the dense form.
+
+The roof: the step's base-GEMM FLOPs (every projection and the lm_head at this batch) over
+the best fp32 GFLOPS measured here on those same shapes in a tight loop.
+`run_profile` is what bench/real_model.py calls (in a fresh process per variant, so that
+one variant's thread pools cannot slow the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / ".cache" / "smollm2-135m-instruct"
+PARTS = ("base_gemm", "lora", "attention", "lm_head", "sampler", "python")
+
+
+def make_adapters(model_dir: Path, out: Path) -> list[Any]:
+    """Two PEFT adapters with seeded random weights (rank 8 on all seven modules, rank 16 on
+    q and v), saved under `out`; their runtime references."""
+    import hashlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from runtime.types import AdapterRef
+
+    specs = (("all-r8", 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj"]), ("qv-r16", 16, ["q_proj", "v_proj"]))
+    refs = []
+    for seed, (name, rank, targets) in enumerate(specs):
+        path = out / name
+        if not (path / "adapter_model.safetensors").exists():
+            torch.manual_seed(seed + 1)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            config = LoraConfig(r=rank, lora_alpha=2.0 * rank, target_modules=targets,
+                                lora_dropout=0.0, init_lora_weights=False)
+            get_peft_model(base, config).save_pretrained(path)
+        data = (path / "adapter_model.safetensors").read_bytes()
+        refs.append(AdapterRef(key=hashlib.sha256(data).hexdigest(),
+                               uri=(path / "adapter_model.safetensors").resolve().as_uri(),
+                               rank=rank, alpha=2.0 * rank, target_modules=tuple(sorted(targets)),
+                               name=name))
+    return refs
+
+
+def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model_len: int):
+    from runtime.config import RuntimeConfig
+    from runtime.engine import LLMEngine, resolve_dtype
+    from runtime.lora.manager import build_lora_runtime
+    from runtime.model.weights import ModelArgs
+
+    config = RuntimeConfig(model_dir=model_dir, dtype=dtype, max_running=max_running,
+                           max_batch_tokens=4096, max_lora_rank=16, max_gpu_adapters=4,
+                           max_model_len=max_model_len)
+    args = ModelArgs.from_model_dir(model_dir)
+    lora, cache = build_lora_runtime(config, args, resolve_dtype(config))
+    return LLMEngine(config, args=args, lora=lora, adapters=cache)
+
+
+def fill(engine, refs: list[Any], batch: int, prompt_len: int, max_tokens: int) -> None:
+    """Admit `batch` requests (base, adapter 1, adapter 2, ...) and run until all decode."""
+    from runtime.types import EngineRequest, SamplingParams
+
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        prompt = [1] + [(7 * i + 13 * p) % 40000 + 100 for p in range(prompt_len - 1)]
+        engine.add_request(EngineRequest(f"p{i}", prompt, sampling, [None, *refs][i % 3]))
+    for _ in range(100_000):
+        running = engine.scheduler.running
+        if len(running) == batch and all(s.num_output_tokens > 0 for s in running):
+            return
+        if not engine.step():
+            time.sleep(0.005)  # an adapter is loading on the loader threads
+    raise RuntimeError("the batch never reached decode")
+
+
+class PartTimer:
+    """Monkeypatched timers around the step's parts (restored by `close`)."""
+
+    def __init__(self, engine) -> None:
+        import runtime.engine as engine_mod
+        import runtime.model.llama as llama_mod
+
+        self.t: dict[str, float] = defaultdict(float)
+        self._undo: list[tuple[Any, str, Any]] = []
+        t = self.t
+
+        def timed(name: str, fn):
+            def wrapper(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    t[name] += time.perf_counter() - start
+            return wrapper
+
+        def linear(layer, name, x, w, b=None):
+            start = time.perf_counter()
+            y = F.linear(x, w, b)
+            t["base_gemm"] += time.perf_counter() - start
+            if layer.lora is not None and layer.lora.active:
+                start = time.perf_counter()
+                layer.lora.apply(layer.idx, name, x, y)
+                t["lora"] += time.perf_counter() - start
+            return y
+
+        self._patch(llama_mod.DecoderLayer, "_linear", linear)
+        self._patch(llama_mod, "paged_attention", timed("attention", llama_mod.paged_attention))
+        kv = engine.kv_cache
+        self._patch(kv, "write", timed("attention", kv.write))
+        self._patch(engine.model, "compute_logits", timed("lm_head", engine.model.compute_logits))
+        self._patch(engine_mod, "sample", timed("sampler", engine_mod.sample))
+
+    def _patch(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, vars(obj).get(name, _MISSING)))
+        setattr(obj, name, value)
+
+    def close(self) -> None:
+        for obj, name, old in reversed(self._undo):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+_MISSING = object()
+
+
+def gemm_roof(engine, batch: int, rounds: int = 20) -> dict[str, float]:
+    """The base GEMMs of one decode step at `batch`: FLOPs, and their time at the best
+    GFLOPS measured on the same shapes (fp32 and the engine's dtype)."""
+    layer = engine.model.layers[0]
+    shapes = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+    n = len(engine.model.layers)
+    flops = sum(2 * batch * w.shape[0] * w.shape[1] for w in shapes) * n
+    flops += 2 * batch * engine.model.lm_head.shape[0] * engine.model.lm_head.shape[1]
+    out = {"step_gemm_gflop": flops / 1e9}
+    for dtype in {torch.float32, engine.dtype}:
+        best = 0.0
+        for w in [*shapes, engine.model.lm_head]:
+            wt = w.to(dtype)
+            x = torch.randn(batch, w.shape[1]).to(dtype)
+            for _ in range(3):
+                F.linear(x, wt)
+            start = time.perf_counter()
+            for _ in range(rounds):
+                F.linear(x, wt)
+            dt = (time.perf_counter() - start) / rounds
+            best = max(best, 2 * batch * w.shape[0] * w.shape[1] / dt / 1e9)
+        name = str(dtype).removeprefix("torch.")
+        out[f"gflops_{name}"] = best
+        out[f"roof_ms_{name}"] = flops / (best * 1e9) * 1e3
+    return out
+
+
+def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
+                dtype: str | None = None, adapters_dir: Path | None = None) -> dict[str, Any]:
+    import tempfile
+
+    if legacy:
+        import runtime.lora.store as store
+
+        store.single_threaded = lambda: None  # loader threads keep torch's default count
+    with tempfile.TemporaryDirectory() as tmp:
+        refs = make_adapters(model_dir, adapters_dir or Path(tmp))
+        engine = build_engine(model_dir, dtype, max_running=max(batch, 8), max_model_len=1024)
+        if legacy:
+            engine.lora._dense_ok = False  # the per-adapter segment loop, as before
+        fill(engine, refs, batch, prompt_len=24, max_tokens=steps + 64)
+        for _ in range(3):
+            engine.step()
+        timer = PartTimer(engine)
+        totals: list[float] = []
+        parts: list[dict[str, float]] = []
+        try:
+            for _ in range(steps):
+                timer.t.clear()
+                start = time.perf_counter()
+                engine.step()
+                total = time.perf_counter() - start
+                totals.append(total)
+                parts.append({**timer.t, "python": total - sum(timer.t.values())})
+        finally:
+            timer.close()
+        order = sorted(range(steps), key=totals.__getitem__)
+        mid = parts[order[steps // 2]]  # the parts of the median step
+        result = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
+                  "threads": torch.get_num_threads(),
+                  "step_ms_median": statistics.median(totals) * 1e3,
+                  "step_ms_min": min(totals) * 1e3,
+                  "parts_ms": {p: mid.get(p, 0.0) * 1e3 for p in PARTS},
+                  "dense_projections": sorted(engine.lora.dense_projections)}
+        result |= gemm_roof(engine, batch)
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--legacy", action="store_true")
+    parser.add_argument("--dtype")
+    parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--json", action="store_true", help="print one JSON line only")
+    args = parser.parse_args()
+    result = run_profile(args.model, args.batch, args.steps, args.legacy, args.dtype,
+                         args.adapters_dir)
+    if args.json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""One torch thread pool per runtime: helper threads run torch on one thread, the engine
+thread on the process's count, whatever order they start in (runtime/model/threads.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.lora.store import AdapterLoader, ArtifactFetcher
+from runtime.model.threads import default_num_threads, engine_threads
+from runtime.types import AdapterRef
+
+pytestmark = pytest.mark.unit
+
+
+def in_new_thread(fn):
+    result = []
+    t = threading.Thread(target=lambda: result.append(fn()))
+    t.start()
+    t.join()
+    return result[0]
+
+
+def test_adapter_parsing_runs_on_one_torch_thread_and_the_engine_thread_keeps_its_pool(
+    tmp_path: Path,
+) -> None:
+    if default_num_threads() < 2:
+        pytest.skip("one core: nothing to tell apart")
+    payload = b"adapter bytes"
+    path = tmp_path / "obj"
+    path.write_bytes(payload)
+    ref = AdapterRef(key=hashlib.sha256(payload).hexdigest(), uri=path.as_uri(), rank=4,
+                     alpha=8.0, target_modules=("q_proj",))
+    seen: list[int] = []
+
+    def parse(data: bytes, ref: AdapterRef) -> None:
+        seen.append(torch.get_num_threads())
+        torch.ones(64, 64) @ torch.ones(64, 64)  # torch work, as the real parse does
+
+    loader = AdapterLoader(ArtifactFetcher(), parse)
+    try:
+        loader.load(ref).result(timeout=30)
+    finally:
+        loader.shutdown()
+    assert seen == [1]
+    # The loader lowered torch's default for threads started later: the engine thread sets
+    # its own count back explicitly.
+    assert in_new_thread(lambda: (engine_threads(), torch.get_num_threads())[1]) == \
+        default_num_threads()
+    assert torch.get_num_threads() == default_num_threads()  # this thread was never touched
