@@ -46,10 +46,15 @@ class EngineDraining(Exception):
     """The engine's shutdown has begun: no new requests are admitted (HTTP 503)."""
 
 
+# A temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing logits by 1e-39
+# overflows them to inf, and the softmax of that is NaN, not the argmax.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # below GREEDY_BELOW (0 included) means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 means no top-k cut
     seed: int | None = None  # same seed, same tokens, whatever else is in the batch
@@ -69,6 +74,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # these stop like EOS (their text is not emitted)
     response_format: str | None = None  # None (text), "json_object" or "json_schema"
     json_schema: str | None = None  # JSON text of the schema, with "json_schema"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:

@@ -111,7 +111,7 @@ def sample(
     num_seqs, vocab = logits.shape
     controlled = logits if batch is None else apply_controls(logits, batch)
     tokens = controlled.argmax(dim=-1)  # [num_seqs]; kept for greedy rows
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         tokens[rows] = _sample_rows(controlled[rows], [params[i] for i in rows],
                                     [generators[i] for i in rows])

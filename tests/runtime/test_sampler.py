@@ -63,3 +63,14 @@ def test_rows_are_independent_and_greedy_rows_ignore_generators() -> None:
     ref = torch.log_softmax(logits[2], dim=-1)
     assert lp.token_id == mixed[2] and abs(lp.logprob - float(ref.max())) < 1e-6
     assert [t for t, _ in lp.top] == ref.topk(2).indices.tolist()
+
+
+@pytest.mark.unit
+def test_a_temperature_below_1e_5_is_greedy_in_the_runtime_too() -> None:
+    # Called directly (not through the gateway, which sends such a request as 0): dividing the
+    # logits by 1e-39 overflows them, and the softmax of inf is NaN, not the argmax.
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    for temperature in (1e-39, 9.9e-6):
+        tokens, _ = sample(logits.clone(), [SamplingParams(temperature=temperature)],
+                           [make_generator(0, "cpu")])
+        assert tokens == [1]

@@ -22,6 +22,7 @@ from msgspec import Meta, Struct
 
 from gateway.api.schemas.strict import decode_json
 from gateway.errors import BadRequest
+from runtime.types import GREEDY_BELOW
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's completions default; chat without a limit gets it too
 MAX_STOP = 4
@@ -29,9 +30,6 @@ MAX_MESSAGES = 4096
 MAX_CHOICES = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300  # OpenAI's own cap on logit_bias entries
-# A temperature below this samples as greedy (vLLM's _SAMPLING_EPS): dividing logits by
-# 1e-39 overflows them to inf, and the softmax of that is NaN, not the argmax.
-GREEDY_BELOW = 1e-5
 
 MaxTokens = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
@@ -196,6 +194,7 @@ class ModelList(Struct):
 
 def _decode(raw: bytes, kind: type[Any]) -> Any:
     req = decode_json(raw, kind)
+    # The runtime samples greedily below GREEDY_BELOW; sent as 0 the request says so plainly.
     if req.temperature is not None and req.temperature < GREEDY_BELOW:
         req.temperature = 0.0
     return req
