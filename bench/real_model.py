@@ -145,7 +145,9 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
     with tempfile.TemporaryDirectory() as data, open(Path(data) / "log", "wb") as log:
         procs = [subprocess.Popen([*cli, "runtime", "--base-model", str(model_dir),
                                    "--device", "cpu", "--port", str(rport),
-                                   "--max-gpu-adapters", "4"], cwd=ROOT, env=env, stdout=log,
+                                   "--max-gpu-adapters", "4",
+                                   "--artifacts-dir", str(Path(data) / "artifacts")],
+                                  cwd=ROOT, env=env, stdout=log,
                                   stderr=subprocess.STDOUT)]
         procs.append(subprocess.Popen([*cli, "serve", "--port", str(port), "--data-dir", data,
                                        "--base-model", str(model_dir), "--runtimes",

@@ -61,11 +61,10 @@ def make_adapters(model_dir: Path, out: Path) -> list[Any]:
             config = LoraConfig(r=rank, lora_alpha=2.0 * rank, target_modules=targets,
                                 lora_dropout=0.0, init_lora_weights=False)
             get_peft_model(base, config).save_pretrained(path)
-        data = (path / "adapter_model.safetensors").read_bytes()
-        refs.append(AdapterRef(key=hashlib.sha256(data).hexdigest(),
-                               uri=(path / "adapter_model.safetensors").resolve().as_uri(),
-                               rank=rank, alpha=2.0 * rank, target_modules=tuple(sorted(targets)),
-                               name=name))
+        weights = path / "adapter_model.safetensors"
+        refs.append(AdapterRef.for_version(
+            hashlib.sha256(weights.read_bytes()).hexdigest(), weights.resolve().as_uri(),
+            rank=rank, alpha=2.0 * rank, target_modules=tuple(targets), name=name))
     return refs
 
 

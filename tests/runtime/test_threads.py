@@ -33,8 +33,8 @@ def test_adapter_parsing_runs_on_one_torch_thread_and_the_engine_thread_keeps_it
     payload = b"adapter bytes"
     path = tmp_path / "obj"
     path.write_bytes(payload)
-    ref = AdapterRef(key=hashlib.sha256(payload).hexdigest(), uri=path.as_uri(), rank=4,
-                     alpha=8.0, target_modules=("q_proj",))
+    ref = AdapterRef.for_version(hashlib.sha256(payload).hexdigest(), path.as_uri(), rank=4,
+                                 alpha=8.0, target_modules=("q_proj",))
     seen: list[int] = []
 
     def parse(data: bytes, ref: AdapterRef) -> None:
