@@ -3,7 +3,7 @@ the session fixture `base_model_dir` of tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from adapters.db import upgrade_database
 from gateway.app import create_app
 from gateway.settings import Settings
 from tests.support.gw_helpers import make_peft_adapter, make_settings
+from tests.support.stub_procs import start_stub, stop
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +42,20 @@ async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     upgrade_database(settings.database_url)
     async with AsyncTestClient(create_app(settings)) as test_client:
         yield test_client
+
+
+# A stub runtime per test module, and a gateway over it per test (tests that need no real model).
+@pytest.fixture(scope="module")
+def stub_url() -> Iterator[str]:
+    proc, url = start_stub()
+    yield url
+    stop(proc)
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str
+             ) -> AsyncIterator[AsyncTestClient[Any]]:
+    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,))
+    upgrade_database(settings.database_url)
+    async with AsyncTestClient(create_app(settings)) as client:
+        yield client

@@ -5,7 +5,6 @@ under isolation (a tenant key is 403, another tenant's objects are 404)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from adapters.storage import object_key
 from gateway.app import create_app
 from tests.support.delivery import QUIET_LOOP, services_of, start_rollout, two_versions
 from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
-from tests.support.stub_procs import start_stub, stop
 
 pytestmark = pytest.mark.unit
 
@@ -34,12 +32,6 @@ NEW_ROUTES = [
     ("DELETE", "/admin/tenants/{t}/adapters/support/rollout", None),
 ]
 
-
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
 
 
 @pytest.fixture

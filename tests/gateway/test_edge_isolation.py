@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import pytest
 from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 
-from adapters.db import upgrade_database
 from adapters.errors import NotFound
 from adapters.views import VariantView
 from gateway import errors
@@ -29,7 +28,6 @@ from gateway.api.schemas.openai import (
     decode_chat,
     decode_completion,
 )
-from gateway.app import create_app
 from gateway.auth import TenantPrincipal
 from gateway.errors import AdapterUnusable, BadRequest, ModelNotFound, Unavailable
 from gateway.inference.experiments import ExperimentStats, pick_variant
@@ -50,26 +48,11 @@ from runtime.protocol import (
     TokenEvent,
     Usage,
 )
-from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
-from tests.support.stub_procs import start_stub, stop
+from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
-
-
-@pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str
-             ) -> AsyncIterator[AsyncTestClient[Any]]:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,))
-    upgrade_database(settings.database_url)
-    async with AsyncTestClient(create_app(settings)) as client:
-        yield client
 
 
 async def limited_tenant(gw: AsyncTestClient[Any], name: str, **limits: int) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import random
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from gateway.inference.feedback import (
 )
 from tests.support.delivery import QUIET_LOOP, ask, score, two_versions
 from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
-from tests.support.stub_procs import start_stub, stop
 
 
 def scores_of(values: list[float]) -> Scores:
@@ -164,12 +162,6 @@ async def test_answer_log_in_redis_is_shared_bounded_and_isolated(redis_url: str
 
 # ------------------------------------------------------------------------- over HTTP
 
-
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,31 +10,14 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
-from adapters.db import upgrade_database
 from gateway.api.openai_format import chat_input, completion_input
 from gateway.api.schemas.openai import DEFAULT_MAX_TOKENS, decode_chat, decode_completion
-from gateway.app import create_app
 from runtime.protocol import decode_generate
-from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
-from tests.support.stub_procs import start_stub, stop
+from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
-
-
-@pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str
-             ) -> AsyncIterator[AsyncTestClient[Any]]:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,))
-    upgrade_database(settings.database_url)
-    async with AsyncTestClient(create_app(settings)) as client:
-        yield client
 
 
 @pytest.fixture

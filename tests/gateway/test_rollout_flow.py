@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,9 @@ from tests.support.delivery import (
     users,
 )
 from tests.support.gw_helpers import admin, make_settings
-from tests.support.stub_procs import start_stub, stop
 
 pytestmark = pytest.mark.unit
 
-
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,9 @@ from tests.support.delivery import (
     users,
 )
 from tests.support.gw_helpers import make_settings
-from tests.support.stub_procs import start_stub, stop
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def stub_url() -> Iterator[str]:
-    proc, url = start_stub()
-    yield url
-    stop(proc)
 
 
 def rollbacks(metrics_text: str, tenant: str) -> float:
