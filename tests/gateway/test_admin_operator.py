@@ -33,7 +33,6 @@ NEW_ROUTES = [
 ]
 
 
-
 @pytest.fixture
 async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str) -> Any:
     settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),

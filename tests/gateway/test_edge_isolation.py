@@ -53,8 +53,6 @@ from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 pytestmark = pytest.mark.unit
 
 
-
-
 async def limited_tenant(gw: AsyncTestClient[Any], name: str, **limits: int) -> str:
     created = await gw.post("/admin/tenants", json={"name": name, **limits}, headers=admin())
     assert created.status_code == 201, created.text

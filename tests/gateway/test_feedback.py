@@ -163,7 +163,6 @@ async def test_answer_log_in_redis_is_shared_bounded_and_isolated(redis_url: str
 # ------------------------------------------------------------------------- over HTTP
 
 
-
 @pytest.fixture
 async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str) -> Any:
     settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),

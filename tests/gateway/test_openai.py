@@ -18,8 +18,6 @@ from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 pytestmark = pytest.mark.unit
 
 
-
-
 @pytest.fixture
 async def key(gw: AsyncTestClient[Any], peft_adapter: Path) -> str:
     key = await create_tenant(gw, "acme")

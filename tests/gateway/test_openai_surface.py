@@ -44,8 +44,6 @@ pytestmark = pytest.mark.unit
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-
-
 @pytest.fixture
 async def key(gw: AsyncTestClient[Any], peft_adapter: Path) -> str:
     key = await create_tenant(gw, "acme")

@@ -37,7 +37,6 @@ from tests.support.gw_helpers import admin, make_settings
 pytestmark = pytest.mark.unit
 
 
-
 @pytest.fixture
 def gw_settings(tmp_path: Path, base_model_dir: Path, stub_url: str) -> Any:
     settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),

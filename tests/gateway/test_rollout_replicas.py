@@ -32,7 +32,6 @@ from tests.support.gw_helpers import make_settings
 pytestmark = pytest.mark.integration
 
 
-
 def rollbacks(metrics_text: str, tenant: str) -> float:
     for line in metrics_text.splitlines():
         if line.startswith("loragate_rollout_rollbacks_total{") and f'tenant="{tenant}"' in line:

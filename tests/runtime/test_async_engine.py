@@ -11,18 +11,8 @@ from runtime.async_engine import AsyncLLMEngine, EngineDraining
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
 from runtime.types import EngineRequest, FinishReason, SamplingParams
-from tests.support.hf_models import builtin_model_dir, torch_threads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return builtin_model_dir(tmp_path_factory.mktemp("async") / "builtin")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

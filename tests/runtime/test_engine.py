@@ -10,21 +10,12 @@ import torch
 from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine, QueueFull, build_engine
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
-from tests.support.hf_models import builtin_model_dir, hf_greedy, hf_model, torch_threads
+from tests.support.hf_models import hf_greedy, hf_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT_LENGTHS = (5, 17, 40, 70, 3, 33)
 MAX_TOKENS = 24
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return builtin_model_dir(tmp_path_factory.mktemp("engine") / "builtin")
 
 
 def make_engine(model_dir: Path, **kw) -> LLMEngine:

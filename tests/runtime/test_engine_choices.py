@@ -18,20 +18,8 @@ from runtime.model.kv_cache import bytes_per_block
 from runtime.model.weights import ModelArgs
 from runtime.scheduling.block_manager import BlockManager
 from runtime.types import EngineRequest, FinishReason, SamplingParams, choice_seed
-from tests.support.hf_models import builtin_model_dir, torch_threads
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return builtin_model_dir(tmp_path_factory.mktemp("choices") / "builtin")
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def make_engine(model_dir: Path, **kw) -> LLMEngine:

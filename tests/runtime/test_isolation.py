@@ -35,22 +35,10 @@ from runtime.lora.store import ArtifactFetcher
 from runtime.model.weights import ModelArgs
 from runtime.protocol import ProtocolError, RequestLimits, output_events
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
-from tests.support.hf_models import builtin_model_dir, torch_threads
 from tests.support.hostile import HOSTILE_B, crafted_ref
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
 MAX_TOKENS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return builtin_model_dir(tmp_path_factory.mktemp("isolation") / "builtin")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ import torch
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache
 from runtime.model.llama import LlamaModel
-from tests.support.hf_models import builtin_model_dir, hf_model, save_random_model, torch_threads
+from tests.support.hf_models import builtin_model_dir, hf_model, save_random_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOL = 1e-4
 Run = tuple[torch.Tensor, list[torch.Tensor], list[int]]  # prefill logits, step logits, tokens
@@ -29,12 +31,6 @@ CASES = {
                   "tie_word_embeddings": True, "num_key_value_heads": 4}),
     "mistral-sharded": ("mistral", {"sliding_window": None, "head_dim": 32}),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _model_dir(tmp_path: Path, case: str) -> Path:

@@ -12,13 +12,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from runtime.config import RuntimeConfig
-from runtime.model.builtin import ensure_builtin_model
 from runtime.types import adapter_key
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_builtin_model(tmp_path_factory.mktemp("builtin") / "model")
 
 
 def build_app(model_dir: Path):

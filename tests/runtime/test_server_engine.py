@@ -26,14 +26,8 @@ from litestar.testing import AsyncTestClient
 
 from runtime.config import RuntimeConfig
 from runtime.http.registry import runtime_key
-from runtime.model.builtin import ensure_builtin_model
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_builtin_model(tmp_path_factory.mktemp("builtin") / "model")
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from runtime.model.tokenizer import TextStream, Tokenizer
-from tests.support.hf_models import builtin_model_dir
 
 
 class CharTokenizer:
@@ -46,11 +45,6 @@ def test_held_text_is_flushed_when_the_request_ends_otherwise() -> None:
 def test_earliest_of_several_stop_strings_wins() -> None:
     stream = TextStream(CharTokenizer(), stop=("cd", "bcdx"))
     assert "".join(feed(stream, "abcd")) == "ab" and stream.stopped
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return builtin_model_dir(tmp_path_factory.mktemp("tok") / "builtin")
 
 
 @pytest.mark.unit
