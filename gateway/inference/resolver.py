@@ -39,6 +39,13 @@ ECHO_CHARS = 80
 MAX_ENTRIES = 10_000
 
 
+def model_not_found(model: str) -> ModelNotFound:
+    """The 404 of an unknown model name, echoing at most ECHO_CHARS of it."""
+    shown = model if len(model) <= ECHO_CHARS else f"{model[:ECHO_CHARS]}..."
+    return ModelNotFound(
+        f"The model `{shown}` does not exist or you do not have access to it.", param="model")
+
+
 class Resolver:
     def __init__(
         self,
@@ -89,10 +96,7 @@ class Resolver:
             return resolution
         if model == self.base_model_id:  # last in API.md's order: a tenant's names come first
             return Resolution("base")
-        shown = model if len(model) <= ECHO_CHARS else f"{model[:ECHO_CHARS]}..."
-        raise ModelNotFound(
-            f"The model `{shown}` does not exist or you do not have access to it.",
-            param="model")
+        raise model_not_found(model)
 
     def drop(self, tenant: str | None) -> None:
         if tenant is None:

@@ -179,6 +179,9 @@ async def test_one_model_by_id_tenant_scoped(gw: AsyncTestClient[Any], key: str)
     hidden = await gw.get("/v1/models/support", headers=bearer(other))
     assert hidden.status_code == 404  # never another tenant's adapter
     assert (await gw.get("/v1/models/support")).status_code == 401
+    # An unknown id is answered like an unknown model name: echoed only in part.
+    long = await gw.get("/v1/models/" + "x" * 2000, headers=bearer(key))
+    assert long.status_code == 404 and len(long.json()["error"]["message"]) < 200
 
 
 def test_n_choices_are_indexed_whole_and_streamed_with_usage_summed() -> None:

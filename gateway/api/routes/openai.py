@@ -37,8 +37,9 @@ from gateway.api.schemas.openai import (
 )
 from gateway.api.schemas.openapi import body_operation
 from gateway.auth import require_tenant, tenant_of
-from gateway.errors import BadRequest, ModelNotFound
+from gateway.errors import BadRequest
 from gateway.inference.pipeline import Inference
+from gateway.inference.resolver import model_not_found
 from gateway.inference.runtime_client import Collected
 from gateway.services import Services
 from runtime.protocol import ErrorEvent, FinishEvent, GenerateBody, TokenEvent
@@ -160,7 +161,7 @@ async def retrieve_model(request: Request[Any, Any, Any], model_id: FromPath[str
     for card in await _model_cards(request):
         if card.id == model_id:
             return card
-    raise ModelNotFound(f"model {model_id!r} not found", code="model_not_found", param="model")
+    raise model_not_found(model_id)
 
 
 routes = [completions, chat_completions, list_models, retrieve_model]
