@@ -42,7 +42,8 @@ CHAT_TOKENS_PER_CONVERSATION = 64
 
 
 def reservation(body: GenerateBody) -> int:
-    """An upper bound of the tokens `body` can use: its prompt's tokens plus `max_tokens`.
+    """An upper bound of the tokens `body` can use: its prompt's tokens plus `max_tokens`
+    for each of its `n` choices.
 
     Only the runtime knows the true prompt count (its start event reports it), so admission
     bounds it: ids are counted as given; text is bounded by its UTF-8 byte length, since the
@@ -61,7 +62,7 @@ def reservation(body: GenerateBody) -> int:
             for m in body.messages)
     else:
         prompt = SPECIAL_TOKENS_ALLOWANCE + len((body.prompt or "").encode())
-    return prompt + body.sampling.max_tokens
+    return prompt + body.sampling.max_tokens * body.sampling.n
 
 
 # KEYS[1] request bucket, KEYS[2] token bucket

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -100,21 +101,17 @@ async def test_no_token_limit_reserves_nothing() -> None:
     await limiter.settle("a", None, 0, 10**9)  # nothing to settle against
 
 
-def test_the_reservation_bounds_the_true_token_count_from_above() -> None:
+@pytest.mark.real_model
+def test_the_reservation_bounds_the_true_token_count_from_above(smollm2_dir: Path) -> None:
     """The prompt part of `reservation` against a real tokenizer and chat template
     (SmolLM2's byte-level BPE, with its default system prompt), texts that tokenize badly
     included: it may never be below what the runtime counts."""
-    from pathlib import Path
+    from transformers import AutoTokenizer
 
     from gateway.inference.ratelimit import reservation
     from runtime.protocol import ChatMessage, GenerateBody, SamplingBody
 
-    model_dir = Path(".cache/smollm2-135m-instruct")
-    if not (model_dir / "tokenizer.json").exists():
-        pytest.skip("the SmolLM2 checkpoint is not in .cache/")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     texts = ["", "hi", "one two three", "ü" * 50, "日本語のテキスト" * 20, "\x00\x01\x7f" * 30,
              "🤖" * 40, "a" * 3000, " " * 500, "\n\n\t" * 100]
     for text in texts:
@@ -128,6 +125,18 @@ def test_the_reservation_bounds_the_true_token_count_from_above() -> None:
         assert reservation(chat) - 7 >= len(ids), text
     ids_body = GenerateBody("r", prompt_token_ids=[1, 2, 3], sampling=SamplingBody(max_tokens=5))
     assert reservation(ids_body) == 8  # ids are counted exactly
+
+
+def test_n_choices_reserve_max_tokens_for_each_choice() -> None:
+    # n choices can generate n x max_tokens: reserving one choice's worth let n=16 requests
+    # overspend a tokens-per-minute budget 16-fold before settling caught up.
+    from gateway.inference.ratelimit import reservation
+    from runtime.protocol import GenerateBody, SamplingBody
+
+    ids = [1, 2, 3]
+    one = GenerateBody("r", prompt_token_ids=ids, sampling=SamplingBody(max_tokens=100))
+    many = GenerateBody("r", prompt_token_ids=ids, sampling=SamplingBody(max_tokens=100, n=16))
+    assert reservation(one) == 103 and reservation(many) == 3 + 16 * 100
 
 
 @pytest.mark.integration
