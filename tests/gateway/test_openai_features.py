@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,11 @@ import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
-from adapters.db import upgrade_database
-from gateway.app import create_app
 from tests.support.gw_helpers import (
     ADMIN_TOKEN,
     admin,
     bearer,
     create_tenant,
-    make_settings,
     upload,
 )
 from tests.support.stub_procs import start_gateway, start_stub, stop
@@ -29,19 +26,12 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def slow_stub() -> Iterator[str]:
+def stub_url() -> Iterator[str]:
+    """A stub that takes 50 ms a token, so streams are still open while tests look (the
+    conftest's `gw` runs over it)."""
     proc, url = start_stub(token_delay_ms=50)
     yield url
     stop(proc)
-
-
-@pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, slow_stub: str
-             ) -> AsyncIterator[AsyncTestClient[Any]]:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(slow_stub,))
-    upgrade_database(settings.database_url)
-    async with AsyncTestClient(create_app(settings)) as client:
-        yield client
 
 
 async def poll(check: Any, timeout_s: float = 5.0) -> Any:
@@ -106,10 +96,10 @@ async def test_over_the_limit_is_429_with_retry_after(gw: AsyncTestClient[Any]) 
 
 
 def test_client_disconnect_aborts_the_runtime_stream(
-    tmp_path: Path, base_model_dir: Path, slow_stub: str
+    tmp_path: Path, base_model_dir: Path, stub_url: str
 ) -> None:
     """Over a live gateway process: the test client of Litestar does not stream for real."""
-    gateway, url = start_gateway(tmp_path / "data", base_model_dir, [slow_stub], ADMIN_TOKEN)
+    gateway, url = start_gateway(tmp_path / "data", base_model_dir, [stub_url], ADMIN_TOKEN)
     try:
         httpx.post(f"{url}/admin/tenants", json={"name": "acme"}, headers=admin())
         key = httpx.post(f"{url}/admin/tenants/acme/keys", json={"name": "k"},
@@ -124,9 +114,9 @@ def test_client_disconnect_aborts_the_runtime_stream(
                 if line.startswith("data: "):
                     assert json.loads(line[6:])["choices"][0]["text"]
                     break
-            assert httpx.get(f"{slow_stub}/stats").json()["num_streams"] == 1
+            assert httpx.get(f"{stub_url}/stats").json()["num_streams"] == 1
         deadline = time.monotonic() + 5
-        while httpx.get(f"{slow_stub}/stats").json()["num_streams"] != 0:
+        while httpx.get(f"{stub_url}/stats").json()["num_streams"] != 0:
             assert time.monotonic() < deadline, "the runtime still streams for a client that left"
             time.sleep(0.05)
     finally:
@@ -134,19 +124,19 @@ def test_client_disconnect_aborts_the_runtime_stream(
 
 
 @pytest.mark.integration
-async def test_runtimes_come_from_the_redis_registry(redis_url: str, slow_stub: str) -> None:
+async def test_runtimes_come_from_the_redis_registry(redis_url: str, stub_url: str) -> None:
     import redis.asyncio as aioredis
 
     from gateway.inference.router import Router
 
     client = aioredis.from_url(redis_url)
     try:
-        await client.set(f"loragate:runtime:{slow_stub}", json.dumps({"url": slow_stub}), ex=15)
+        await client.set(f"loragate:runtime:{stub_url}", json.dumps({"url": stub_url}), ex=15)
         async with httpx.AsyncClient() as http:
             router = Router(http, (), client)
             await router.refresh()
-            assert [s.url for s in router.runtimes.values() if s.healthy] == [slow_stub]
-            await client.delete(f"loragate:runtime:{slow_stub}")
+            assert [s.url for s in router.runtimes.values() if s.healthy] == [stub_url]
+            await client.delete(f"loragate:runtime:{stub_url}")
             await router.refresh()
             assert router.runtimes == {}
     finally:
