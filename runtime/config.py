@@ -27,6 +27,10 @@ class RuntimeConfig:
     gpu_memory_fraction: float = 0.8
     cpu_kv_cache_max_bytes: int = 1 << 30
 
+    # Reuse the K/V of prompt blocks an earlier request of the same tenant and adapter
+    # version computed (scheduling/prefix_hashes.py). Off: every prompt prefills in full.
+    enable_prefix_caching: bool = True
+
     # A waiting request whose adapter is still loading lets others pass it for at most this
     # many steps; then it blocks admission behind it until its adapter is resident.
     max_adapter_wait_steps: int = 64

@@ -99,6 +99,7 @@ class LLMEngine:
             eos_token_ids=tuple(sorted(eos)),
             max_adapter_wait_steps=config.max_adapter_wait_steps,
             adapters=adapters,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self.lora = lora
         self.adapters = adapters
@@ -313,6 +314,7 @@ class LLMEngine:
                 outputs.append(RequestOutput(
                     seq.output_id, [token], None if lp is None else [lp], delta,
                     num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_prompt_tokens,
                     num_output_tokens=seq.num_output_tokens, index=seq.index,
                 ))
         return outputs
@@ -325,10 +327,12 @@ class LLMEngine:
             code = "adapter_numerics"
         else:
             message, code = "the model produced non-finite activations", "internal_error"
-        # Only the blocks it alone holds: a block shared with its sibling choices (n > 1) is
-        # zeroed by the last of them to let go of it.
-        refs = self.scheduler.block_manager.ref_counts
-        self.kv_cache.zero_blocks([b for b in seq.block_table if refs[b] == 1])
+        # Its blocks leave the prefix cache, so no later prompt starts from its K/V. Only the
+        # blocks it alone holds are zeroed: a block shared with its sibling choices (n > 1)
+        # or with another request of its prefix is zeroed by the last of them to let go of it.
+        bm = self.scheduler.block_manager
+        bm.forget(seq.block_table)
+        self.kv_cache.zero_blocks([b for b in seq.block_table if bm.ref_counts[b] == 1])
         self.scheduler.finish(seq, FinishReason.ERROR, message)
         out = self._final(seq, "", None)
         out.error_code = code
@@ -353,6 +357,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             error=seq.error,
             num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             index=seq.index,
         )
@@ -367,5 +372,6 @@ class LLMEngine:
             "kv_blocks_total": bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "queue_wait_seconds": self.scheduler.queue_wait.to_dict(),
+            "prefix_cache": self.scheduler.prefix_cache_stats(),
             **({"adapters": adapter_stats()} if adapter_stats is not None else {}),
         }

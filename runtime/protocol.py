@@ -269,9 +269,10 @@ class LogprobEntry(msgspec.Struct):
     top: list[TopLogprob]
 
 
-class Usage(msgspec.Struct):
+class Usage(msgspec.Struct, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # of prompt_tokens, those whose K/V came from the prefix cache
 
 
 class StartEvent(msgspec.Struct, tag="start", tag_field="type"):
@@ -358,6 +359,7 @@ def output_events(
             usage = Usage(
                 out.num_prompt_tokens or num_prompt_tokens,
                 out.num_output_tokens or num_completion_tokens,
+                out.num_cached_tokens,
             )
             events.append(FinishEvent(reason, usage, out.index))  # type: ignore[arg-type]
     return events

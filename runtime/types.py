@@ -251,5 +251,6 @@ class RequestOutput:
     # protocol derives one from `error`.
     error_code: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt's tokens, those the prefix cache supplied
     num_output_tokens: int = 0
     index: int = 0  # the choice (0..n-1); `finished` ends this choice, the request ends with all

@@ -1,14 +1,22 @@
-"""Which KV-cache blocks each sequence holds: a free list, block tables, shared blocks. No torch.
+"""Which KV-cache blocks each sequence holds: a free list, block tables, shared blocks, and
+the prefix cache over them. No torch.
 
 Blocks are reference counted so that the n choices of one request share their prompt's KV
 (copy-on-write): `fork` gives a new table the same full blocks (refcount + 1) and a fresh
-copy of the partial last block, the only one either side will write next. A block goes back
-to the free list when its last holder frees it.
+copy of the partial last block, the only one either side will write next.
+
+Prefix cache: a full block whose K/V are computed is `register`ed under its hash (the chain
+of `prefix_hashes.py`: tenant, adapter version and every token up to the block's end), so a
+later sequence whose first blocks hash the same takes them (`lookup`, then `acquire`) instead
+of prefilling them. A block nobody holds any more keeps its K/V and its hash: it waits in an
+LRU of evictable blocks and is reused by whichever comes first, a sequence whose prefix hits
+it or an allocation that finds the free list empty (which evicts the least recently freed).
+A block never registered goes back to the free list, which allocation prefers.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class BlockManager:
@@ -17,44 +25,119 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # no holder, no cached K/V
         self.ref_counts = [0] * num_blocks
+        self.cached: dict[bytes, int] = {}  # block hash -> the block holding its K/V
+        self.block_hashes: dict[int, bytes] = {}  # the inverse, for the blocks in `cached`
+        self.block_tenants: dict[int, str] = {}  # who computed a cached block: eviction figures
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
+        self.evictions: dict[str, int] = {}  # tenant -> cached blocks evicted
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Blocks an allocation may take: free ones and evictable cached ones."""
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, block_table: list[int], num_tokens: int) -> bool:
         """Whether the table can grow to hold `num_tokens` tokens in all."""
-        return self.num_blocks_for(num_tokens) - len(block_table) <= len(self.free_blocks)
+        return self.num_blocks_for(num_tokens) - len(block_table) <= self.num_free_blocks
+
+    def can_admit(self, hits: list[int], num_tokens: int) -> bool:
+        """Whether a sequence that takes the cached blocks `hits` can then grow to
+        `num_tokens` tokens: the hits that sit unheld in the LRU stop counting as free."""
+        unheld = sum(1 for block in hits if self.ref_counts[block] == 0)
+        return self.num_blocks_for(num_tokens) - len(hits) <= self.num_free_blocks - unheld
 
     def allocate(self, block_table: list[int], num_tokens: int) -> None:
         """Grow `block_table` in place to hold `num_tokens` tokens; only the blocks it needs."""
         missing = self.num_blocks_for(num_tokens) - len(block_table)
-        if missing > len(self.free_blocks):
+        if missing > self.num_free_blocks:
             raise RuntimeError("out of KV blocks: check can_allocate first")
         for _ in range(missing):
-            block = self.free_blocks.popleft()
+            block = self.free_blocks.popleft() if self.free_blocks else self._evict()
             self.ref_counts[block] = 1
             block_table.append(block)
 
+    def _evict(self) -> int:
+        block, _ = self.evictable.popitem(last=False)
+        tenant = self.block_tenants.get(block, "")
+        self.evictions[tenant] = self.evictions.get(tenant, 0) + 1
+        self._unregister(block)
+        return block
+
     def free(self, block_table: list[int]) -> None:
-        """Drop the table's hold on each of its blocks and empty the table; a block nobody
-        holds any more returns to the free list."""
+        """Drop the table's hold on each of its blocks and empty the table. A block nobody
+        holds any more returns to the free list, or, if registered, to the evictable LRU."""
         released = []
-        for block in block_table:
+        # Last block first: of one sequence's cached blocks, its tail is the least likely to
+        # be shared by a later prompt, so it is the first to go.
+        for block in reversed(block_table):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                released.append(block)
+                if block in self.block_hashes:
+                    self.evictable[block] = None
+                else:
+                    released.append(block)
         # Recently used blocks go to the front: they are likelier to be warm in cache.
-        self.free_blocks.extendleft(reversed(released))
+        self.free_blocks.extendleft(released)
         block_table.clear()
 
+    # -- prefix cache -------------------------------------------------------------------
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of `hashes` from the first. No side effect."""
+        blocks = []
+        for digest in hashes:
+            block = self.cached.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Hold each cached block of a `lookup` (refcount + 1; out of the LRU if unheld)."""
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self.evictable[block]
+            self.ref_counts[block] += 1
+
+    def register(self, block: int, digest: bytes, tenant: str) -> None:
+        """Offer a held, full block whose K/V are computed to later prompts under `digest`.
+        A digest already cached in another block keeps that one (n choices that sampled the
+        same tokens fill two blocks alike; one entry is enough)."""
+        if digest in self.cached or block in self.block_hashes:
+            return
+        self.cached[digest] = block
+        self.block_hashes[block] = digest
+        self.block_tenants[block] = tenant
+
+    def forget(self, blocks: list[int]) -> None:
+        """Withdraw `blocks` from the prefix cache: their K/V must not be reused (a sequence
+        whose activations turned non-finite). Unheld ones go back to the free list."""
+        for block in blocks:
+            if block not in self.block_hashes:
+                continue
+            self._unregister(block)
+            if self.ref_counts[block] == 0:
+                del self.evictable[block]
+                self.free_blocks.append(block)
+
+    def _unregister(self, block: int) -> None:
+        digest = self.block_hashes.pop(block)
+        del self.cached[digest]
+        self.block_tenants.pop(block, None)
+
+    # -- n choices ----------------------------------------------------------------------
+
     def can_fork(self, num_tokens: int) -> bool:
-        return num_tokens % self.block_size == 0 or bool(self.free_blocks)
+        return num_tokens % self.block_size == 0 or self.num_free_blocks > 0
 
     def fork(
         self, block_table: list[int], num_tokens: int
@@ -67,9 +150,9 @@ class BlockManager:
             self.ref_counts[block] += 1
         copies: list[tuple[int, int]] = []
         if num_tokens % self.block_size:
-            if not self.free_blocks:
+            if not self.num_free_blocks:
                 raise RuntimeError("out of KV blocks: check can_fork first")
-            block = self.free_blocks.popleft()
+            block = self.free_blocks.popleft() if self.free_blocks else self._evict()
             self.ref_counts[block] = 1
             copies.append((block_table[full], block))
             table.append(block)

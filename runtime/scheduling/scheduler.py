@@ -16,6 +16,12 @@ which nothing is admitted behind it until it gets its slot (so a cold adapter ca
 
 `queue_wait` counts, per request, the seconds from `add` to its first admission (an
 autoscaling signal: the queue a new runtime would take from; /stats "queue_wait_seconds").
+
+Prefix cache (`block_manager.py` keeps the blocks, `prefix_hashes.py` names them): on
+admission a sequence takes the cached blocks its first full blocks hash to, up to but never
+including its last token (that token's logits are what the step must compute), and starts
+its prefill after them; `advance` registers each block a step has filled. A preempted
+sequence's registered blocks stay cached, so it usually finds its own prefix on readmission.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from collections.abc import Callable, Iterator
 
 from runtime.lora.protocol import AdapterProvider, AdapterUnavailable
 from runtime.scheduling.block_manager import BlockManager
+from runtime.scheduling.prefix_hashes import BlockHashes, root_hash
 from runtime.scheduling.sequence import Sequence, SequenceStatus
 from runtime.types import FinishReason
 
@@ -68,9 +75,13 @@ class Scheduler:
         eos_token_ids: tuple[int, ...] = (),
         max_adapter_wait_steps: int = 64,
         adapters: AdapterProvider | None = None,
+        enable_prefix_caching: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
+        self.enable_prefix_caching = enable_prefix_caching
+        # tenant -> [prompt tokens looked up, of which found cached], at first admission
+        self.prefix_lookups: dict[str, list[int]] = {}
         self.queue_wait = WaitHistogram()
         self.block_manager = BlockManager(num_blocks, block_size)
         self.max_running = max_running
@@ -99,6 +110,9 @@ class Scheduler:
             self.counters[seq.tenant] = max(self.counters.get(seq.tenant, 0.0), floor)
         seq.arrival = self._arrivals
         seq.queued_at = self.clock()
+        if self.enable_prefix_caching and seq.block_hashes is None:
+            seq.block_hashes = BlockHashes(root_hash(seq.tenant, seq.adapter),
+                                           self.block_manager.block_size)
         self._arrivals += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.setdefault(seq.tenant, deque()).append(seq)
@@ -142,6 +156,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq.block_table)
         seq.num_cached_tokens = 0
+        seq.num_registered_blocks = 0
         if seq.slot >= 0 and seq.adapter is not None and self.adapters is not None:
             self.adapters.release(seq.adapter.key)
         seq.slot = -1
@@ -195,8 +210,10 @@ class Scheduler:
             seq = self._next_candidate(passed)
             if seq is None:
                 break
-            n = min(seq.num_uncached_tokens, budget)
-            if not self.block_manager.can_allocate(seq.block_table, n):
+            hits = self._prefix_hits(seq)
+            num_hit = len(hits) * self.block_manager.block_size
+            n = min(seq.num_tokens - num_hit, budget)
+            if not self.block_manager.can_admit(hits, num_hit + n):
                 break  # wait for blocks rather than let smaller requests overtake forever
             if len(self.running) + min(1 + seq.num_forks, self.max_running) > self.max_running:
                 break  # its n choices run side by side once forked: wait for room for them
@@ -209,11 +226,20 @@ class Scheduler:
                 continue
             self.waiting[seq.tenant].remove(seq)
             self.num_waiting -= 1
-            self.block_manager.allocate(seq.block_table, n)
+            self.block_manager.acquire(hits)
+            seq.block_table = hits
+            seq.num_registered_blocks = len(hits)
+            seq.num_cached_tokens = num_hit
+            self.block_manager.allocate(seq.block_table, num_hit + n)
             seq.status = SequenceStatus.RUNNING
             if seq.queued_at is not None:  # its first admission; a preempted one is not new
                 self.queue_wait.observe(self.clock() - seq.queued_at)
                 seq.queued_at = None
+                seq.num_cached_prompt_tokens = num_hit
+                if seq.block_hashes is not None:
+                    counts = self.prefix_lookups.setdefault(seq.tenant, [0, 0])
+                    counts[0] += seq.num_prompt_tokens
+                    counts[1] += num_hit
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
@@ -221,6 +247,13 @@ class Scheduler:
             if seq.adapter is not None:
                 seq.num_waiting_steps += 1
         return budget
+
+    def _prefix_hits(self, seq: Sequence) -> list[int]:
+        """The cached blocks `seq` may start from: full blocks before its last token."""
+        if seq.block_hashes is None:
+            return []
+        num_blocks = (seq.num_tokens - 1) // self.block_manager.block_size
+        return self.block_manager.lookup(seq.block_hashes.upto(seq.token_ids, num_blocks))
 
     def _next_candidate(self, passed: list[Sequence]) -> Sequence | None:
         if any(s.num_waiting_steps >= self.max_adapter_wait_steps for s in passed):
@@ -275,6 +308,11 @@ class Scheduler:
             parent.block_table, parent.num_cached_tokens)
         child.token_ids = list(parent.token_ids)
         child.num_cached_tokens = parent.num_cached_tokens
+        child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+        if parent.block_hashes is not None:
+            # Same tokens so far: the same hashes; the full blocks it shares are registered.
+            child.block_hashes = parent.block_hashes.copy()
+            child.num_registered_blocks = parent.num_cached_tokens // self.block_manager.block_size
         child.arrival = self._arrivals
         self._arrivals += 1
         child.status = SequenceStatus.RUNNING
@@ -302,12 +340,37 @@ class Scheduler:
             ):
                 self.finish(seq, FinishReason.LENGTH)
 
-    @staticmethod
-    def advance(scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """Mark the step's tokens cached; return the sequences that now sample a token."""
+    def advance(self, scheduled: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """Mark the step's tokens cached and register the blocks it filled; return the
+        sequences that now sample a token."""
         sampling = []
+        bm = self.block_manager
         for seq, n in scheduled:
             seq.num_cached_tokens += n
+            if seq.block_hashes is not None:
+                full = seq.num_cached_tokens // bm.block_size
+                if full > seq.num_registered_blocks:
+                    hashes = seq.block_hashes.upto(seq.token_ids, full)
+                    for i in range(seq.num_registered_blocks, full):
+                        bm.register(seq.block_table[i], hashes[i], seq.tenant)
+                    seq.num_registered_blocks = full
             if seq.num_cached_tokens == seq.num_tokens:
                 sampling.append(seq)
         return sampling
+
+    def prefix_cache_stats(self) -> dict[str, object]:
+        """/stats "prefix_cache": what the cache holds and, per tenant, prompt tokens looked
+        up at admission, those found cached, and cached blocks evicted."""
+        bm = self.block_manager
+        tenants = set(self.prefix_lookups) | set(bm.evictions)
+        return {
+            "enabled": self.enable_prefix_caching,
+            "cached_blocks": bm.num_cached_blocks,
+            "block_size": bm.block_size,
+            "tenants": {
+                t: {"queried_tokens": self.prefix_lookups.get(t, [0, 0])[0],
+                    "cached_tokens": self.prefix_lookups.get(t, [0, 0])[1],
+                    "evicted_blocks": bm.evictions.get(t, 0)}
+                for t in sorted(tenants)
+            },
+        }

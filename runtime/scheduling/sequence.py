@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 
+from runtime.scheduling.prefix_hashes import BlockHashes
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
 
 
@@ -38,6 +39,11 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_cached_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        # Prefix cache: the hashes of its full blocks (None: caching off), how many of its
+        # blocks are registered, and the prompt tokens its first admission found cached.
+        self.block_hashes: BlockHashes | None = None
+        self.num_registered_blocks = 0
+        self.num_cached_prompt_tokens = 0
         self.slot = -1  # device adapter slot while running; -1: base model or not acquired
         self.num_waiting_steps = 0  # steps spent waiting on its adapter
         self.num_preemptions = 0
