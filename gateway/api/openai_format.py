@@ -23,6 +23,7 @@ from gateway.api.schemas.openai import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    PromptTokensDetails,
     Usage,
     message_text,
     stop_list,
@@ -132,7 +133,8 @@ def for_user(exc: BadRequest, req: CompletionRequest | ChatRequest) -> BadReques
 
 
 def usage_of(got: Collected) -> Usage:
-    return Usage(got.prompt_tokens, got.num_completion_tokens, got.num_tokens)
+    return Usage(got.prompt_tokens, got.num_completion_tokens, got.num_tokens,
+                 PromptTokensDetails(got.cached_tokens))
 
 
 def completion_logprobs(entries: list[LogprobEntry], offset: int = 0) -> dict[str, Any]:

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 OTHER = "other"
 LABELS = ("tenant", "adapter", "variant")
+# The runtimes' prefix-cache figures per tenant, as /stats "prefix_cache" names them.
+PREFIX_CACHE_FIGURES = {
+    "queried_tokens": "prompt tokens looked up in the prefix cache, by tenant",
+    "cached_tokens": "prompt tokens found in the prefix cache, by tenant",
+    "evicted_blocks": "cached KV blocks evicted, by the tenant that computed them",
+}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -45,8 +51,10 @@ class LabelCap:
 
 
 class _RuntimeCollector(Collector):
-    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
+    def __init__(self, source: Callable[[], dict[str, dict[str, Any]]],
+                 tenant_cap: Callable[[str], str]) -> None:
         self.source = source
+        self.tenant_cap = tenant_cap
 
     def collect(self) -> Iterator[GaugeMetricFamily | HistogramMetricFamily]:
         hits = GaugeMetricFamily("loragate_runtime_adapter_hits",
@@ -77,7 +85,14 @@ class _RuntimeCollector(Collector):
         queue_wait = HistogramMetricFamily("loragate_runtime_queue_wait_seconds",
                                            "time from a request's arrival in the runtime to "
                                            "its first step", labels=["runtime"])
+        prefix = {name: GaugeMetricFamily(f"loragate_runtime_prefix_cache_{name}", help_text,
+                                          labels=["runtime", "tenant"])
+                  for name, help_text in PREFIX_CACHE_FIGURES.items()}
+        prefix_blocks = GaugeMetricFamily("loragate_runtime_prefix_cache_blocks",
+                                          "KV blocks the runtime's prefix cache holds",
+                                          labels=["runtime"])
         for url, stats in self.source().items():
+            self._prefix_cache(url, stats.get("prefix_cache"), prefix, prefix_blocks)
             adapters = stats.get("adapters") or {}
             for family, value in ((hits, adapters.get("hits")),
                                   (resident, adapters.get("resident")),
@@ -102,6 +117,29 @@ class _RuntimeCollector(Collector):
                 queue_wait.add_metric([url], *histogram)
         yield from (hits, resident, loads, evictions, running, waiting, kv_usage, slots_held,
                     slots_total, queue_wait)
+        yield prefix_blocks
+        yield from prefix.values()
+
+    def _prefix_cache(self, url: str, figures: Any, prefix: dict[str, GaugeMetricFamily],
+                      blocks: GaugeMetricFamily) -> None:
+        """A runtime's /stats "prefix_cache": per tenant, summed under "other" past the cap."""
+        if not isinstance(figures, dict):
+            return
+        if _is_number(figures.get("cached_blocks")):
+            blocks.add_metric([url], figures["cached_blocks"])
+        tenants = figures.get("tenants")
+        if not isinstance(tenants, dict):
+            return
+        summed: dict[tuple[str, str], float] = {}
+        for tenant, counts in tenants.items():
+            if not isinstance(counts, dict):
+                continue
+            label = self.tenant_cap(str(tenant))
+            for name in PREFIX_CACHE_FIGURES:
+                if _is_number(counts.get(name)):
+                    summed[name, label] = summed.get((name, label), 0.0) + counts[name]
+        for (name, label), value in summed.items():
+            prefix[name].add_metric([url, label], value)
 
 
 class _LoadCollector(Collector):
@@ -207,6 +245,10 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens_in = Counter("loragate_tokens_in", "prompt tokens", LABELS,
                                  registry=self.registry)
+        # Hit rate by tenant: tokens_in_cached / tokens_in (prefix cache, API.md).
+        self.tokens_in_cached = Counter("loragate_tokens_in_cached",
+                                        "prompt tokens whose K/V came from the prefix cache",
+                                        LABELS, registry=self.registry)
         self.tokens_out = Counter("loragate_tokens_out", "generated tokens", LABELS,
                                   registry=self.registry)
         self.feedback = Counter("loragate_feedback", "feedback scores received",
@@ -220,7 +262,7 @@ class Metrics:
         self._rollouts = _RolloutCollector()
         self.registry.register(self._rollouts)
         if runtime_stats is not None:
-            self.registry.register(_RuntimeCollector(runtime_stats))
+            self.registry.register(_RuntimeCollector(runtime_stats, self._caps["tenant"]))
         if router_load is not None:
             self.registry.register(_LoadCollector(router_load))
 
@@ -230,7 +272,7 @@ class Metrics:
 
     def observe(
         self, labels: tuple[str, str, str], *, status: int, ttft_s: float | None,
-        total_s: float, tokens_in: int, tokens_out: int,
+        total_s: float, tokens_in: int, tokens_out: int, tokens_cached: int = 0,
     ) -> None:
         self.requests.labels(*labels, str(status)).inc()
         if ttft_s is not None:
@@ -240,6 +282,8 @@ class Metrics:
             self.tokens_in.labels(*labels).inc(tokens_in)
         if tokens_out:
             self.tokens_out.labels(*labels).inc(tokens_out)
+        if tokens_cached:
+            self.tokens_in_cached.labels(*labels).inc(tokens_cached)
 
     def observe_feedback(self, labels: tuple[str, str, str], score: float) -> None:
         self.feedback.labels(*labels).inc()

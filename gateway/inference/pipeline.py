@@ -340,7 +340,8 @@ class Pipeline:
         labels = self.metrics.labels(plan.tenant, adapter, plan.variant or "")
         self.metrics.observe(labels, status=outcome.status, ttft_s=outcome.ttft_s,
                              total_s=total_s, tokens_in=got.prompt_tokens,
-                             tokens_out=got.num_completion_tokens)
+                             tokens_out=got.num_completion_tokens,
+                             tokens_cached=got.cached_tokens)
         ok = outcome.status == 200 and got.error is None
         if plan.rollout is not None and plan.variant is not None:
             await self.rollout_stats.record(plan.rollout.id, plan.rollout.stage, plan.variant,

@@ -91,6 +91,7 @@ class Collected:
 
     choices: dict[int, Choice] = field(default_factory=dict)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, those the runtime's prefix cache supplied
     error: ErrorEvent | None = None
 
     def choice(self, index: int) -> Choice:
@@ -112,6 +113,8 @@ class Collected:
             choice = self.choice(event.index)
             choice.finish_reason = event.finish_reason
             self.prompt_tokens = event.usage.prompt_tokens
+            if event.index == 0:  # the prompt is counted once, as choice 0 admitted it
+                self.cached_tokens = event.usage.cached_tokens
             choice.completion_tokens = event.usage.completion_tokens
         elif isinstance(event, ErrorEvent):
             self.error = event

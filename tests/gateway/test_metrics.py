@@ -63,3 +63,27 @@ def test_autoscaling_signals_per_runtime_and_per_gateway() -> None:
     assert 'loragate_requests_shed_total{reason="at_capacity"} 4.0' in text
     assert 'loragate_runtimes{state="draining"} 1.0' in text
     assert "loragate_dns_failures_total 2.0" in text
+
+
+def test_prefix_cache_figures_by_tenant_fold_past_the_cap() -> None:
+    tenants = {f"t{i}": {"queried_tokens": 100, "cached_tokens": 10 * i, "evicted_blocks": i}
+               for i in range(4)}
+    tenants["t9"] = {"queried_tokens": "odd"}  # a malformed figure is skipped, not fatal
+    stats = {"http://r1": {"prefix_cache": {"cached_blocks": 12, "tenants": tenants}},
+             "http://r2": {"prefix_cache": "odd"}}
+    metrics = Metrics(lambda: stats, max_values=2)
+    labels = metrics.labels("t0", "base", "")
+    metrics.observe(labels, status=200, ttft_s=None, total_s=0.1, tokens_in=80, tokens_out=2,
+                    tokens_cached=64)
+    text = metrics.render().decode()
+    assert 'loragate_tokens_in_cached_total{adapter="base",tenant="t0",variant=""} 64.0' in text
+    assert 'loragate_runtime_prefix_cache_blocks{runtime="http://r1"} 12.0' in text
+    # Tenant t0 took the first label; t1 the second; t2, t3 and t9 sum under "other".
+    assert ('loragate_runtime_prefix_cache_cached_tokens{runtime="http://r1",tenant="t1"} 10.0'
+            in text)
+    assert ('loragate_runtime_prefix_cache_cached_tokens{runtime="http://r1",tenant="other"} '
+            '50.0' in text)
+    assert ('loragate_runtime_prefix_cache_evicted_blocks{runtime="http://r1",tenant="other"} '
+            '5.0' in text)
+    assert ('loragate_runtime_prefix_cache_queried_tokens{runtime="http://r1",tenant="other"} '
+            '200.0' in text)

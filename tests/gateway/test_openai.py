@@ -41,7 +41,8 @@ async def test_completion_whole_answer_with_usage_token_ids_and_logprobs(
     assert choice["logprobs"]["tokens"] == [" w0", " w1", " w2"]
     assert choice["logprobs"]["text_offset"] == [0, 3, 6]
     assert all(len(top) == 2 for top in choice["logprobs"]["top_logprobs"])
-    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                               "prompt_tokens_details": {"cached_tokens": 0}}
     assert "x-loragate-adapter" not in response.headers
 
 

@@ -135,10 +135,15 @@ class ChatRequest(SamplingFields, kw_only=True):
 # --- responses --------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(Struct):
+    cached_tokens: int  # prompt tokens whose K/V came from this tenant's prefix cache
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(Struct, omit_defaults=True):
