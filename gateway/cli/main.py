@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                          help="weights and LoRA (default: float32 on CPU, exact; bfloat16 on "
                               "CUDA); on CPU attention and the KV cache stay float32")
+    runtime.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
+                         help="reuse the KV blocks of a prompt's start that an earlier request "
+                              "of the same tenant and adapter version computed (default: on)")
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
     runtime.add_argument("--artifacts-dir", type=Path,
                          help="the local artifact store adapters may come from "
@@ -160,6 +163,7 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         "max_batch_tokens": args.max_batch_tokens,
         "max_running": args.max_running,
         "dtype": args.dtype,
+        "enable_prefix_caching": args.prefix_caching,
     }
     config = RuntimeConfig(
         model_dir=args.base_model,
