@@ -134,3 +134,24 @@ def test_the_scheduler_admits_from_the_cache_and_counts_by_tenant() -> None:
     d = seq("d", list(range(1, 14)))
     run_prefill(off, d)
     assert d.num_cached_prompt_tokens == 0 and off.block_manager.num_cached_blocks == 0
+
+
+def test_an_abort_mid_prefill_gives_back_its_cached_blocks_and_fills_none() -> None:
+    s = Scheduler(num_blocks=16, block_size=4, max_running=4, max_batch_tokens=6,
+                  max_model_len=64)
+    run_prefill(s, seq("a", list(range(1, 14))))  # three blocks registered
+    s.abort("a")
+    b = seq("b", list(range(1, 14)) + list(range(20, 32)))
+    s.add(b)
+    s.advance(s.schedule()[0])  # hits three blocks, then a 6-token chunk of the rest
+    assert b.num_cached_tokens == 12 + 6
+    bm = s.block_manager
+    shared = b.block_table[:3]
+    assert all(bm.ref_counts[block] == 1 for block in shared)
+    # a's three, and b's fourth (tokens 12..15), which the chunk filled; not its half fifth.
+    assert bm.num_cached_blocks == 4
+    s.abort("b")
+    assert all(n == 0 for n in bm.ref_counts)
+    assert bm.num_free_blocks == bm.num_blocks
+    assert set(shared) <= set(bm.evictable)  # still cached for the next prompt
+    assert bm.num_cached_blocks == 4
