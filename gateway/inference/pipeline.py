@@ -30,6 +30,7 @@ from gateway.inference import experiments as ab
 from gateway.inference import rollouts
 from gateway.inference.feedback import Served
 from gateway.inference.ratelimit import reservation
+from gateway.inference.router import affinity_key
 from gateway.inference.runtime_client import Collected, adapter_body
 from runtime.protocol import ErrorEvent, Event, GenerateBody, StartEvent, TokenEvent
 
@@ -302,7 +303,7 @@ class Pipeline:
         plan = await self.plan(principal, model, user, reservation(body))
         body = msgspec.structs.replace(body, tenant=plan.tenant,
                                        adapter=adapter_body(plan.tenant, plan.adapter))
-        key = plan.adapter.ref.sha256 if plan.adapter is not None else None
+        key = affinity_key(plan.tenant, plan.adapter.ref.sha256 if plan.adapter else None)
         inference = Inference(self, plan, body, self.router.generate(body, key))
         await inference.open()
         await self.answers.remember(body.request_id, plan.served())

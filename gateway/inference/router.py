@@ -4,8 +4,10 @@ Placement: rendezvous (highest random weight) hashing of the adapter's sha256 ov
 healthy runtimes, so one adapter keeps landing where it is already resident; bounded load
 ("consistent hashing with bounded loads"): a runtime already holding more than
 `load_factor` times the mean in-flight count is skipped, so a hot adapter spills over to
-the next runtime in its order rather than queueing behind itself. Base-model requests go to
-the least loaded runtime.
+the next runtime in its order rather than queueing behind itself. Base-model requests are
+placed the same way by their tenant (`affinity_key`): a runtime's prefix cache is per tenant,
+so one tenant's system prompt stays cached where its requests land; bounded load spreads a
+busy tenant as it spreads a hot adapter. `candidates(None)` is plain least-loaded.
 
 Failures: a circuit breaker per runtime opens after `failure_threshold` consecutive
 connection failures and lets one trial request through after `cooldown_s` (half-open). A
@@ -93,6 +95,12 @@ class RuntimeState:
         if state == "closed":
             return self.healthy
         return state == "half_open" and not self.trial_running
+
+
+def affinity_key(tenant: str, adapter_sha256: str | None) -> str:
+    """What a request is placed by: its adapter's weights (where they are resident), or for
+    the base model its tenant (where its prompts are in the prefix cache)."""
+    return adapter_sha256 if adapter_sha256 else f"base-model/{tenant}"
 
 
 def rendezvous_order(key: str, urls: Sequence[str]) -> list[str]:
@@ -211,14 +219,16 @@ class Router:
 
     # ------------------------------------------------------------------------ placement
 
-    def candidates(self, adapter_key: str | None) -> list[RuntimeState]:
+    def candidates(self, affinity: str | None) -> list[RuntimeState]:
+        """Usable runtimes in the order to try them: by rendezvous on `affinity` within the
+        load bound, then those over it; with no affinity, least loaded first."""
         now = time.monotonic()
         usable = [s for s in self.runtimes.values() if s.usable(now)]
         if not usable:
             return []
-        if adapter_key is None:
+        if affinity is None:
             return sorted(usable, key=lambda s: s.in_flight)
-        ordered = [self.runtimes[u] for u in rendezvous_order(adapter_key, [s.url for s in usable])]
+        ordered = [self.runtimes[u] for u in rendezvous_order(affinity, [s.url for s in usable])]
         total = sum(s.in_flight for s in usable) + 1
         bound = max(1, math.ceil(self.load_factor * total / len(usable)))
         within = [s for s in ordered if s.in_flight < bound]
@@ -255,12 +265,12 @@ class Router:
 
     # ------------------------------------------------------------------------ requests
 
-    async def generate(self, body: GenerateBody, adapter_key: str | None
+    async def generate(self, body: GenerateBody, affinity: str | None
                        ) -> AsyncGenerator[Event, None]:
         """Events of one request. Raises `Unavailable` when no runtime could take it and
         `BadRequest` when the runtime refused it; a failure after the first token ends the
         stream with an ErrorEvent (code `runtime_failed`) instead of raising."""
-        candidates = self.candidates(adapter_key)
+        candidates = self.candidates(affinity)
         if not candidates:
             self.shed["no_runtime"] += 1
             raise Unavailable("no healthy runtime", code="no_runtime", retry_after=2)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gateway.errors import BadRequest, Unavailable
-from gateway.inference.router import Router, rendezvous_order
+from gateway.inference.router import Router, affinity_key, rendezvous_order
 from gateway.inference.runtime_client import RuntimeBusy, RuntimeRefused, RuntimeUnreachable
 from runtime.protocol import ErrorEvent, FinishEvent, StartEvent, TokenEvent, Usage
 
@@ -142,3 +142,23 @@ async def test_no_healthy_runtime_is_unavailable() -> None:
     router = make_router({}, [])  # never probed: nothing known healthy
     with pytest.raises(Unavailable):
         await events(router)
+
+
+async def test_base_model_requests_keep_to_their_tenants_runtime_within_the_load_bound(
+) -> None:
+    """The runtime's prefix cache is per tenant: one tenant's base-model requests land where
+    its system prompt is cached; tenants spread; a busy tenant spills like a hot adapter."""
+    calls: list[str] = []
+    router = make_router({}, calls)
+    await router.refresh()
+    acme = affinity_key("acme", None)
+    assert acme != affinity_key("globex", None) and affinity_key("acme", KEY) == KEY
+    for _ in range(4):
+        await events(router, acme)
+    assert calls == [rendezvous_order(acme, URLS)[0]] * 4
+    homes = Counter(rendezvous_order(affinity_key(f"t{i}", None), URLS)[0] for i in range(300))
+    assert all(60 < homes[u] < 140 for u in URLS), homes
+    home = router.runtimes[calls[0]]
+    home.in_flight = 10
+    assert router.candidates(acme)[0] is not home
+    assert router.candidates(None)[0] is not home  # no affinity: least loaded
