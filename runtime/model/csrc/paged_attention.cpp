@@ -22,13 +22,18 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t kTile = 16;       // rows scored before one softmax rescale
 constexpr int64_t kLanes = 16;      // head_dim must be a multiple of this
-constexpr int64_t kMaxGroup = 16;   // query heads per kv head
-constexpr int64_t kMaxHeadDim = 256;
+constexpr int64_t kMaxGroup = 16;   // query heads per kv head (scratch is sized at run time;
+constexpr int64_t kMaxHeadDim = 256;  // these bounds keep it small)
 
 // exp(x) for x <= 0 (every argument here is a score minus a running max), ~2 ulp: x = n ln2 + r
 // with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits. Plain
@@ -65,6 +70,47 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t d
   return s;
 }
 
+// acc[0:W] = acc[0:W] * c + sum_j p[j] * v[j * row_stride + 0:W], held in registers over
+// the tile's rows, so acc is loaded and stored once per tile. W = 64 gives 8 independent FMA
+// chains on AVX2: with one chain per 8 floats, the FMA latency, not the loads, set the pace.
+template <int64_t W>
+inline void pv_chunk(float* __restrict acc, const float* __restrict v, const float* p, float c,
+                     int64_t n, int64_t row_stride) {
+  float t[W];
+  for (int64_t x = 0; x < W; ++x) t[x] = acc[x] * c;
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = p[j];
+    const float* v_j = v + j * row_stride;
+    for (int64_t x = 0; x < W; ++x) t[x] += w * v_j[x];
+  }
+  for (int64_t x = 0; x < W; ++x) acc[x] = t[x];
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+constexpr bool kDot8 = true;
+// Scores of 8 consecutive rows for one head: 8 independent FMA chains sharing each load of
+// q, reduced together by one hadd tree instead of 8 horizontal sums (those cost as much as
+// the FMAs at head_dim 64). dim: a multiple of 8.
+inline void dot8(const float* q, const float* k, int64_t row_stride, int64_t dim, float* out) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int r = 0; r < 8; ++r) {
+      acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + r * row_stride + d), acc[r]);
+    }
+  }
+  // t0 = [row r's low-half sums for r < 4 | their high-half sums], t1 the same for r >= 4.
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                      _mm256_permute2f128_ps(t0, t1, 0x31)));
+}
+#else
+constexpr bool kDot8 = false;
+inline void dot8(const float*, const float*, int64_t, int64_t, float*) {}
+#endif
+
 struct Args {
   const float* q;          // [num_tokens, num_heads, head_dim]
   const float* k_pool;     // [pool_rows, num_kv_heads, head_dim]
@@ -78,22 +124,29 @@ struct Args {
   float scale;
 };
 
+// One query's heads of kv heads [g0, g1), into `scratch` (see `scratch_floats`). Walking all
+// kv heads of a row in one item reads each block as one contiguous run (block_size rows of
+// num_kv_heads * head_dim floats), which the hardware prefetcher streams; an item per kv head
+// read a strided third of each row and ran at half the bandwidth (SmolLM2, 3 kv heads).
 // kDim > 0: head_dim known at compile time (fully unrolled lanes); 0: `dim` at run time.
 template <int64_t kDim>
-void attend(const Args& a, int64_t item, int64_t dim_rt) {
+void attend(const Args& a, int64_t i, int64_t g0, int64_t g1, int64_t dim_rt, float* scratch) {
   const int64_t dim = kDim > 0 ? kDim : dim_rt;
-  const int64_t i = item / a.num_kv_heads, g = item % a.num_kv_heads;
-  const int64_t len = a.lens[i], group = a.group;
+  const int64_t len = a.lens[i], group = a.group, heads = (g1 - g0) * group;
   const int32_t* table = a.tables + a.seqs[i] * a.max_blocks;
   const int64_t row_stride = a.num_kv_heads * dim;
-  const float* q = a.q + (a.rows[i] * a.num_heads + g * group) * dim;
-  float qs[kMaxGroup * kMaxHeadDim], acc[kMaxGroup * kMaxHeadDim];
-  float m[kMaxGroup], l[kMaxGroup], s[kMaxGroup][kTile];
-  for (int64_t x = 0; x < group * dim; ++x) {
+  const float* q = a.q + (a.rows[i] * a.num_heads + g0 * group) * dim;
+  float* qs = scratch;            // [heads, dim] scaled q
+  float* acc = qs + heads * dim;  // [heads, dim]
+  float* m = acc + heads * dim;   // [heads] running max
+  float* l = m + heads;           // [heads] running sum
+  float* c = l + heads;           // [heads] this tile's rescale
+  float* s = c + heads;           // [heads, kTile] scores, then probabilities
+  for (int64_t x = 0; x < heads * dim; ++x) {
     qs[x] = q[x] * a.scale;
     acc[x] = 0.0f;
   }
-  for (int64_t h = 0; h < group; ++h) {
+  for (int64_t h = 0; h < heads; ++h) {
     m[h] = -std::numeric_limits<float>::infinity();
     l[h] = 0.0f;
   }
@@ -101,48 +154,47 @@ void attend(const Args& a, int64_t item, int64_t dim_rt) {
     const int64_t offset = p % a.block_size;
     const int64_t n = std::min({kTile, a.block_size - offset, len - p});
     const int64_t first = static_cast<int64_t>(table[p / a.block_size]) * a.block_size + offset;
-    const float* k = a.k_pool + first * row_stride + g * dim;
-    const float* v = a.v_pool + first * row_stride + g * dim;
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t h = 0; h < group; ++h) s[h][j] = dot(qs + h * dim, k + j * row_stride, dim);
-    }
-    float c[kMaxGroup];  // per head: rescale of what was summed under the old max
-    for (int64_t h = 0; h < group; ++h) {
-      float mx = m[h];
-      for (int64_t j = 0; j < n; ++j) mx = s[h][j] > mx ? s[h][j] : mx;
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) {
-        s[h][j] = exp_nonpositive(s[h][j] - mx);
-        sum += s[h][j];
+    const float* k = a.k_pool + first * row_stride + g0 * dim;
+    const float* v = a.v_pool + first * row_stride + g0 * dim;
+    for (int64_t h = 0; h < heads; ++h) {  // head outer: its q stays in registers
+      const float* k_h = k + (h / group) * dim;
+      int64_t j = 0;
+      if (kDot8) {
+        for (; j + 8 <= n; j += 8) dot8(qs + h * dim, k_h + j * row_stride, row_stride, dim, s + h * kTile + j);
       }
+      for (; j < n; ++j) s[h * kTile + j] = dot(qs + h * dim, k_h + j * row_stride, dim);
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      float* s_h = s + h * kTile;
+      float mx = m[h];
+      for (int64_t j = 0; j < n; ++j) mx = s_h[j] > mx ? s_h[j] : mx;
+      for (int64_t j = 0; j < n; ++j) s_h[j] = exp_nonpositive(s_h[j] - mx);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) sum += s_h[j];
       // exp(-inf - mx) would be exp(-87) here, not 0: the first tile sets c = 0 itself.
       c[h] = m[h] == -std::numeric_limits<float>::infinity() ? 0.0f : exp_nonpositive(m[h] - mx);
       l[h] = l[h] * c[h] + sum;
       m[h] = mx;
     }
-    // acc_h = acc_h * c + P_h @ V, one register-sized chunk of head_dim at a time, so that
-    // acc is loaded and stored once per tile rather than once per row.
-    for (int64_t h = 0; h < group; ++h) {
+    // acc_h = acc_h * c + P_h @ V.
+    for (int64_t h = 0; h < heads; ++h) {
       float* acc_h = acc + h * dim;
-      for (int64_t d = 0; d < dim; d += kLanes) {
-        float t[kLanes];
-        for (int64_t x = 0; x < kLanes; ++x) t[x] = acc_h[d + x] * c[h];
-        for (int64_t j = 0; j < n; ++j) {
-          const float w = s[h][j];
-          const float* v_j = v + j * row_stride + d;
-          for (int64_t x = 0; x < kLanes; ++x) t[x] += w * v_j[x];
-        }
-        for (int64_t x = 0; x < kLanes; ++x) acc_h[d + x] = t[x];
-      }
+      const float* v_h = v + (h / group) * dim;
+      const float* s_h = s + h * kTile;
+      int64_t d = 0;
+      for (; d + 64 <= dim; d += 64) pv_chunk<64>(acc_h + d, v_h + d, s_h, c[h], n, row_stride);
+      for (; d < dim; d += kLanes) pv_chunk<kLanes>(acc_h + d, v_h + d, s_h, c[h], n, row_stride);
     }
     p += n;
   }
-  float* o = a.out + (a.rows[i] * a.num_heads + g * group) * dim;
-  for (int64_t h = 0; h < group; ++h) {
+  float* o = a.out + (a.rows[i] * a.num_heads + g0 * group) * dim;
+  for (int64_t h = 0; h < heads; ++h) {
     const float inv = 1.0f / l[h];  // len >= 1: l >= 1 (the max row contributes exp(0))
     for (int64_t d = 0; d < dim; ++d) o[h * dim + d] = acc[h * dim + d] * inv;
   }
 }
+
+int64_t scratch_floats(int64_t heads, int64_t dim) { return heads * (2 * dim + 3 + kTile); }
 
 void paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                      const at::Tensor& block_tables, const at::Tensor& rows,
@@ -192,14 +244,24 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
                seqs.data_ptr<int32_t>(), lens.data_ptr<int32_t>(), out.data_ptr<float>(),
                block_tables.size(1), block_size, heads, kv_heads, heads / kv_heads,
                static_cast<float>(scale)};
-  at::parallel_for(0, num_queries * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // Items of whole rows unless there are too few queries to keep every thread busy (one
+  // long sequence): then each query's kv heads are split into `parts` items.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + num_queries - 1) /
+                                                                    std::max<int64_t>(1, num_queries)));
+  const int64_t per_part = (kv_heads + parts - 1) / parts;
+  at::parallel_for(0, num_queries * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(scratch_floats(per_part * a.group, dim));
     for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / parts, g0 = (item % parts) * per_part;
+      const int64_t g1 = std::min(kv_heads, g0 + per_part);
+      if (g0 >= g1) continue;
       if (dim == 64) {
-        attend<64>(a, item, dim);
+        attend<64>(a, i, g0, g1, dim, scratch.data());
       } else if (dim == 128) {
-        attend<128>(a, item, dim);
+        attend<128>(a, i, g0, g1, dim, scratch.data());
       } else {
-        attend<0>(a, item, dim);
+        attend<0>(a, i, g0, g1, dim, scratch.data());
       }
     }
   });

@@ -1,0 +1,112 @@
+"""The CPU paged-attention kernel against the gather path it replaced, side by side.
+
+    .venv/bin/python -m bench.attention_ab            # -> bench/results/attention_ab.json
+    .venv/bin/python -m bench.attention_ab --quick    # one round, contexts 16 and 512
+
+Each figure is `bench.step_profile` in a fresh process (so neither variant inherits the
+other's thread pools or caches), the two variants interleaved, `--rounds` times; the best
+of each is kept. On SmolLM2-135M, fp32, base model + two adapters round robin:
+  step       the decode step at batch 32 and a short prompt (24 tokens), by part
+  contexts   the decode step at batch 8 and prompts of 16, 512 and 2048 tokens: how much
+             the step grows over the shortest against how much the attention FLOPs grow
+"gather" is `RuntimeConfig(attention="gather")`: each context gathered out of the paged pool
+per layer, then SDPA; "kernel" reads the block tables directly (runtime/model/csrc/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.step_profile import DEFAULT_MODEL, ROOT, make_adapters
+
+VARIANTS = (("gather", "gather"), ("kernel", "auto"))
+
+
+def profile(model: Path, adapters: Path, attention: str, batch: int, prompt_len: int,
+            steps: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.step_profile", "--model", str(model), "--batch",
+         str(batch), "--steps", str(steps), "--adapters-dir", str(adapters), "--json",
+         "--attention", attention, "--prompt-len", str(prompt_len)],
+        cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(model: Path, adapters: Path, rounds: int, batch: int, prompt_len: int,
+                 steps: int) -> dict[str, dict[str, Any]]:
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in VARIANTS}
+    for _ in range(rounds):
+        for name, attention in VARIANTS:
+            runs[name].append(profile(model, adapters, attention, batch, prompt_len, steps))
+    best = {k: min(v, key=lambda r: r["step_ms_median"]) for k, v in runs.items()}
+    for k, v in runs.items():
+        best[k]["all_step_ms_median"] = [r["step_ms_median"] for r in v]
+    return best
+
+
+def attention_gflop(model: Path, batch: int, context: int) -> float:
+    cfg = json.loads((model / "config.json").read_text())
+    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 4 * batch * context * heads * dim * layers / 1e9  # QK^T and PV, 2 FLOPs a MAC
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/attention_ab.json")
+    args = parser.parse_args()
+    rounds = args.rounds or (1 if args.quick else 2)
+    contexts = (16, 512) if args.quick else (16, 512, 2048)
+    tmp = tempfile.TemporaryDirectory()
+    adapters = Path(tmp.name)
+    make_adapters(args.model, adapters)
+    report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "rounds": rounds}
+    report["step"] = side_by_side(args.model, adapters, rounds, 32, 24, 12)
+    report["contexts"] = {}
+    for length in contexts:
+        row = side_by_side(args.model, adapters, rounds, 8, length, 6)
+        row["attention_gflop"] = attention_gflop(args.model, 8, length)  # type: ignore[assignment]
+        report["contexts"][str(length)] = row
+
+    out = sys.stdout.write
+    s = report["step"]
+    out(f"decode step, batch 32, prompt 24, ms ({rounds} rounds, fresh processes, best):\n")
+    out(f"  {'part':<10} {'gather':>8} {'kernel':>8}\n")
+    for part, ms in s["gather"]["parts_ms"].items():
+        out(f"  {part:<10} {ms:8.1f} {s['kernel']['parts_ms'][part]:8.1f}\n")
+    g, k = s["gather"]["step_ms_median"], s["kernel"]["step_ms_median"]
+    out(f"  {'step':<10} {g:8.1f} {k:8.1f}   gather / kernel {g / k:.2f}x\n")
+    rows = report["contexts"]
+    first = rows[str(contexts[0])]
+    out("decode step, batch 8, by context (ms; growth over the shortest, against the growth "
+        "of the attention FLOPs):\n")
+    for length in contexts[1:]:
+        row = rows[str(length)]
+        flops = row["attention_gflop"] / first["attention_gflop"]
+        line = [f"  context {length:>5}: attention FLOPs x{flops:.0f}"]
+        for name, _ in VARIANTS:
+            step, base = row[name]["step_ms_median"], first[name]["step_ms_median"]
+            attn = row[name]["parts_ms"]["attention"]
+            attn0 = first[name]["parts_ms"]["attention"]
+            line.append(f"{name} step {step:.1f} (x{step / base:.2f}), attention {attn:.1f} "
+                        f"(x{attn / attn0:.1f})")
+        out("; ".join(line) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    out(f"wrote {args.out}\n")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
