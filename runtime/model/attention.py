@@ -1,11 +1,19 @@
 """Attention over the paged KV cache, and the per-step index tensors it needs.
 
-Path (the same on CPU and CUDA): gather each sequence's K/V rows through its block table
-(`kv_cache.py` has the layout), then `F.scaled_dot_product_attention`. Decode tokens of all
-sequences run as one padded batch with a length mask; each prefill chunk runs on its own with
-a causal mask offset by the tokens already cached. On CUDA, SDPA picks its fused backend;
-there is no custom paged decode kernel yet, so the gather costs one copy of the context per
-step.
+Two paths, chosen once per engine (`use_paged_kernel`, `RuntimeConfig.attention`):
+- CPU, "auto" (the default): decode tokens, and the tokens of short chunks over cached
+  context (<= PAGED_PREFILL_MAX), are answered by a C++ kernel that reads K/V through the
+  block tables directly (`paged_attention_cpu.py`, `csrc/paged_attention.cpp`): per step the
+  metadata is the block tables and one length per query as small int32 tensors, and no
+  context is copied. The kernel reads only the first `length` rows of each sequence, so
+  another tenant's blocks, free blocks and stale rows never enter a sum.
+- The gather path: gather each sequence's K/V rows through its block table (`kv_cache.py`
+  has the layout), then `F.scaled_dot_product_attention`. Decode tokens of all sequences run
+  as one padded batch with a length mask; each prefill chunk runs on its own with a causal
+  mask offset by the tokens already cached. It serves CUDA (SDPA picks its fused backend;
+  there is no CUDA paged decode kernel yet, so the gather costs one copy of the context per
+  step), CPU runs with attention="gather" or where the kernel cannot build or does not take
+  the model's shapes, longer prefill chunks on the CPU, and the tests as the kernel's oracle.
 """
 
 from __future__ import annotations
@@ -87,6 +95,7 @@ def build_metadata(
     block_size: int,
     device: torch.device | str,
     paged: bool = False,
+    paged_prefill_max: int = PAGED_PREFILL_MAX,
 ) -> AttentionMetadata:
     """Index tensors for one step. A sequence with num_new == 1 counts as decode.
 
@@ -109,7 +118,7 @@ def build_metadata(
         context = num_cached + num_new
         slots += [block_table[p // block_size] * block_size + p % block_size
                   for p in range(num_cached, context)]
-        if paged and (num_new == 1 or 0 < num_cached and num_new <= PAGED_PREFILL_MAX):
+        if paged and (num_new == 1 or 0 < num_cached and num_new <= paged_prefill_max):
             rows_k += range(row, row + num_new)
             seqs_k += [len(paged_tables)] * num_new
             lens_k += range(num_cached + 1, context + 1)  # causal: token p sees 0..p

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,10 +43,18 @@ def _flags() -> tuple[str, list[str]]:
     return "default", ["-O3", "-fno-trapping-math"]
 
 
+_load_lock = threading.Lock()
+
+
 @functools.cache
 def load() -> PagedAttentionOp | None:
     """The op, built on the first call of the process; None (logged once, with why) when it
-    cannot be built or loaded."""
+    cannot be built or loaded. Engines built on two threads at once build it once."""
+    with _load_lock:
+        return _build()
+
+
+def _build() -> PagedAttentionOp | None:
     try:
         from torch.utils import cpp_extension
 

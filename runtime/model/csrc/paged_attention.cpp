@@ -32,8 +32,9 @@ namespace {
 
 constexpr int64_t kTile = 16;       // rows scored before one softmax rescale
 constexpr int64_t kLanes = 16;      // head_dim must be a multiple of this
-constexpr int64_t kMaxGroup = 16;   // query heads per kv head (scratch is sized at run time;
-constexpr int64_t kMaxHeadDim = 256;  // these bounds keep it small)
+// Scratch is sized at run time; these bounds (also in paged_attention_cpu.py) keep it small.
+constexpr int64_t kMaxGroup = 16;  // query heads per kv head
+constexpr int64_t kMaxHeadDim = 256;
 
 // exp(x) for x <= 0 (every argument here is a score minus a running max), ~2 ulp: x = n ln2 + r
 // with |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n through the exponent bits. Plain
@@ -160,7 +161,9 @@ void attend(const Args& a, int64_t i, int64_t g0, int64_t g1, int64_t dim_rt, fl
       const float* k_h = k + (h / group) * dim;
       int64_t j = 0;
       if (kDot8) {
-        for (; j + 8 <= n; j += 8) dot8(qs + h * dim, k_h + j * row_stride, row_stride, dim, s + h * kTile + j);
+        for (; j + 8 <= n; j += 8) {
+          dot8(qs + h * dim, k_h + j * row_stride, row_stride, dim, s + h * kTile + j);
+        }
       }
       for (; j < n; ++j) s[h * kTile + j] = dot(qs + h * dim, k_h + j * row_stride, dim);
     }
@@ -247,8 +250,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
   // Items of whole rows unless there are too few queries to keep every thread busy (one
   // long sequence): then each query's kv heads are split into `parts` items.
   const int64_t threads = at::get_num_threads();
-  const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, (2 * threads + num_queries - 1) /
-                                                                    std::max<int64_t>(1, num_queries)));
+  const int64_t wanted = (2 * threads + num_queries - 1) / std::max<int64_t>(1, num_queries);
+  const int64_t parts = std::min(kv_heads, std::max<int64_t>(1, wanted));
   const int64_t per_part = (kv_heads + parts - 1) / parts;
   at::parallel_for(0, num_queries * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_floats(per_part * a.group, dim));
