@@ -65,9 +65,10 @@ class AttentionMetadata:
 # A prefill chunk over cached context of at most this many tokens goes to the kernel
 # (one query per token, each reading its context through the block table); longer chunks
 # keep the gather and SDPA, whose GEMMs reuse each K/V row across the chunk's tokens. One
-# sequence, SmolLM2 shapes, one thread, per layer: 4 tokens over 512 take 0.12 ms in the
-# kernel and 0.18 ms gathered; 16 tokens 0.45 against 0.35 ms (bench/README.md).
-PAGED_PREFILL_MAX = 8
+# sequence, SmolLM2 shapes, one thread, per layer (`bench.attention_ab`, op): 4 tokens over
+# 512 take 0.12 ms in the kernel and 0.18 ms gathered, 8 tokens 0.23 against 0.23, 16 tokens
+# 0.46 against 0.35.
+PAGED_PREFILL_MAX = 4
 
 
 def use_paged_kernel(
