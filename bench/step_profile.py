@@ -1,6 +1,7 @@
 """One decode step of the engine on a real checkpoint, timed by part, beside the GEMM roof.
 
     .venv/bin/python -m bench.step_profile [--batch 32] [--legacy] [--dtype bfloat16] [--json]
+        [--attention gather] [--prompt-len 24]
 
 A batch of `--batch` requests over the base model and two adapters (round robin) decodes;
 after warm-up, `--steps` steps are timed with perf_counter around each part (the CPU runs
@@ -14,6 +15,9 @@ every op synchronously, so the timers are the parts' own costs):
 An adapter is loaded through the runtime's own loader threads before timing. `--legacy`
 reproduces the code before issue 13 in the same tree: loader threads with torch's default
 thread count (a second OpenMP team) and the per-adapter LoRA loop instead of the dense form.
+`--attention gather` forces the gather + SDPA decode attention instead of the CPU paged kernel
+(`RuntimeConfig.attention`); `--attention ab` alternates the two step by step in one process
+and reports each; `--prompt-len` sets the context the batch decodes at.
 
 The roof: the step's base-GEMM FLOPs (every projection and the lm_head at this batch) over
 the best fp32 GFLOPS measured here on those same shapes in a tight loop.
@@ -68,7 +72,8 @@ def make_adapters(model_dir: Path, out: Path) -> list[Any]:
     return refs
 
 
-def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model_len: int):
+def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model_len: int,
+                 attention: str = "auto", kv_cache_bytes: int | None = None):
     from runtime.config import RuntimeConfig
     from runtime.engine import LLMEngine, resolve_dtype
     from runtime.lora.manager import build_lora_runtime
@@ -76,7 +81,8 @@ def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model
 
     config = RuntimeConfig(model_dir=model_dir, dtype=dtype, max_running=max_running,
                            max_batch_tokens=4096, max_lora_rank=16, max_gpu_adapters=4,
-                           max_model_len=max_model_len)
+                           max_model_len=max_model_len, attention=attention,
+                           kv_cache_bytes=kv_cache_bytes)
     args = ModelArgs.from_model_dir(model_dir)
     lora, cache = build_lora_runtime(config, args, resolve_dtype(config))
     return LLMEngine(config, args=args, lora=lora, adapters=cache)
@@ -179,7 +185,8 @@ def gemm_roof(engine, batch: int, rounds: int = 20) -> dict[str, float]:
 
 
 def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
-                dtype: str | None = None, adapters_dir: Path | None = None) -> dict[str, Any]:
+                dtype: str | None = None, adapters_dir: Path | None = None,
+                attention: str = "auto", prompt_len: int = 24) -> dict[str, Any]:
     import tempfile
 
     if legacy:
@@ -188,35 +195,60 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
         store.single_threaded = lambda: None  # loader threads keep torch's default count
     with tempfile.TemporaryDirectory() as tmp:
         refs = make_adapters(model_dir, adapters_dir or Path(tmp))
-        engine = build_engine(model_dir, dtype, max_running=max(batch, 8), max_model_len=1024)
+        max_len = max(1024, prompt_len + 2 * steps + 80)
+        kv_bytes = None
+        if max_len > 1024:  # the CPU default caps the pool at 1 GiB; long contexts need more
+            from runtime.model.kv_cache import bytes_per_block
+            from runtime.model.weights import ModelArgs
+
+            blocks = batch * (max_len // 16 + 2)
+            kv_bytes = blocks * bytes_per_block(ModelArgs.from_model_dir(model_dir), 16,
+                                                torch.float32)
+        engine = build_engine(model_dir, dtype, max_running=max(batch, 8), max_model_len=max_len,
+                              attention="auto" if attention == "ab" else attention,
+                              kv_cache_bytes=kv_bytes)
         if legacy:
             engine.lora._dense_ok = False  # the per-adapter segment loop, as before
-        fill(engine, refs, batch, prompt_len=24, max_tokens=steps + 64)
+        # "ab": the kernel and the gather path take turns step by step in this one process
+        # (`engine.paged_kernel` is read per step), each timed on its own; on a shared machine
+        # a load spike then hits both alike, which fresh processes one after the other cannot
+        # promise.
+        variants = ("gather", "kernel") if attention == "ab" else ("",)
+        fill(engine, refs, batch, prompt_len=prompt_len,
+             max_tokens=steps * len(variants) + 64)
         for _ in range(3):
             engine.step()
         timer = PartTimer(engine)
-        totals: list[float] = []
-        parts: list[dict[str, float]] = []
+        totals: dict[str, list[float]] = {v: [] for v in variants}
+        parts: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         try:
-            for _ in range(steps):
+            for i in range(steps * len(variants)):
+                variant = variants[i % len(variants)]
+                if variant:
+                    engine.paged_kernel = variant == "kernel"
                 timer.t.clear()
                 start = time.perf_counter()
                 engine.step()
                 total = time.perf_counter() - start
-                totals.append(total)
-                parts.append({**timer.t, "python": total - sum(timer.t.values())})
+                totals[variant].append(total)
+                parts[variant].append({**timer.t, "python": total - sum(timer.t.values())})
         finally:
             timer.close()
-        order = sorted(range(steps), key=totals.__getitem__)
-        mid = parts[order[steps // 2]]  # the parts of the median step
-        result = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
-                  "threads": torch.get_num_threads(),
-                  "step_ms_median": statistics.median(totals) * 1e3,
-                  "step_ms_min": min(totals) * 1e3,
-                  "parts_ms": {p: mid.get(p, 0.0) * 1e3 for p in PARTS},
-                  "dense_projections": sorted(engine.lora.dense_projections)}
-        result |= gemm_roof(engine, batch)
-        return result
+        common = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
+                  "prompt_len": prompt_len, "threads": torch.get_num_threads(),
+                  "dense_projections": sorted(engine.lora.dense_projections),
+                  **gemm_roof(engine, batch)}
+        out = {v or ("kernel" if engine.paged_kernel else "gather"): summarize(
+            totals[v], parts[v]) | common for v in variants}
+        return out if attention == "ab" else next(iter(out.values())) | {
+            "attention": "paged kernel" if engine.paged_kernel else "gather"}
+
+
+def summarize(totals: list[float], parts: list[dict[str, float]]) -> dict[str, Any]:
+    order = sorted(range(len(totals)), key=totals.__getitem__)
+    mid = parts[order[len(totals) // 2]]  # the parts of the median step
+    return {"step_ms_median": statistics.median(totals) * 1e3, "step_ms_min": min(totals) * 1e3,
+            "parts_ms": {p: mid.get(p, 0.0) * 1e3 for p in PARTS}}
 
 
 def main() -> None:
@@ -227,10 +259,12 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true")
     parser.add_argument("--dtype")
     parser.add_argument("--adapters-dir", type=Path)
+    parser.add_argument("--attention", choices=("auto", "gather", "ab"), default="auto")
+    parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
     result = run_profile(args.model, args.batch, args.steps, args.legacy, args.dtype,
-                         args.adapters_dir)
+                         args.adapters_dir, args.attention, args.prompt_len)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

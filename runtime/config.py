@@ -26,6 +26,10 @@ class RuntimeConfig:
     kv_cache_bytes: int | None = None
     gpu_memory_fraction: float = 0.8
     cpu_kv_cache_max_bytes: int = 1 << 30
+    # "auto": on CPU, attention reads the block tables through the C++ kernel
+    # (runtime/model/paged_attention_cpu.py), or gathers when it cannot build; "gather":
+    # always gather each context and run SDPA (the CUDA path; the A/B and oracle tests).
+    attention: str = "auto"
 
     # Reuse the K/V of prompt blocks an earlier request of the same tenant and adapter
     # version computed (scheduling/prefix_hashes.py). Off: every prompt prefills in full.
@@ -67,5 +71,7 @@ class RuntimeConfig:
             raise ValueError("max_waiting must not be negative")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
+        if self.attention not in ("auto", "gather"):
+            raise ValueError(f"attention must be 'auto' or 'gather', not {self.attention!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")

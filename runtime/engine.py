@@ -17,7 +17,7 @@ import torch
 from runtime.config import RuntimeConfig
 from runtime.lora.manager import artifact_scope, build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
-from runtime.model.attention import build_metadata
+from runtime.model.attention import build_metadata, use_paged_kernel
 from runtime.model.grammar import Grammars
 from runtime.model.kv_cache import KVCache, bytes_per_block
 from runtime.model.llama import LlamaModel
@@ -85,6 +85,8 @@ class LLMEngine:
         self.tokenizer = Tokenizer.load(config.model_dir)
         num_blocks = self._num_blocks(args)
         self.kv_cache = KVCache(args, num_blocks, config.block_size, self.kv_dtype, self.device)
+        self.paged_kernel = use_paged_kernel(config.attention, self.device, self.kv_dtype,
+                                             args.num_heads, args.num_kv_heads, args.head_dim)
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         eos = set(args.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -248,6 +250,7 @@ class LLMEngine:
             [(seq.block_table, seq.num_cached_tokens, n) for seq, n in scheduled],
             self.config.block_size,
             self.device,
+            paged=self.paged_kernel,
         )
         if self.lora is not None:
             # A host tensor: the manager decides "no adapter this step" without a device sync.

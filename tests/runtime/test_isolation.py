@@ -443,3 +443,42 @@ def test_the_fetcher_refuses_before_it_opens_anything(tmp_path: Path) -> None:
         fetcher.fetch("file:///etc/passwd", ref.sha256)
     assert not excinfo.value.transient
     assert fetcher.fetch(ref.uri, ref.sha256) == b"weights"
+
+
+def poison_outside_contexts(engine: LLMEngine) -> None:
+    """NaN in every K/V row of every layer but the cached context of a running sequence:
+    free blocks, the unused rows of each last block, whatever a finished request left."""
+    bs = engine.kv_cache.block_size
+    keep = torch.zeros(engine.kv_cache.num_blocks * bs, dtype=torch.bool)
+    for seq in engine.scheduler.running:
+        for p in range(seq.num_cached_tokens):
+            keep[seq.block_table[p // bs] * bs + p % bs] = True
+    engine.kv_cache.k[:, ~keep] = float("nan")
+    engine.kv_cache.v[:, ~keep] = float("nan")
+
+
+@pytest.mark.parametrize("attention", ["auto", "gather"])
+def test_nan_outside_every_context_changes_no_token(
+    model_dir: Path, args: ModelArgs, attention: str
+) -> None:
+    """Decode reads a sequence's rows only up to its length, through its own block table
+    (the CPU kernel under "auto", the gather and SDPA under "gather"): NaN planted before
+    every step in all other rows of the pool changes no greedy token."""
+    config = RuntimeConfig(model_dir=model_dir, kv_cache_bytes=4 << 20, attention=attention,
+                           max_batch_tokens=24)  # 24: chunked prefills over cached context
+    engine = LLMEngine(config, args=args)
+    assert engine.paged_kernel is (attention == "auto")
+    reqs = [EngineRequest(f"r{n}", prompt(n, n), greedy()) for n in (5, 16, 17, 30, 41)]
+    alone = {r.request_id: solo(engine, r) for r in reqs}
+    for req in reqs:
+        engine.add_request(req)
+    outputs: dict[str, list] = {}
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        poison_outside_contexts(engine)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    for req in reqs:
+        assert outputs[req.request_id][-1].finish_reason is FinishReason.LENGTH
+        assert tokens_of(outputs[req.request_id]) == alone[req.request_id], req.request_id
