@@ -446,13 +446,16 @@ def test_the_fetcher_refuses_before_it_opens_anything(tmp_path: Path) -> None:
 
 
 def poison_outside_contexts(engine: LLMEngine) -> None:
-    """NaN in every K/V row of every layer but the cached context of a running sequence:
-    free blocks, the unused rows of each last block, whatever a finished request left."""
+    """NaN in every K/V row of every layer but the cached context of a running sequence and
+    the blocks of the prefix cache (K/V a later prompt may start from): free blocks, the
+    unused rows of each last block, whatever a finished request left uncached."""
     bs = engine.kv_cache.block_size
     keep = torch.zeros(engine.kv_cache.num_blocks * bs, dtype=torch.bool)
     for seq in engine.scheduler.running:
         for p in range(seq.num_cached_tokens):
             keep[seq.block_table[p // bs] * bs + p % bs] = True
+    for block in engine.scheduler.block_manager.block_hashes:
+        keep[block * bs : (block + 1) * bs] = True
     engine.kv_cache.k[:, ~keep] = float("nan")
     engine.kv_cache.v[:, ~keep] = float("nan")
 
