@@ -10,10 +10,14 @@ logs why, once, and answers None: callers keep the gather path (`attention.py`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import shutil
+import sysconfig
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -54,6 +58,21 @@ def load() -> PagedAttentionOp | None:
         return _build()
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch's builder runs `ninja` from PATH. The PyPI `ninja` (a dependency) lands in the
+    interpreter's scripts folder, which is not on PATH when a venv's python runs directly:
+    add it for the build, when PATH has no ninja of its own."""
+    scripts = sysconfig.get_path("scripts")
+    before = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None and (Path(scripts) / "ninja").exists():
+        os.environ["PATH"] = scripts + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 def _build() -> PagedAttentionOp | None:
     try:
         from torch.utils import cpp_extension
@@ -65,10 +84,11 @@ def _build() -> PagedAttentionOp | None:
             path = _ROOT / ".cache" / "torch_extensions" / name
             path.mkdir(parents=True, exist_ok=True)
             build_dir = str(path)
-        cpp_extension.load(
-            name=name, sources=[str(_SOURCE)], extra_cflags=flags, build_directory=build_dir,
-            is_python_module=False, verbose=False,
-        )
+        with _ninja_on_path():
+            cpp_extension.load(
+                name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                build_directory=build_dir, is_python_module=False, verbose=False,
+            )
         op: PagedAttentionOp = torch.ops.loragate.paged_attention
         return op
     except Exception as exc:  # any failure means "no kernel here", never a crash
