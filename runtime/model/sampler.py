@@ -24,7 +24,8 @@ import torch
 from runtime.model.sampler_state import SamplerState
 from runtime.types import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerState", "apply_controls", "filter_logits", "make_generator", "sample"]
+__all__ = ["SamplerState", "apply_controls", "filter_logits", "has_controls", "make_generator",
+           "sample"]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -48,9 +49,12 @@ class Batch:
 def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The logits after grammar, min_tokens, bias and penalties (all but the sampling cuts).
 
-    logits: [num_seqs, vocab] float32; returns a new tensor of the same shape.
+    logits: [num_seqs, vocab] float32; returns a new tensor of the same shape, or `logits`
+    itself when no row has any of these controls (callers never write into the result).
     """
     state, rows = batch.state, batch.rows
+    if not has_controls(batch):
+        return logits  # nothing to apply: no [num_seqs, vocab] copy (the all-greedy fast path)
     out = logits.clone()
     if batch.allowed is not None:
         out.masked_fill_(~batch.allowed, float("-inf"))
@@ -72,6 +76,14 @@ def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # OpenAI: l - c * frequency_penalty - (c > 0) * presence_penalty
         out[r, t] -= counts[r, t] * state.frequency[rows][r] + state.presence[rows][r]
     return out
+
+
+def has_controls(batch: Batch) -> bool:
+    """Whether any row of the step has a grammar mask, min_tokens, a bias or a penalty."""
+    state = batch.state
+    return batch.allowed is not None or bool(
+        state.num_with_min_tokens or state.num_with_bias or state.num_with_repetition
+        or state.num_with_frequency)
 
 
 def filter_logits(
@@ -128,7 +140,7 @@ def sample(
             n = params[i].logprobs or 0
             alts = tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
             logprobs[i] = TokenLogprob(chosen[i], picked[j], alts)
-    if batch is not None:
+    if batch is not None and batch.state.needs_history:
         batch.state.record(batch.rows, tokens)
     return chosen, logprobs
 
