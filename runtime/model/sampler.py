@@ -24,8 +24,8 @@ import torch
 from runtime.model.sampler_state import SamplerState
 from runtime.types import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerState", "apply_controls", "filter_logits", "has_controls", "make_generator",
-           "sample"]
+__all__ = ["SamplerState", "apply_controls", "filter_logits", "greedy_tokens", "has_controls",
+           "make_generator", "sample"]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -78,6 +78,24 @@ def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return out
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:  # [n, vocab] -> [n] int64
+    """`logits.argmax(-1)` exactly (the first index of each row's maximum; NaN counts as the
+    maximum, as there), ~10x faster on the CPU: torch's argmax over a row runs a scalar loop
+    (1.3 ms for [32, 49152] on one core) where amax is vectorized. The first block whose
+    maximum is the row's holds the row's first maximum, so: amax per block of
+    _GREEDY_BLOCK, argmax over the few block maxima, argmax inside that block."""
+    n, vocab = logits.shape
+    if vocab % _GREEDY_BLOCK or vocab <= _GREEDY_BLOCK or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(n, vocab // _GREEDY_BLOCK, _GREEDY_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # [n]
+    inner = blocks[torch.arange(n), first].argmax(dim=-1)  # [n]
+    return first * _GREEDY_BLOCK + inner
+
+
+_GREEDY_BLOCK = 256  # 192 blocks of SmolLM2's 49152; 128-512 all run within 20% of it
+
+
 def has_controls(batch: Batch) -> bool:
     """Whether any row of the step has a grammar mask, min_tokens, a bias or a penalty."""
     state = batch.state
@@ -122,7 +140,7 @@ def sample(
     """Without `batch` (no state rows), only temperature, top_k, top_p and min_p apply."""
     num_seqs, vocab = logits.shape
     controlled = logits if batch is None else apply_controls(logits, batch)
-    tokens = controlled.argmax(dim=-1)  # [num_seqs]; kept for greedy rows
+    tokens = greedy_tokens(controlled)  # [num_seqs]; kept for greedy rows
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         tokens[rows] = _sample_rows(controlled[rows], [params[i] for i in rows],
