@@ -182,6 +182,9 @@ class _Body:
         self.done = False
 
     async def pieces(self) -> AsyncIterator[bytes]:
+        """The body's bytes: for a chunked body, the data of every chunk complete in what one
+        read brought, joined (the runtime writes one NDJSON line or more per chunk, so lines
+        stay whole across pieces only by the consumer's buffering, as before)."""
         # Each read under the deadline, never a yield inside a timeout: the consumer of this
         # generator may run in another task than the one that started it.
         if not self.chunked:
@@ -191,18 +194,54 @@ class _Body:
                 yield data
             self.done = True
             return
+        # Parsed from one buffer: a read takes whatever the socket holds (often several
+        # chunks under load) with one await, instead of a readline and a readexactly per
+        # chunk. Nothing follows the last chunk until the next request is sent on this
+        # connection, so a read never takes bytes of the next response.
+        buf, pos = b"", 0
         while True:
+            data, pos, ended = _complete_chunks(buf, pos)
+            if data:
+                yield data
+            if ended:
+                self.done = True
+                return
+            buf = buf[pos:]
+            pos = 0
             async with asyncio.timeout_at(self.deadline):
-                line = await self.reader.readline()
-                if not line.endswith(b"\n"):  # EOF: the runtime went away mid-answer
-                    raise asyncio.IncompleteReadError(line, None)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    await self.reader.readline()  # the empty trailer line
-                    self.done = True
-                    return
-                data = await self.reader.readexactly(size + 2)
-            yield data[:-2]
+                more = await self.reader.read(_READ_BYTES)
+            if not more:  # EOF: the runtime went away mid-answer
+                raise asyncio.IncompleteReadError(buf, None)
+            if len(buf) > MAX_LINE_BYTES:
+                raise ValueError("a chunk over the size limit")
+            buf += more
+
+
+_READ_BYTES = 256 * 1024
+
+
+def _complete_chunks(buf: bytes, pos: int) -> tuple[bytes, int, bool]:
+    """(the data of the complete chunks in buf[pos:], where the first incomplete one starts,
+    whether the last chunk and its trailer were among them). ValueError on a bad size line."""
+    parts = []
+    while True:
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            break
+        size = int(buf[pos:line_end].split(b";")[0].strip() or b"0", 16)
+        start = line_end + 2
+        if size == 0:
+            trailer_end = start + 2 if buf[start:start + 2] == b"\r\n" else (
+                buf.find(b"\r\n\r\n", start) + 4 if buf.find(b"\r\n\r\n", start) >= 0
+                else -1)
+            if trailer_end < 0 or len(buf) < trailer_end:
+                break
+            return b"".join(parts), trailer_end, True
+        if len(buf) < start + size + 2:
+            break
+        parts.append(buf[start:start + size])
+        pos = start + size + 2
+    return b"".join(parts), pos, False
 
 
 class GenerateStream:

@@ -69,3 +69,28 @@ def test_a_catalog_version_maps_to_the_runtimes_adapter_reference() -> None:
     assert adapter.key == adapter_key("ab" * 32, 8, 16.0, True, ("q_proj", "v_proj"))
     assert (adapter.target_modules, adapter.use_rslora) == (("q_proj", "v_proj"), True)
     assert adapter.name == "acme/support@3"
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 64])
+async def test_chunked_body_parses_at_any_split(split: int) -> None:
+    """However the socket cuts the chunked body (mid size line, mid data, mid trailer), the
+    pieces join to the body and the stream ends at the last chunk, nothing read past it."""
+    from gateway.inference.runtime_client import _Body
+
+    lines = [b'{"type":"token","token_ids":[%d],"text":" w"}\n' % i for i in range(20)]
+    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(x), x) if i % 2 else b"%x\r\n%s\r\n" % (len(x), x)
+                    for i, x in enumerate(lines)) + b"0\r\n\r\n"
+    reader = asyncio.StreamReader()
+    body = _Body(reader, {"transfer-encoding": "chunked"})
+
+    async def feed() -> None:
+        for i in range(0, len(wire), split):
+            reader.feed_data(wire[i:i + split])
+            await asyncio.sleep(0)
+        reader.feed_data(b"NEXT")  # what a later response would start with: never consumed
+
+    task = asyncio.create_task(feed())
+    got = b"".join([piece async for piece in body.pieces()])
+    await task
+    assert got == b"".join(lines) and body.done
+    assert await reader.read(4) == b"NEXT"
