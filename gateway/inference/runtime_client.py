@@ -180,14 +180,32 @@ class _Body:
         self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self.remaining = int(headers.get("content-length", "0") or 0)
         self.done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        """One timer for the whole stream's deadline: when it fires, the pending (or next)
+        read raises TimeoutError. Cheaper than a timeout context per read (a Timeout, a
+        current_task lookup and a timer per token), and bound to no task, so the stream may
+        be read from another task than the one that opened it."""
+        if self.deadline is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.done:
+            self.reader.set_exception(TimeoutError())
+
+    def disarm(self) -> None:
+        """The stream is over (or given up): its deadline must not hit the connection later."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def pieces(self) -> AsyncIterator[bytes]:
         """The body's bytes: for a chunked body, the data of every chunk complete in what one
         read brought, joined (the runtime writes one NDJSON line or more per chunk, so lines
         stay whole across pieces only by the consumer's buffering, as before)."""
-        # Each read under the deadline, never a yield inside a timeout: the consumer of this
-        # generator may run in another task than the one that started it.
-        if not self.chunked:
+        if not self.chunked:  # one read: a timeout context of its own is cheap enough
             if self.remaining:
                 async with asyncio.timeout_at(self.deadline):
                     data = await self.reader.readexactly(self.remaining)
@@ -199,17 +217,19 @@ class _Body:
         # chunk. Nothing follows the last chunk until the next request is sent on this
         # connection, so a read never takes bytes of the next response.
         buf, pos = b"", 0
+        self._arm()
         while True:
             data, pos, ended = _complete_chunks(buf, pos)
+            if ended:
+                self.done = True
+                self.disarm()
             if data:
                 yield data
             if ended:
-                self.done = True
                 return
             buf = buf[pos:]
             pos = 0
-            async with asyncio.timeout_at(self.deadline):
-                more = await self.reader.read(_READ_BYTES)
+            more = await self.reader.read(_READ_BYTES)
             if not more:  # EOF: the runtime went away mid-answer
                 raise asyncio.IncompleteReadError(buf, None)
             if len(buf) > MAX_LINE_BYTES:
@@ -269,6 +289,7 @@ class GenerateStream:
             raise RuntimeUnreachable(f"stream broke: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:
+        self._body.disarm()
         if self._body.done:
             self._client.release(self._key, self._conn)
         else:

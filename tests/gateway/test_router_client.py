@@ -51,6 +51,23 @@ async def test_deadline_bounds_every_read(stub: str) -> None:
     await client.aclose()
 
 
+async def test_a_finished_streams_deadline_never_hits_its_reused_connection(stub: str) -> None:
+    """The deadline is one timer per stream: a stream that ended before it fires releases a
+    connection the next request then reads without a stray TimeoutError."""
+    client = RuntimeClient()
+    loop = asyncio.get_running_loop()
+    stream = await client.open_generate(stub, body(2), loop.time() + 0.25)
+    assert isinstance([e async for e in stream.events()][-1], FinishEvent)
+    await stream.aclose()
+    await asyncio.sleep(0.35)  # past the first stream's deadline
+    stream = await client.open_generate(stub, body(3))
+    events = [e async for e in stream.events()]
+    await stream.aclose()
+    assert [e.token_ids for e in events if isinstance(e, TokenEvent)] == [[100], [101], [102]]
+    assert len(client._idle[stub]) == 1  # the same connection, reused twice
+    await client.aclose()
+
+
 async def test_nothing_listening_is_unreachable() -> None:
     with pytest.raises(RuntimeUnreachable):
         await RuntimeClient().open_generate(f"http://127.0.0.1:{free_port()}", body(1))
