@@ -243,7 +243,7 @@ _READ_BYTES = 256 * 1024
 def _complete_chunks(buf: bytes, pos: int) -> tuple[bytes, int, bool]:
     """(the data of the complete chunks in buf[pos:], where the first incomplete one starts,
     whether the last chunk and its trailer were among them). ValueError on a bad size line."""
-    parts = []
+    parts: list[bytes] = []
     while True:
         line_end = buf.find(b"\r\n", pos)
         if line_end < 0:
