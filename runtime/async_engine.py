@@ -89,6 +89,12 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(req.request_id)
 
+    def backlog(self, request_id: str) -> int:
+        """Outputs of `request_id` delivered and not yet taken by its `generate` (on the
+        event loop): the HTTP layer writes them out with the one in hand as one chunk."""
+        queue = self._queues.get(request_id)
+        return 0 if queue is None else queue.qsize()
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._aborts.append(request_id)

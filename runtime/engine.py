@@ -253,8 +253,8 @@ class LLMEngine:
             paged=self.paged_kernel,
         )
         if self.lora is not None:
-            # A host tensor: the manager decides "no adapter this step" without a device sync.
-            self.lora.prepare(torch.tensor(token_to_slot, dtype=torch.int32))
+            # The host list: the manager decides "no adapter this step" without a device sync.
+            self.lora.prepare(token_to_slot)
         hidden = self.model.forward(
             torch.tensor(input_ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -273,11 +273,17 @@ class LLMEngine:
                 for child in self._fork(seq):
                     ends[child.request_id] = ends[seq.request_id]
                     sampling.append(child)
-        rows = torch.tensor([ends[s.request_id] for s in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        last_rows = [ends[s.request_id] for s in sampling]
+        if last_rows != list(range(hidden.shape[0])):  # a pure decode step samples every row
+            hidden = hidden.index_select(0, torch.tensor(last_rows, device=self.device))
+        logits = self.model.compute_logits(hidden)
         # One batched check per step: a sequence whose activations turned non-finite stops
-        # here with its own error; the others sample on in this same step.
-        finite = torch.isfinite(logits).all(-1).tolist()
+        # here with its own error; the others sample on in this same step. An inf or NaN
+        # anywhere makes the total non-finite, so one sum clears the common case; a finite
+        # total that overflowed (|logits| ~ 1e34) only costs the exact per-row check.
+        finite = [True] * len(sampling)
+        if not bool(torch.isfinite(logits.sum())):
+            finite = torch.isfinite(logits).all(-1).tolist()
         if not all(finite):
             keep = [i for i, ok in enumerate(finite) if ok]
             outputs += [self._stop_non_finite(s) for s, ok in zip(sampling, finite, strict=True)

@@ -213,6 +213,10 @@ class ChunkWriter:
         self.n = n
         self.created = int(time.time())
         self._offset = [0] * n  # each choice's text offset, for completions' logprobs
+        # A plain token chunk (no logprobs, no token ids) is these bytes around the text as a
+        # JSON string, byte for byte what _chunk writes: built once per choice, so a token
+        # costs one string encode instead of two dicts and a whole chunk's encode.
+        self._plain: dict[int, tuple[bytes, bytes] | None] = {}
 
     def _chunk(self, choice: dict[str, Any], usage: Usage | None = None) -> bytes:
         body: dict[str, Any] = {
@@ -231,8 +235,27 @@ class ChunkWriter:
                          "logprobs": None, "finish_reason": None})
             for i in range(self.n))
 
+    def _plain_parts(self, index: int) -> tuple[bytes, bytes] | None:
+        if index not in self._plain:
+            marker = _encoder.encode("\x00")  # '"\u0000"'
+            field = "delta" if self.chat else "text"
+            value: Any = {"content": "\x00"} if self.chat else "\x00"
+            whole = self._chunk({"index": index, "finish_reason": None, "logprobs": None,
+                                 field: value})
+            head, _, tail = whole.partition(marker)
+            # Only where the marker is the text's alone (an id or model name holding a NUL
+            # would make it ambiguous): else every token takes the general path.
+            self._plain[index] = (head, tail) if whole.count(marker) == 1 else None
+        return self._plain[index]
+
     def token(self, event: TokenEvent) -> bytes:
         index = event.index
+        parts = None
+        if not self.token_ids and not (self.logprobs and event.logprobs):
+            parts = self._plain_parts(index)
+        if parts is not None:
+            self._offset[index] += len(event.text)
+            return parts[0] + _encoder.encode(event.text) + parts[1]
         choice: dict[str, Any] = {"index": index, "finish_reason": None, "logprobs": None}
         if self.chat:
             choice["delta"] = {"content": event.text}

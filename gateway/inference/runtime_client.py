@@ -183,29 +183,88 @@ class _Body:
         self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         self.remaining = int(headers.get("content-length", "0") or 0)
         self.done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        """One timer for the whole stream's deadline: when it fires, the pending (or next)
+        read raises TimeoutError. Cheaper than a timeout context per read (a Timeout, a
+        current_task lookup and a timer per token), and bound to no task, so the stream may
+        be read from another task than the one that opened it."""
+        if self.deadline is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.done:
+            self.reader.set_exception(TimeoutError())
+
+    def disarm(self) -> None:
+        """The stream is over (or given up): its deadline must not hit the connection later."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        # Each read under the deadline, never a yield inside a timeout: the consumer of this
-        # generator may run in another task than the one that started it.
-        if not self.chunked:
+        """The body's bytes: for a chunked body, the data of every chunk complete in what one
+        read brought, joined (the runtime writes one NDJSON line or more per chunk, so lines
+        stay whole across pieces only by the consumer's buffering, as before)."""
+        if not self.chunked:  # one read: a timeout context of its own is cheap enough
             if self.remaining:
                 async with asyncio.timeout_at(self.deadline):
                     data = await self.reader.readexactly(self.remaining)
                 yield data
             self.done = True
             return
+        # Parsed from one buffer: a read takes whatever the socket holds (often several
+        # chunks under load) with one await, instead of a readline and a readexactly per
+        # chunk. Nothing follows the last chunk until the next request is sent on this
+        # connection, so a read never takes bytes of the next response.
+        buf, pos = b"", 0
+        self._arm()
         while True:
-            async with asyncio.timeout_at(self.deadline):
-                line = await self.reader.readline()
-                if not line.endswith(b"\n"):  # EOF: the runtime went away mid-answer
-                    raise asyncio.IncompleteReadError(line, None)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    await self.reader.readline()  # the empty trailer line
-                    self.done = True
-                    return
-                data = await self.reader.readexactly(size + 2)
-            yield data[:-2]
+            data, pos, ended = _complete_chunks(buf, pos)
+            if ended:
+                self.done = True
+                self.disarm()
+            if data:
+                yield data
+            if ended:
+                return
+            buf = buf[pos:]
+            pos = 0
+            more = await self.reader.read(_READ_BYTES)
+            if not more:  # EOF: the runtime went away mid-answer
+                raise asyncio.IncompleteReadError(buf, None)
+            if len(buf) > MAX_LINE_BYTES:
+                raise ValueError("a chunk over the size limit")
+            buf += more
+
+
+_READ_BYTES = 256 * 1024
+
+
+def _complete_chunks(buf: bytes, pos: int) -> tuple[bytes, int, bool]:
+    """(the data of the complete chunks in buf[pos:], where the first incomplete one starts,
+    whether the last chunk and its trailer were among them). ValueError on a bad size line."""
+    parts: list[bytes] = []
+    while True:
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            break
+        size = int(buf[pos:line_end].split(b";")[0].strip() or b"0", 16)
+        start = line_end + 2
+        if size == 0:
+            trailer_end = start + 2 if buf[start:start + 2] == b"\r\n" else (
+                buf.find(b"\r\n\r\n", start) + 4 if buf.find(b"\r\n\r\n", start) >= 0
+                else -1)
+            if trailer_end < 0 or len(buf) < trailer_end:
+                break
+            return b"".join(parts), trailer_end, True
+        if len(buf) < start + size + 2:
+            break
+        parts.append(buf[start:start + size])
+        pos = start + size + 2
+    return b"".join(parts), pos, False
 
 
 class GenerateStream:
@@ -233,6 +292,7 @@ class GenerateStream:
             raise RuntimeUnreachable(f"stream broke: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:
+        self._body.disarm()
         if self._body.done:
             self._client.release(self._key, self._conn)
         else:

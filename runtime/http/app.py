@@ -46,7 +46,9 @@ DRAINING_RETRY_AFTER_S = 5  # enough for a gateway to pick another runtime
 
 
 class Front(Protocol):
-    """The engine as the server sees it (docs/internals.md, "Engine")."""
+    """The engine as the server sees it (docs/internals.md, "Engine"). A front may also have
+    `backlog(request_id) -> int` (outputs queued, not yet taken), which lets the stream
+    write those out together (AsyncLLMEngine has it)."""
 
     async def start(self) -> None: ...
     def generate(self, req: EngineRequest) -> AsyncIterator[RequestOutput]: ...
@@ -175,30 +177,42 @@ async def _events(state: RuntimeState, req: EngineRequest) -> AsyncIterator[byte
     finished, remaining = False, req.sampling.n
     num_prompt, num_completion = len(req.prompt_token_ids), [0] * req.sampling.n
     outputs = front.generate(req)
+    lines: list[bytes] = []  # events held for the next write; flushed before any error
     try:
         yield encode_event(StartEvent(prompt_tokens=num_prompt))
+        # One write per wake-up, not per event: the events of an output (the last token and
+        # its finish) and of every output already queued for this request (n choices, or
+        # steps that ran while the loop was busy) go out as one chunk of NDJSON lines.
+        backlog = getattr(front, "backlog", None)
         async for out in outputs:
             num_completion[out.index] += len(out.new_token_ids)
             for event in output_events(out, token_text, num_prompt, num_completion[out.index]):
-                yield encode_event(event)
+                lines.append(encode_event(event))
             remaining -= out.finished
             if not remaining:  # every choice has ended
                 finished = True
                 break
+            if backlog is None or not backlog(req.request_id):
+                yield b"".join(lines)
+                lines.clear()
+        if lines:
+            yield b"".join(lines)
+            lines.clear()
         if not finished:
             raise RuntimeError("the engine ended the stream without a final output")
     except ValueError as exc:
         # The engine refused the request (e.g. an id already running): the client's fault,
         # and the message says why.
         finished = True
-        yield encode_event(ErrorEvent(code="invalid_request", message=str(exc)))
+        yield b"".join(lines) + encode_event(ErrorEvent(code="invalid_request", message=str(exc)))
     except (QueueFull, EngineDraining) as exc:
         # Lost a race with the handler's 503 checks after the stream had begun.
         finished = True
-        yield encode_event(ErrorEvent(code="overloaded", message=str(exc)))
+        yield b"".join(lines) + encode_event(ErrorEvent(code="overloaded", message=str(exc)))
     except Exception:
         logger.exception("request %s failed", req.request_id)
-        yield encode_event(ErrorEvent(code="internal_error", message="the runtime failed"))
+        yield b"".join(lines) + encode_event(ErrorEvent(code="internal_error",
+                                                        message="the runtime failed"))
     finally:
         # Runs on client disconnect too: the stream task is cancelled at an await in here.
         _finish(state, req.request_id, finished)

@@ -24,7 +24,8 @@ import torch
 from runtime.model.sampler_state import SamplerState
 from runtime.types import SamplingParams, TokenLogprob
 
-__all__ = ["SamplerState", "apply_controls", "filter_logits", "make_generator", "sample"]
+__all__ = ["SamplerState", "apply_controls", "filter_logits", "greedy_tokens", "has_controls",
+           "make_generator", "sample"]
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -48,9 +49,12 @@ class Batch:
 def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The logits after grammar, min_tokens, bias and penalties (all but the sampling cuts).
 
-    logits: [num_seqs, vocab] float32; returns a new tensor of the same shape.
+    logits: [num_seqs, vocab] float32; returns a new tensor of the same shape, or `logits`
+    itself when no row has any of these controls (callers never write into the result).
     """
     state, rows = batch.state, batch.rows
+    if not has_controls(batch):
+        return logits  # nothing to apply: no [num_seqs, vocab] copy (the all-greedy fast path)
     out = logits.clone()
     if batch.allowed is not None:
         out.masked_fill_(~batch.allowed, float("-inf"))
@@ -72,6 +76,32 @@ def apply_controls(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         # OpenAI: l - c * frequency_penalty - (c > 0) * presence_penalty
         out[r, t] -= counts[r, t] * state.frequency[rows][r] + state.presence[rows][r]
     return out
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:  # [n, vocab] -> [n] int64
+    """`logits.argmax(-1)` exactly (the first index of each row's maximum; NaN counts as the
+    maximum, as there), ~10x faster on the CPU: torch's argmax over a row runs a scalar loop
+    (1.3 ms for [32, 49152] on one core) where amax is vectorized. The first block whose
+    maximum is the row's holds the row's first maximum, so: amax per block of
+    _GREEDY_BLOCK, argmax over the few block maxima, argmax inside that block."""
+    n, vocab = logits.shape
+    if vocab % _GREEDY_BLOCK or vocab <= _GREEDY_BLOCK or logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    blocks = logits.reshape(n, vocab // _GREEDY_BLOCK, _GREEDY_BLOCK)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # [n]
+    inner = blocks[torch.arange(n), first].argmax(dim=-1)  # [n]
+    return first * _GREEDY_BLOCK + inner
+
+
+_GREEDY_BLOCK = 256  # 192 blocks of SmolLM2's 49152; 128-512 all run within 20% of it
+
+
+def has_controls(batch: Batch) -> bool:
+    """Whether any row of the step has a grammar mask, min_tokens, a bias or a penalty."""
+    state = batch.state
+    return batch.allowed is not None or bool(
+        state.num_with_min_tokens or state.num_with_bias or state.num_with_repetition
+        or state.num_with_frequency)
 
 
 def filter_logits(
@@ -110,7 +140,7 @@ def sample(
     """Without `batch` (no state rows), only temperature, top_k, top_p and min_p apply."""
     num_seqs, vocab = logits.shape
     controlled = logits if batch is None else apply_controls(logits, batch)
-    tokens = controlled.argmax(dim=-1)  # [num_seqs]; kept for greedy rows
+    tokens = greedy_tokens(controlled)  # [num_seqs]; kept for greedy rows
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         tokens[rows] = _sample_rows(controlled[rows], [params[i] for i in rows],
@@ -128,7 +158,7 @@ def sample(
             n = params[i].logprobs or 0
             alts = tuple(zip(top_ids[j][:n], top_values[j][:n], strict=True))
             logprobs[i] = TokenLogprob(chosen[i], picked[j], alts)
-    if batch is not None:
+    if batch is not None and batch.state.needs_history:
         batch.state.record(batch.rows, tokens)
     return chosen, logprobs
 

@@ -118,6 +118,14 @@ class SamplerState:
         self._count(self._flags.pop(key), -1)
         self._free.append(r)
 
+    @property
+    def needs_history(self) -> bool:
+        """Whether a live row reads its generated tokens (penalties, min_tokens). A row's
+        controls are fixed when it joins, and `add` rewrites a row's history whole, so the
+        steps in which no live row reads it may skip `record`."""
+        return bool(self.num_with_repetition or self.num_with_frequency
+                    or self.num_with_min_tokens)
+
     def record(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """rows, tokens: [n] int64; each row sampled its token this step."""
         ones = torch.ones(rows.shape[0], dtype=self.counts.dtype, device=self.device)

@@ -191,6 +191,11 @@ def test_dense_form_matches_the_segment_path_and_follows_slot_writes(adapters) -
     manager.set_lora(2, manager.parse(read(refs["mlp-r32"]), refs["mlp-r32"]))
     manager.prepare(torch.tensor(decode, dtype=torch.int32))
     check_step(decode)
+    # Each projection packs only the adapters targeting it, at their own rank: attention
+    # carries attn-r4 alone (4 columns a slice), not padded to mlp-r32's 32 beside it.
+    assert manager._pack("o_proj")[0].shape[1] == 4
+    assert manager._pack("qkv_proj")[0].shape[1] == 3 * 4
+    assert manager._pack("down_proj")[0].shape[1] == 32
     # A long prefill with one adapter token: padding every token would waste far more than
     # the loop's few calls, so the segment path runs.
     prefill = [-1] * 4000 + [0]

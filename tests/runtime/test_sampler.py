@@ -7,7 +7,7 @@ import collections
 import pytest
 import torch
 
-from runtime.model.sampler import make_generator, sample
+from runtime.model.sampler import greedy_tokens, make_generator, sample
 from runtime.types import SamplingParams
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
@@ -74,3 +74,18 @@ def test_a_temperature_below_1e_5_is_greedy_in_the_runtime_too() -> None:
         tokens, _ = sample(logits.clone(), [SamplingParams(temperature=temperature)],
                            [make_generator(0, "cpu")])
         assert tokens == [1]
+
+
+@pytest.mark.parametrize("vocab", [49152, 1024, 1000, 256])
+def test_greedy_tokens_is_argmax_with_ties_and_non_finite_rows(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(40):
+        # Small integers: many ties, so "the first maximum" is what is tested.
+        logits = torch.randint(0, 4, (9, vocab), generator=gen).float()
+        if trial % 2:
+            logits = torch.randn(9, vocab, generator=gen)
+        logits[2] = float("-inf")
+        logits[4, [vocab // 3, vocab - 1]] = float("inf")
+        logits[6, (trial * 37) % vocab] = float("nan")
+        logits[7, -1] = logits[7].max() + 1  # the maximum in the last block
+        assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))

@@ -379,3 +379,30 @@ async def test_abort_endpoint_ends_the_stream(live, front) -> None:
     await wait_for(lambda: not state.streams)
     unknown = await http.post("/abort/nobody")
     assert unknown.json() == {"request_id": "nobody", "aborted": False}
+
+
+class BackloggedFront(FakeFront):
+    """Says another output is always queued: every output is held for the next write."""
+
+    def backlog(self, request_id: str) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(("front_type", "num_writes"), [(FakeFront, 1 + 4), (BackloggedFront, 2)])
+async def test_stream_writes_queued_outputs_and_a_finish_together(front_type, num_writes) -> None:
+    """One write per output (its last token and finish together), and the outputs already
+    queued for the request coalesced into one: the same NDJSON lines either way."""
+    from runtime.http.app import RuntimeState, _events
+    from runtime.protocol import build_request, decode_generate
+
+    fake = front_type()
+    state = RuntimeState()
+    state.attach(fake, FakeTokenizer(), INFO)
+    raw = json.dumps(body(request_id="c1")).encode()
+    req = build_request(decode_generate(raw), [1, 5, 7], INFO.limits)
+    state.open_stream(req.request_id)
+    writes = [piece async for piece in _events(state, req)]
+    assert len(writes) == num_writes
+    events = events_of(b"".join(writes).decode())
+    assert [e["type"] for e in events] == ["start"] + ["token"] * 4 + ["finish"]
+    assert [e["token_ids"] for e in events[1:-1]] == [[t] for t in expected_tokens([1, 5, 7], 4)]
