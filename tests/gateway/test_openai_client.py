@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.support.gw_helpers import ADMIN_TOKEN, admin
-from tests.support.stub_procs import start_gateway, start_stub, stop, wait_http
+from tests.support.stub_procs import start_gateway, start_stub, start_whole_stack, stop
 
 
 def tenant_key(url: str) -> str:
@@ -61,26 +61,8 @@ def test_openai_client_over_stub_runtime(live_stub_gateway: str) -> None:
 @pytest.mark.unit
 def test_openai_client_over_the_real_runtime(tmp_path: Path) -> None:
     """`loragate serve` with no --runtimes: the whole system, the built-in model, one command."""
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from tests.support.stub_procs import ROOT, free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
-    env["LORAGATE_ADMIN_TOKEN"] = ADMIN_TOKEN
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-         "--data-dir", str(tmp_path / "data"), "--device", "cpu"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_whole_stack(tmp_path / "data", ADMIN_TOKEN)
     try:
-        wait_http(f"{url}/healthz", proc, timeout_s=120)
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
-            assert time.monotonic() < deadline, "gateway never became ready"
-            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=tenant_key(url), max_retries=0)
         whole = client.completions.create(model="builtin", prompt="The", max_tokens=5,
                                           temperature=0, extra_body={"return_token_ids": True})

@@ -4,9 +4,6 @@ built-in model, two tenants, whole and streamed answers, the figures on /metrics
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -14,7 +11,7 @@ import httpx
 import pytest
 
 from tests.support.gw_helpers import ADMIN_TOKEN, admin
-from tests.support.stub_procs import ROOT, free_port, stop, wait_http
+from tests.support.stub_procs import start_whole_stack, stop
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 # Token ids (API.md: a prompt may be a list of ids): 64 shared ones, four full blocks of 16.
@@ -31,20 +28,8 @@ def tenant_key(url: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
-    env["LORAGATE_ADMIN_TOKEN"] = ADMIN_TOKEN
-    data = tmp_path_factory.mktemp("prefix-api") / "data"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-         "--data-dir", str(data), "--device", "cpu"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_whole_stack(tmp_path_factory.mktemp("prefix-api") / "data", ADMIN_TOKEN)
     try:
-        wait_http(f"{url}/healthz", proc, timeout_s=120)
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
-            assert time.monotonic() < deadline, "gateway never became ready"
-            time.sleep(0.2)
         yield url
     finally:
         stop(proc)

@@ -35,6 +35,7 @@ from runtime.lora.store import ArtifactFetcher
 from runtime.model.weights import ModelArgs
 from runtime.protocol import ProtocolError, RequestLimits, output_events
 from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
+from tests.support.engine_runs import drain
 from tests.support.hostile import HOSTILE_B, crafted_ref
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -53,19 +54,6 @@ def greedy() -> SamplingParams:
 def prompt(n: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return [1] + torch.randint(3, 1000, (n - 1,), generator=gen).tolist()
-
-
-def drain(engine: LLMEngine, limit: int = 2000) -> dict[str, list]:
-    outputs: dict[str, list] = {}
-    for _ in range(limit):
-        if not engine.has_unfinished():
-            return outputs
-        outs = engine.step()
-        for out in outs:
-            outputs.setdefault(out.request_id, []).append(out)
-        if not outs:
-            time.sleep(0.002)  # waiting on an adapter load in the loader's threads
-    raise AssertionError("the engine stopped making progress")
 
 
 def tokens_of(outs: list) -> list[int]:

@@ -9,7 +9,6 @@ a preempted sequence gives back its holds.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import msgspec
@@ -20,7 +19,8 @@ from runtime.config import RuntimeConfig
 from runtime.engine import LLMEngine
 from runtime.lora.manager import build_lora_runtime
 from runtime.model.weights import ModelArgs
-from runtime.types import AdapterRef, EngineRequest, FinishReason, RequestOutput, SamplingParams
+from runtime.types import AdapterRef, EngineRequest, FinishReason, SamplingParams
+from tests.support.engine_runs import drain
 from tests.support.lora_oracle import SPECS, load_peft_multi, make_peft_adapter, peft_greedy
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
@@ -58,19 +58,6 @@ def make_engine(model_dir: Path, **overrides) -> LLMEngine:
 
 def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-
-
-def drain(engine: LLMEngine, limit: int = 5000) -> dict[str, list[RequestOutput]]:
-    outputs: dict[str, list[RequestOutput]] = {}
-    for _ in range(limit):
-        if not engine.has_unfinished():
-            return outputs
-        outs = engine.step()
-        for out in outs:
-            outputs.setdefault(out.request_id, []).append(out)
-        if not outs:
-            time.sleep(0.002)  # waiting on an adapter load in the loader's threads
-    raise AssertionError("the engine stopped making progress")
 
 
 def answer(engine: LLMEngine, req: EngineRequest) -> tuple[list[int], int]:

@@ -59,6 +59,29 @@ def start_gateway(data_dir: Path, base_model_dir: Path, runtimes: list[str], adm
     return proc, url
 
 
+def start_whole_stack(data_dir: Path, admin_token: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`loragate serve` with no --runtimes: the gateway and its own runtime on the built-in
+    model, one command, as the README's quickstart runs it; returned once /readyz is 200."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
+    env["LORAGATE_ADMIN_TOKEN"] = admin_token
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
+         "--data-dir", str(data_dir), "--device", "cpu"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc, timeout_s=120)
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{url}/readyz", timeout=2).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the gateway never became ready")
+            time.sleep(0.2)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
