@@ -101,18 +101,26 @@ def start_stack(data_dir: Path, base: Path, log: Path, slots: int
             env=env, out=out)
     os.sched_setaffinity(0, edge_cpus)  # this load client shares the gateway's CPU
     procs, url = [gateway, runtime], f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    if wait_ready(f"{url}/readyz", procs, timeout_s=180):
+        return procs, url
+    stop_stack(procs)
+    raise SystemExit(f"the stack did not get ready:\n{log.read_text()[-3000:]}")
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> bool:
+    """Whether `url` answered 200 within `timeout_s`; False at once if one of `procs` (the
+    servers behind it) exited."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(p.poll() is not None for p in procs):
-            break
+            return False
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return procs, url
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    stop_stack(procs)
-    raise SystemExit(f"the stack did not get ready:\n{log.read_text()[-3000:]}")
+    return False
 
 
 def split_cpus() -> tuple[set[int], set[int]]:

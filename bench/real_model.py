@@ -138,7 +138,7 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
     (bench.chat_load, the load vLLM's server gets too)."""
     import httpx
 
-    from bench.load import free_port, stop_stack
+    from bench.load import free_port, stop_stack, wait_ready
 
     admin = "bench-real-model-admin-token"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGATE_")}
@@ -158,15 +158,7 @@ def api_run(model_dir: Path, adapter_dirs: list[Path], messages, names: list[int
                                       stdout=log, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            else:
+            if not wait_ready(f"{url}/readyz", procs, timeout_s=300):
                 return {"error": "the stack did not get ready"}
             with httpx.Client(base_url=url, timeout=60,
                               headers={"Authorization": f"Bearer {admin}"}) as client:

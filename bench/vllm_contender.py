@@ -72,9 +72,8 @@ def _figures(run: dict[str, Any]) -> dict[str, float]:
 
 def _serve_and_load(python: str, model_dir: Path, extra: list[str], models: list[str],
                     messages: list[list[dict[str, str]]], max_tokens: int) -> dict[str, Any]:
-    import httpx
 
-    from bench.load import free_port
+    from bench.load import free_port, wait_ready
 
     port = free_port()
     # The CPU backend reserves --gpu-memory-utilization of the host's memory (its name
@@ -92,17 +91,9 @@ def _serve_and_load(python: str, model_dir: Path, extra: list[str], models: list
                                 cwd=tempfile.gettempdir())
     try:
         start = time.perf_counter()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
+        if not wait_ready(f"{url}/v1/models", [proc], timeout_s=600):
             if proc.poll() is not None:
                 return {"error": f"exited with {proc.returncode}; log: {_tail(log.name)}"}
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
             return {"error": f"not ready in 600 s; log: {log.name}"}
         startup = time.perf_counter() - start
         tokens, seconds, texts = chat_load(url, {}, models, messages, max_tokens)
