@@ -53,9 +53,16 @@ def stub_url() -> Iterator[str]:
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str
-             ) -> AsyncIterator[AsyncTestClient[Any]]:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,))
+def gw_settings_overrides() -> dict[str, Any]:
+    """Settings fields a module's `gw` takes beyond the defaults (override it in the module)."""
+    return {}
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str,
+             gw_settings_overrides: dict[str, Any]) -> AsyncIterator[AsyncTestClient[Any]]:
+    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),
+                             **gw_settings_overrides)
     upgrade_database(settings.database_url)
     async with AsyncTestClient(create_app(settings)) as client:
         yield client

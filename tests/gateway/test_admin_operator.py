@@ -12,12 +12,10 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from adapters.db import upgrade_database
 from adapters.keys import parse_key
 from adapters.storage import object_key
-from gateway.app import create_app
 from tests.support.delivery import QUIET_LOOP, services_of, start_rollout, two_versions
-from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
+from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 
 pytestmark = pytest.mark.unit
 
@@ -35,12 +33,8 @@ NEW_ROUTES = [
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str) -> Any:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),
-                             **QUIET_LOOP)
-    upgrade_database(settings.database_url)
-    async with AsyncTestClient(create_app(settings)) as client:
-        yield client
+def gw_settings_overrides() -> dict[str, Any]:
+    return QUIET_LOOP  # no decision round of its own: the tests run them
 
 
 async def call(client: AsyncTestClient[Any], method: str, path: str, body: Any,

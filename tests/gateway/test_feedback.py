@@ -12,9 +12,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from adapters.db import upgrade_database
 from adapters.errors import NotFound
-from gateway.app import create_app
 from gateway.inference.feedback import (
     REDIS_BYTES_PER_ANSWER,
     REDIS_MAX_BYTES_PER_ANSWER,
@@ -25,7 +23,7 @@ from gateway.inference.feedback import (
     welch_test,
 )
 from tests.support.delivery import QUIET_LOOP, ask, score, two_versions
-from tests.support.gw_helpers import admin, bearer, create_tenant, make_settings, upload
+from tests.support.gw_helpers import admin, bearer, create_tenant, upload
 
 
 def scores_of(values: list[float]) -> Scores:
@@ -164,12 +162,8 @@ async def test_answer_log_in_redis_is_shared_bounded_and_isolated(redis_url: str
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, base_model_dir: Path, stub_url: str) -> Any:
-    settings = make_settings(tmp_path / "data", base_model_dir, runtimes=(stub_url,),
-                             **QUIET_LOOP)
-    upgrade_database(settings.database_url)
-    async with AsyncTestClient(create_app(settings)) as client:
-        yield client
+def gw_settings_overrides() -> dict[str, Any]:
+    return QUIET_LOOP  # no decision round of its own: the tests run them
 
 
 @pytest.mark.unit
