@@ -2,9 +2,13 @@
 compute-only figure, measured here and printed beside the step (bench/step_profile.py).
 
     compute_ms  the step's GEMM FLOPs (every projection and the lm_head at this batch) over
-                the best GFLOPS of each shape in a tight loop (one small weight stays in
-                cache, so this is the arithmetic alone). Until issue 13's second round this
-                was *the* roof ("roof_ms_float32"); it is still printed under that name.
+                the best GFLOPS any GEMM here reaches on one of the step's shapes in a tight
+                loop (one small weight stays in cache, so this is the arithmetic alone): of
+                F.linear (MKL) and of oneDNN over a reordered weight (runtime/model/linear.py),
+                both printed. Until issue 13's second round this was *the* roof
+                ("roof_ms_float32"); it is still printed under that name. Until the third it
+                measured F.linear alone, which on the development VM's AMD CPU reaches a third
+                of what oneDNN does ("roof_ms_float32_f_linear").
     memory_ms   the bytes a step must read once: every weight matrix the GEMMs stream (a
                 decode step at batch 32 reuses each weight for only 32 rows, so the ~540 MB
                 of SmolLM2's fp32 weights come from memory, not cache), the LoRA packs, and
@@ -12,7 +16,8 @@ compute-only figure, measured here and printed beside the step (bench/step_profi
                 (the best of a few sums over a buffer far larger than the caches).
     roof_ms     max(compute_ms, memory_ms): no step can beat either.
     gemm_sequence_ms  the step's base GEMMs run back to back over their distinct weights,
-                as the step runs them (what the GEMMs alone reach, not a bound).
+                through the engine's own GEMM path, as the step runs them (what the GEMMs
+                alone reach, not a bound).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from runtime.model.linear import onednn_available, onednn_linear, reorder_for_onednn
 
 STREAM_BYTES = 512 * 1024 * 1024  # far past any L3: a sum over it runs at memory speed
 
@@ -38,11 +45,34 @@ def read_bandwidth(rounds: int = 5) -> float:
     return STREAM_BYTES / best
 
 
-def _weights(engine) -> list[torch.Tensor]:
+def _weights(engine) -> list[Any]:
+    """The step's projections (runtime.model.linear.Linear) in the order a step runs them."""
     out = []
     for layer in engine.model.layers:
         out += [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
     return [*out, engine.model.lm_head]
+
+
+def _gemm_paths() -> dict[str, Any]:
+    """name -> (prepare(weight) -> w, run(x, w)) for every GEMM this torch offers on CPU."""
+    paths: dict[str, Any] = {"f_linear": (lambda w: w, F.linear)}
+    if onednn_available():
+        paths["onednn"] = (reorder_for_onednn, onednn_linear)
+    return paths
+
+
+def best_gflops(shape: tuple[int, int], batch: int, dtype: torch.dtype, prepare, run,
+                rounds: int) -> float:
+    out_features, in_features = shape
+    wt = prepare(torch.randn(out_features, in_features).to(dtype))
+    x = torch.randn(batch, in_features).to(dtype)
+    for _ in range(3):
+        run(x, wt)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        run(x, wt)
+    dt = (time.perf_counter() - start) / rounds
+    return 2 * batch * out_features * in_features / dt / 1e9
 
 
 def _lora_bytes(engine) -> int:
@@ -62,26 +92,23 @@ def kv_bytes(engine, contexts: list[int]) -> int:
 def roofline(engine, batch: int, contexts: list[int], rounds: int = 20) -> dict[str, Any]:
     """The step's roofline at `batch` with these sequence `contexts` (tokens each)."""
     layer = engine.model.layers[0]
-    shapes = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+    shapes = [tuple(p.shape) for p in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj,
+                                       layer.down_proj, engine.model.lm_head)]
     weights = _weights(engine)
     flops = sum(2 * batch * w.shape[0] * w.shape[1] for w in weights)
     out: dict[str, Any] = {"step_gemm_gflop": flops / 1e9}
     for dtype in {torch.float32, engine.dtype}:
-        best = 0.0
-        for w in [*shapes, engine.model.lm_head]:
-            wt = w.to(dtype)
-            x = torch.randn(batch, w.shape[1]).to(dtype)
-            for _ in range(3):
-                F.linear(x, wt)
-            start = time.perf_counter()
-            for _ in range(rounds):
-                F.linear(x, wt)
-            dt = (time.perf_counter() - start) / rounds
-            best = max(best, 2 * batch * w.shape[0] * w.shape[1] / dt / 1e9)
         name = str(dtype).removeprefix("torch.")
+        best = 0.0
+        for path, (prepare, run) in _gemm_paths().items():
+            gflops = max(best_gflops(shape, batch, dtype, prepare, run, rounds)
+                         for shape in shapes)
+            out[f"gflops_{name}_{path}"] = gflops
+            out[f"roof_ms_{name}_{path}"] = flops / (gflops * 1e9) * 1e3
+            best = max(best, gflops)
         out[f"gflops_{name}"] = best
         out[f"roof_ms_{name}"] = flops / (best * 1e9) * 1e3  # compute-only, the old roof
-    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    weight_bytes = sum(w.nbytes for w in weights)
     bytes_read = weight_bytes + _lora_bytes(engine) + kv_bytes(engine, contexts)
     bandwidth = read_bandwidth()
     compute_ms = out[f"roof_ms_{str(engine.dtype).removeprefix('torch.')}"]
@@ -91,7 +118,7 @@ def roofline(engine, batch: int, contexts: list[int], rounds: int = 20) -> dict[
     for _ in range(3):
         start = time.perf_counter()
         for w in weights:
-            F.linear(xs[w.shape[1]], w)
+            w(xs[w.shape[1]])
         seq_best = min(seq_best, time.perf_counter() - start)
     out |= {"weight_mb": weight_bytes / 1e6, "bytes_read_mb": bytes_read / 1e6,
             "read_gb_s": bandwidth / 1e9, "compute_ms": compute_ms, "memory_ms": memory_ms,

@@ -1,12 +1,13 @@
 """One decode step of the engine on a real checkpoint, timed by part, beside the GEMM roof.
 
     .venv/bin/python -m bench.step_profile [--batch 32] [--legacy] [--dtype bfloat16] [--json]
-        [--attention gather] [--prompt-len 24]
+        [--attention gather] [--prompt-len 24] [--gemm torch]
 
 A batch of `--batch` requests over the base model and two adapters (round robin) decodes;
 after warm-up, `--steps` steps are timed with perf_counter around each part (the CPU runs
 every op synchronously, so the timers are the parts' own costs):
-  base_gemm  F.linear of the four projections of every layer
+  base_gemm  the four projections of every layer (oneDNN over reordered weights on CPU,
+             F.linear with `--gemm torch`; runtime/model/linear.py)
   lora       the LoRA term (`LoraManager.apply`)
   attention  KV write and paged attention
   lm_head    the logits of the sampled rows
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bench.roofline import roofline
 
@@ -77,7 +77,8 @@ def make_adapters(model_dir: Path, out: Path) -> list[Any]:
 
 
 def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model_len: int,
-                 attention: str = "auto", kv_cache_bytes: int | None = None):
+                 attention: str = "auto", kv_cache_bytes: int | None = None,
+                 gemm: str = "auto"):
     from runtime.config import RuntimeConfig
     from runtime.engine import LLMEngine, resolve_dtype
     from runtime.lora.manager import build_lora_runtime
@@ -86,7 +87,7 @@ def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model
     config = RuntimeConfig(model_dir=model_dir, dtype=dtype, max_running=max_running,
                            max_batch_tokens=4096, max_lora_rank=16, max_gpu_adapters=4,
                            max_model_len=max_model_len, attention=attention,
-                           kv_cache_bytes=kv_cache_bytes)
+                           kv_cache_bytes=kv_cache_bytes, gemm=gemm)
     args = ModelArgs.from_model_dir(model_dir)
     lora, cache = build_lora_runtime(config, args, resolve_dtype(config))
     return LLMEngine(config, args=args, lora=lora, adapters=cache)
@@ -129,9 +130,9 @@ class PartTimer:
                     t[name] += time.perf_counter() - start
             return wrapper
 
-        def linear(layer, name, x, w, b=None):
+        def linear(layer, name, x, projection):
             start = time.perf_counter()
-            y = F.linear(x, w, b)
+            y = projection(x)
             t["base_gemm"] += time.perf_counter() - start
             if layer.lora is not None and layer.lora.active:
                 start = time.perf_counter()
@@ -163,7 +164,8 @@ _MISSING = object()
 
 def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
                 dtype: str | None = None, adapters_dir: Path | None = None,
-                attention: str = "auto", prompt_len: int = 24) -> dict[str, Any]:
+                attention: str = "auto", prompt_len: int = 24,
+                gemm: str = "auto") -> dict[str, Any]:
     import tempfile
 
     if legacy:
@@ -183,7 +185,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
                                                 torch.float32)
         engine = build_engine(model_dir, dtype, max_running=max(batch, 8), max_model_len=max_len,
                               attention="auto" if attention == "ab" else attention,
-                              kv_cache_bytes=kv_bytes)
+                              kv_cache_bytes=kv_bytes, gemm=gemm)
         if legacy:
             engine.lora._dense_ok = False  # the per-adapter segment loop, as before
         # "ab": the kernel and the gather path take turns step by step in this one process
@@ -213,6 +215,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
             timer.close()
         common = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
                   "prompt_len": prompt_len, "threads": torch.get_num_threads(),
+                  "gemm": "onednn" if engine.model.lm_head.packed else "torch",
                   "dense_projections": sorted(engine.lora.dense_projections),
                   **roofline(engine, batch, [len(q.token_ids) for q in engine.scheduler.running])}
         out = {v or ("kernel" if engine.paged_kernel else "gather"): summarize(
@@ -238,10 +241,12 @@ def main() -> None:
     parser.add_argument("--adapters-dir", type=Path)
     parser.add_argument("--attention", choices=("auto", "gather", "ab"), default="auto")
     parser.add_argument("--prompt-len", type=int, default=24)
+    parser.add_argument("--gemm", choices=("auto", "torch"), default="auto",
+                        help="RuntimeConfig.gemm: oneDNN over reordered weights, or F.linear")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
     result = run_profile(args.model, args.batch, args.steps, args.legacy, args.dtype,
-                         args.adapters_dir, args.attention, args.prompt_len)
+                         args.adapters_dir, args.attention, args.prompt_len, args.gemm)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -30,6 +30,10 @@ class RuntimeConfig:
     # (runtime/model/paged_attention_cpu.py), or gathers when it cannot build; "gather":
     # always gather each context and run SDPA (the CUDA path; the A/B and oracle tests).
     attention: str = "auto"
+    # "auto": on CPU, float32 and bfloat16 projections run through oneDNN over weights
+    # reordered once at load (runtime/model/linear.py); "torch": F.linear (MKL on CPU), the
+    # CUDA path everywhere.
+    gemm: str = "auto"
 
     # Reuse the K/V of prompt blocks an earlier request of the same tenant and adapter
     # version computed (scheduling/prefix_hashes.py). Off: every prompt prefills in full.
@@ -73,5 +77,7 @@ class RuntimeConfig:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.attention not in ("auto", "gather"):
             raise ValueError(f"attention must be 'auto' or 'gather', not {self.attention!r}")
+        if self.gemm not in ("auto", "torch"):
+            raise ValueError(f"gemm must be 'auto' or 'torch', not {self.gemm!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from runtime.model.attention import AttentionMetadata, paged_attention
 from runtime.model.kv_cache import KVCache
+from runtime.model.linear import Linear
 from runtime.model.weights import ModelArgs, load_weights
 
 
@@ -79,23 +80,27 @@ def apply_rotary(
 
 
 class DecoderLayer:
-    def __init__(self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs) -> None:
+    def __init__(
+        self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs, pack: bool = False,
+    ) -> None:
+        """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py)."""
         self.idx = idx
         self.args = args
         self.input_norm = w[f"layers.{idx}.input_norm"]
         self.post_norm = w[f"layers.{idx}.post_norm"]
-        self.qkv_proj = w[f"layers.{idx}.qkv_proj"]  # [q + 2 * kv, hidden]
-        self.qkv_bias = w.get(f"layers.{idx}.qkv_bias")  # [q + 2 * kv] or None
-        self.o_proj = w[f"layers.{idx}.o_proj"]  # [hidden, q]
-        self.gate_up_proj = w[f"layers.{idx}.gate_up_proj"]  # [2 * inter, hidden]
-        self.down_proj = w[f"layers.{idx}.down_proj"]  # [hidden, inter]
+        # [q + 2 * kv, hidden], with the q/k/v bias [q + 2 * kv] when the model has one
+        self.qkv_proj = Linear(w[f"layers.{idx}.qkv_proj"], w.get(f"layers.{idx}.qkv_bias"),
+                               pack=pack)
+        self.o_proj = Linear(w[f"layers.{idx}.o_proj"], pack=pack)  # [hidden, q]
+        self.gate_up_proj = Linear(w[f"layers.{idx}.gate_up_proj"], pack=pack)  # [2*inter, hidden]
+        self.down_proj = Linear(w[f"layers.{idx}.down_proj"], pack=pack)  # [hidden, inter]
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.scale = args.head_dim**-0.5
         self.lora: LoraHook | None = None
 
-    def _linear(self, name: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
-        y = F.linear(x, w, b)
+    def _linear(self, name: str, x: torch.Tensor, projection: Linear) -> torch.Tensor:
+        y = projection(x)
         if self.lora is not None and self.lora.active:
             self.lora.apply(self.idx, name, x, y)
         return y
@@ -110,7 +115,7 @@ class DecoderLayer:
     ) -> torch.Tensor:  # [num_tokens, hidden]
         a = self.args
         x = rms_norm(h, self.input_norm, a.rms_norm_eps)
-        qkv = self._linear("qkv_proj", x, self.qkv_proj, self.qkv_bias)
+        qkv = self._linear("qkv_proj", x, self.qkv_proj)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
@@ -133,14 +138,17 @@ class DecoderLayer:
 class LlamaModel:
     def __init__(
         self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int,
-        attn_dtype: torch.dtype | None = None,
+        attn_dtype: torch.dtype | None = None, pack_weights: bool = False,
     ) -> None:
-        """`attn_dtype`: of rotary, attention and the KV cache (default: the weights')."""
+        """`attn_dtype`: of rotary, attention and the KV cache (default: the weights').
+        `pack_weights`: reorder every projection and the lm_head for oneDNN (linear.py); a
+        tied lm_head then costs a second copy of the embedding, which the lookup reads."""
         self.args = args
         self.embed = weights["embed"]  # [vocab, hidden]
-        self.lm_head = weights["lm_head"]  # [vocab, hidden]
+        self.lm_head = Linear(weights["lm_head"], pack=pack_weights)  # [vocab, hidden]
         self.norm = weights["norm"]
-        self.layers = [DecoderLayer(i, weights, args) for i in range(args.num_layers)]
+        self.layers = [DecoderLayer(i, weights, args, pack_weights)
+                       for i in range(args.num_layers)]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         positions = torch.arange(max_positions, dtype=torch.float32)
@@ -157,11 +165,13 @@ class LlamaModel:
     def load(
         cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None,
         *, args: ModelArgs | None = None, attn_dtype: torch.dtype | None = None,
+        pack_weights: bool = False,
     ) -> LlamaModel:
         """The checkpoint in `model_dir`; `args`: its config.json, when the caller parsed it."""
         args = args or ModelArgs.from_model_dir(model_dir)
         weights = load_weights(model_dir, args, dtype, device)
-        return cls(args, weights, max_positions or args.max_position_embeddings, attn_dtype)
+        return cls(args, weights, max_positions or args.max_position_embeddings, attn_dtype,
+                   pack_weights)
 
     def set_lora(self, lora: LoraHook | None) -> None:
         for layer in self.layers:
@@ -184,4 +194,4 @@ class LlamaModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

@@ -1,4 +1,5 @@
-"""Oracle: our paged forward against transformers on the same weights, fp32, logits within 1e-4."""
+"""Oracle: our paged forward against transformers on the same weights, fp32, logits within 1e-4,
+with the projections through F.linear and through oneDNN over reordered weights (linear.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache
+from runtime.model.linear import onednn_available
 from runtime.model.llama import LlamaModel
 from tests.support.hf_models import builtin_model_dir, hf_model, save_random_model
 
@@ -58,8 +60,8 @@ def _hf_run(model_dir: Path, prompt: list[int]) -> Run:
     return prefill, steps, tokens
 
 
-def _our_run(model_dir: Path, prompt: list[int]) -> Run:
-    model = LlamaModel.load(model_dir, "cpu", torch.float32)
+def _our_run(model_dir: Path, prompt: list[int], pack_weights: bool) -> Run:
+    model = LlamaModel.load(model_dir, "cpu", torch.float32, pack_weights=pack_weights)
     kv = KVCache(model.args, num_blocks=12, block_size=16, dtype=torch.float32, device="cpu")
     table = [7, 2, 11, 5]  # scattered on purpose: the block table must be honoured
     # Prefill in two chunks, the second attending over the cached first.
@@ -84,16 +86,24 @@ def _our_run(model_dir: Path, prompt: list[int]) -> Run:
     return prefill, steps, tokens
 
 
+GEMMS = [pytest.param(False, id="f_linear"),
+         pytest.param(True, id="onednn", marks=pytest.mark.skipif(
+             not onednn_available(), reason="this torch has no oneDNN linear"))]
+
+
 @pytest.mark.unit
+@pytest.mark.parametrize("pack_weights", GEMMS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_and_greedy_tokens_match_transformers(tmp_path: Path, case: str) -> None:
+def test_logits_and_greedy_tokens_match_transformers(
+    tmp_path: Path, case: str, pack_weights: bool,
+) -> None:
     model_dir = _model_dir(tmp_path, case)
     if case == "mistral-sharded":
         assert (model_dir / "model.safetensors.index.json").is_file()
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(3, 1000, (PROMPT_LEN,), generator=gen).tolist()
     ref_prefill, ref_steps, ref_tokens = _hf_run(model_dir, prompt)
-    prefill, steps, tokens = _our_run(model_dir, prompt)
+    prefill, steps, tokens = _our_run(model_dir, prompt, pack_weights)
     assert prefill.shape == ref_prefill.shape
     torch.testing.assert_close(prefill, ref_prefill, atol=TOL, rtol=0)
     assert tokens == ref_tokens

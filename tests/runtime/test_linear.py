@@ -1,0 +1,104 @@
+"""Projection GEMMs (runtime/model/linear.py): oneDNN over a reordered weight against F.linear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.config import RuntimeConfig
+from runtime.engine import build_engine
+from runtime.model.linear import Linear, onednn_available, use_onednn
+from runtime.types import EngineRequest, SamplingParams
+from tests.support.engine_runs import drain
+from tests.support.hf_models import builtin_model_dir, hf_greedy, hf_model
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_torch_thread")]
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="no oneDNN linear in this torch")
+
+
+def _weight(out_features: int, in_features: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 3, 32, 77, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_float32_matches_f_linear_at_any_batch(batch: int, with_bias: bool) -> None:
+    """The layout is chosen for one batch size; every other size must still be right."""
+    w = _weight(96, 80, seed=batch)
+    b = torch.randn(96) if with_bias else None
+    x = torch.randn(batch, 80)
+    packed = Linear(w.clone(), None if b is None else b.clone(), pack=True)
+    assert packed.packed
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_reads_rows_of_a_wider_tensor() -> None:
+    """The model feeds slices (a split's column views): strides must be honoured."""
+    w = _weight(40, 64, seed=1)
+    wide = torch.randn(9, 128)
+    x = wide[:, 32:96]
+    assert not x.is_contiguous()
+    torch.testing.assert_close(Linear(w.clone(), pack=True)(x), F.linear(x, w),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_packed_bfloat16_within_bf16_rounding() -> None:
+    w = _weight(128, 256, seed=2)
+    x = torch.randn(16, 256)
+    out = Linear(w.bfloat16(), pack=True)(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    ref = F.linear(x.bfloat16().float(), w.bfloat16().float())
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@needs_onednn
+def test_dense_gives_back_the_weight_and_the_packed_copy_replaces_it() -> None:
+    w = _weight(24, 48, seed=3)
+    packed = Linear(w.clone(), pack=True)
+    assert packed.weight.is_mkldnn  # the plain weight is not kept beside it
+    assert torch.equal(packed.dense(), w)
+    assert packed.shape == (24, 48) and packed.nbytes == w.numel() * 4
+    plain = Linear(w)
+    assert not plain.packed and plain.dense() is w
+
+
+def test_use_onednn_only_for_auto_on_cpu_float_weights() -> None:
+    cpu_auto = use_onednn("auto", "cpu", torch.float32)
+    assert cpu_auto == onednn_available()
+    assert not use_onednn("torch", "cpu", torch.float32)
+    assert not use_onednn("auto", "cuda", torch.float32)
+    assert not use_onednn("auto", "cpu", torch.float16)
+
+
+def test_config_refuses_an_unknown_gemm(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gemm"):
+        RuntimeConfig(model_dir=tmp_path, gemm="mkl")
+
+
+@needs_onednn
+def test_engine_packs_by_default_and_greedy_equals_transformers_either_way(
+    tmp_path: Path,
+) -> None:
+    model_dir = builtin_model_dir(tmp_path / "m")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (9, 40)]
+    hf = hf_model(model_dir)
+    expected = [hf_greedy(hf, p, 16) for p in prompts]
+    for gemm in ("auto", "torch"):
+        engine = build_engine(RuntimeConfig(model_dir=model_dir, kv_cache_bytes=4 << 20,
+                                            max_gpu_adapters=0, gemm=gemm))
+        assert engine.model.layers[0].qkv_proj.packed == (gemm == "auto")
+        assert engine.model.lm_head.packed == (gemm == "auto")
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(EngineRequest(f"r{i}", prompt, params))
+        outs = drain(engine)
+        got = [[t for o in outs[f"r{i}"] for t in o.new_token_ids] for i in range(2)]
+        assert got == expected, gemm
