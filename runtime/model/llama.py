@@ -83,17 +83,23 @@ class DecoderLayer:
     def __init__(
         self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs, pack: bool = False,
     ) -> None:
-        """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py)."""
+        """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py),
+        taking each plain weight out of `w` as it goes (LlamaModel says why)."""
         self.idx = idx
         self.args = args
         self.input_norm = w[f"layers.{idx}.input_norm"]
         self.post_norm = w[f"layers.{idx}.post_norm"]
+        p = f"layers.{idx}."
+
+        def take(name: str) -> torch.Tensor:
+            return w.pop(p + name) if pack else w[p + name]
+
+        bias = w.pop(p + "qkv_bias", None) if pack else w.get(p + "qkv_bias")
         # [q + 2 * kv, hidden], with the q/k/v bias [q + 2 * kv] when the model has one
-        self.qkv_proj = Linear(w[f"layers.{idx}.qkv_proj"], w.get(f"layers.{idx}.qkv_bias"),
-                               pack=pack)
-        self.o_proj = Linear(w[f"layers.{idx}.o_proj"], pack=pack)  # [hidden, q]
-        self.gate_up_proj = Linear(w[f"layers.{idx}.gate_up_proj"], pack=pack)  # [2*inter, hidden]
-        self.down_proj = Linear(w[f"layers.{idx}.down_proj"], pack=pack)  # [hidden, inter]
+        self.qkv_proj = Linear(take("qkv_proj"), bias, pack=pack)
+        self.o_proj = Linear(take("o_proj"), pack=pack)  # [hidden, q]
+        self.gate_up_proj = Linear(take("gate_up_proj"), pack=pack)  # [2 * inter, hidden]
+        self.down_proj = Linear(take("down_proj"), pack=pack)  # [hidden, inter]
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.scale = args.head_dim**-0.5
@@ -142,10 +148,15 @@ class LlamaModel:
     ) -> None:
         """`attn_dtype`: of rotary, attention and the KV cache (default: the weights').
         `pack_weights`: reorder every projection and the lm_head for oneDNN (linear.py); a
-        tied lm_head then costs a second copy of the embedding, which the lookup reads."""
+        tied lm_head then costs a second copy of the embedding, which the lookup reads.
+        Packing takes each projection's plain weight out of `weights` before the next one
+        is reordered, so that loading peaks at the model's size plus one weight, not twice
+        the model."""
         self.args = args
         self.embed = weights["embed"]  # [vocab, hidden]
-        self.lm_head = Linear(weights["lm_head"], pack=pack_weights)  # [vocab, hidden]
+        lm_head = weights.pop("lm_head") if pack_weights else weights["lm_head"]
+        self.lm_head = Linear(lm_head, pack=pack_weights)  # [vocab, hidden]
+        del lm_head
         self.norm = weights["norm"]
         self.layers = [DecoderLayer(i, weights, args, pack_weights)
                        for i in range(args.num_layers)]

@@ -102,3 +102,23 @@ def test_engine_packs_by_default_and_greedy_equals_transformers_either_way(
         outs = drain(engine)
         got = [[t for o in outs[f"r{i}"] for t in o.new_token_ids] for i in range(2)]
         assert got == expected, gemm
+
+
+@needs_onednn
+def test_packing_takes_the_plain_weights_out_so_load_never_holds_two_models(
+    tmp_path: Path,
+) -> None:
+    from runtime.model.llama import LlamaModel
+    from runtime.model.weights import ModelArgs, load_weights
+
+    model_dir = builtin_model_dir(tmp_path / "m")
+    args = ModelArgs.from_model_dir(model_dir)
+    projections = [f"layers.{i}.{p}" for i in range(args.num_layers)
+                   for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+    plain = load_weights(model_dir, args, torch.float32, "cpu")
+    LlamaModel(args, plain, 64)
+    assert all(name in plain for name in [*projections, "lm_head"])  # borrowed, not taken
+    weights = load_weights(model_dir, args, torch.float32, "cpu")
+    model = LlamaModel(args, weights, 64, pack_weights=True)
+    assert not any(name in weights for name in [*projections, "lm_head"])
+    assert "embed" in weights and model.embed is weights["embed"]  # the lookup keeps its own
