@@ -27,11 +27,16 @@ RATE_WINDOW_S = 10.0  # tokens_per_s is measured over this trailing window
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, *, requests_checked: bool = False) -> None:
+    def __init__(
+        self, engine: LLMEngine, *, requests_checked: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
         """`requests_checked`: every request comes through runtime.http.app, which checks it
         against the same limits (`engine.limits`) while decoding the body; then `generate`
-        does not check it again, and a request is checked once on its way in."""
+        does not check it again, and a request is checked once on its way in.
+        `num_threads`: the engine thread's torch threads (None: the process's default)."""
         self.engine = engine
+        self._num_threads = num_threads
         self._requests_checked = requests_checked
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -127,7 +132,7 @@ class AsyncLLMEngine:
     def _run(self) -> None:
         # Every torch op of the runtime runs here, on the process's intra-op pool; helper
         # threads (model load, adapter parsing) keep to one thread (runtime/model/threads.py).
-        engine_threads()
+        engine_threads(self._num_threads)
         engine = self.engine
         while True:
             with self._lock:

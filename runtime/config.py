@@ -34,6 +34,11 @@ class RuntimeConfig:
     # reordered once at load (runtime/model/linear.py); "torch": F.linear (MKL on CPU), the
     # CUDA path everywhere.
     gemm: str = "auto"
+    # The engine thread's intra-op (OpenMP) threads; None: torch's default (the cores it
+    # sees). On a host whose cores other work shares, fewer threads than cores keeps a team
+    # from spinning against that work (bench/README.md measured 2 threads on 2 busy cores
+    # at a tenth of their quiet speed).
+    num_threads: int | None = None
 
     # Reuse the K/V of prompt blocks an earlier request of the same tenant and adapter
     # version computed (scheduling/prefix_hashes.py). Off: every prompt prefills in full.
@@ -77,6 +82,8 @@ class RuntimeConfig:
             raise ValueError("gpu_memory_fraction must be in (0, 1]")
         if self.attention not in ("auto", "gather"):
             raise ValueError(f"attention must be 'auto' or 'gather', not {self.attention!r}")
+        if self.num_threads is not None and not 1 <= self.num_threads <= 1024:
+            raise ValueError("num_threads must be in 1..1024")
         if self.gemm not in ("auto", "torch"):
             raise ValueError(f"gemm must be 'auto' or 'torch', not {self.gemm!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction,
                          help="reuse the KV blocks of a prompt's start that an earlier request "
                               "of the same tenant and adapter version computed (default: on)")
+    runtime.add_argument("--threads", type=int,
+                         help="torch threads of the engine (default: torch's, the cores it "
+                              "sees); fewer than the cores where other work shares them")
+    runtime.add_argument("--gemm", choices=("auto", "torch"),
+                         help="CPU projections: oneDNN over weights reordered at load "
+                              "(auto, the default) or torch's F.linear")
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
     runtime.add_argument("--artifacts-dir", type=Path,
                          help="the local artifact store adapters may come from "
@@ -164,6 +170,8 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         "max_running": args.max_running,
         "dtype": args.dtype,
         "enable_prefix_caching": args.prefix_caching,
+        "num_threads": args.threads,
+        "gemm": args.gemm,
     }
     config = RuntimeConfig(
         model_dir=args.base_model,

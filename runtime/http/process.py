@@ -103,7 +103,7 @@ def build_front(config: RuntimeConfig) -> Loaded:
         store=limits.store,
     )
     # The app checks every request against info.limits (== engine.limits) as it decodes it.
-    front = AsyncLLMEngine(engine, requests_checked=True)
+    front = AsyncLLMEngine(engine, requests_checked=True, num_threads=config.num_threads)
     return Loaded(front, engine.tokenizer, info, engine.adapters)
 
 

@@ -55,3 +55,36 @@ def test_adapter_parsing_runs_on_one_torch_thread_and_the_engine_thread_keeps_it
     assert in_new_thread(lambda: (engine_threads(), torch.get_num_threads())[1]) == \
         default_num_threads()
     assert torch.get_num_threads() == mine  # this thread was never touched
+
+
+async def test_the_engine_thread_takes_the_runtimes_thread_count(model_dir: Path) -> None:
+    """`loragate runtime --threads N` (RuntimeConfig.num_threads) reaches the engine thread,
+    where every step's torch ops run; None keeps the process's default."""
+    from runtime.async_engine import AsyncLLMEngine
+    from runtime.config import RuntimeConfig
+    from runtime.engine import LLMEngine
+    from runtime.types import EngineRequest, SamplingParams
+
+    if default_num_threads() < 2:
+        pytest.skip("one core: nothing to tell apart")
+    engine = LLMEngine(RuntimeConfig(model_dir=model_dir, kv_cache_bytes=4 << 20,
+                                     max_gpu_adapters=0))
+    seen: list[int] = []
+    step = engine.step
+
+    def recording_step():
+        seen.append(torch.get_num_threads())
+        return step()
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    for num_threads, expected in ((1, 1), (None, default_num_threads())):
+        seen.clear()
+        front = AsyncLLMEngine(engine, num_threads=num_threads)
+        await front.start()
+        try:
+            params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+            outs = [o async for o in front.generate(EngineRequest("r", [1, 5, 9], params))]
+        finally:
+            await front.shutdown(drain=False)
+        assert outs and outs[-1].finished
+        assert seen and set(seen) == {expected}
