@@ -64,8 +64,8 @@ def pools(
     return k, v
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 8, 32),
-                                                        (16, 2, 128), (6, 3, 48)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 2, 64), (4, 2, 16),
+                                                        (8, 8, 32), (16, 2, 128), (6, 3, 48)])
 def test_kernel_equals_the_gather_path_on_ragged_gqa_steps(
     kernel: None, heads: int, kv_heads: int, dim: int
 ) -> None:
