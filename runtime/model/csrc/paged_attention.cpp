@@ -19,8 +19,8 @@
 //   Even so, scattered 16-row blocks read slower than one stream: on the development VM a bare
 //   read of SmolLM2's K/V in that order runs at ~20 GB/s against ~40 GB/s in pool order.
 // - Within a tile (at most kTile rows, never crossing a block boundary) the query heads of one
-//   kv head (GQA) read its K/V rows from L1 one after the other; an online softmax rescales
-//   the accumulators once per tile.
+//   kv head (GQA) read its K/V rows from L1, several heads per load where the registers allow
+//   (AVX-512); an online softmax rescales the accumulators once per tile.
 // Built by runtime/model/paged_attention_cpu.py with -O3 and, per CPU kind, -mavx512* (AVX-512
 // path below), -mavx2 -mfma (8-row dot with one hadd tree) or nothing (plain loops written
 // with fixed-width lanes so that GCC vectorizes them without -ffast-math).
