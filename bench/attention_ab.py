@@ -13,6 +13,8 @@ On SmolLM2-135M, fp32, base model + two adapters round robin:
   op         paged_attention() alone, one layer of SmolLM2's shapes on random pools, one
              thread, in this process: decode batches and prefill chunks over cached context
              (what PAGED_PREFILL_MAX in runtime/model/attention.py rests on)
+  stream     the kernel alone over all layers, each on its own pools, all threads: K/V read
+             per second against the machine's read bandwidth (the memory floor)
 "gather" is `RuntimeConfig(attention="gather")`: each context gathered out of the paged pool
 per layer, then SDPA; "kernel" reads the block tables directly (runtime/model/csrc/).
 """
@@ -105,6 +107,60 @@ def op_figures(model: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def median_step_ms(op: Any, q: Any, k: list[Any], v: list[Any], tables: Any, index: Any,
+                   lens: Any, out: Any, block: int, scale: float, rounds: int = 9) -> float:
+    """Median over `rounds` of the op run once per layer's pools (after one warm-up)."""
+    def step() -> None:
+        for k_layer, v_layer in zip(k, v, strict=True):
+            op(q, k_layer, v_layer, tables, index, index, lens, out, block, scale)
+
+    step()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[rounds // 2] * 1e3
+
+
+def stream_figures(model: Path) -> list[dict[str, Any]]:
+    """The kernel alone over one step's worth of layers, each on its own pools (so, unlike
+    `op`, the K/V come from memory, not L3), all threads: K/V bytes read per second against
+    the machine's read bandwidth (bench/roofline.py), the floor no decode step can beat."""
+    import torch
+
+    from bench.roofline import read_bandwidth
+    from runtime.model import paged_attention_cpu
+
+    op = paged_attention_cpu.load()
+    assert op is not None, "the kernel did not build"
+    cfg = json.loads((model / "config.json").read_text())
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    layers, block, gen = cfg["num_hidden_layers"], 16, torch.Generator().manual_seed(0)
+    bandwidth = read_bandwidth()
+    rows = []
+    for batch, context in ((8, 512), (8, 2048), (1, 2048)):
+        per_seq = (context + block - 1) // block
+        pool_rows = batch * per_seq * block
+        k = [torch.randn(pool_rows, kv_heads, dim, generator=gen) for _ in range(layers)]
+        v = [torch.randn(pool_rows, kv_heads, dim, generator=gen) for _ in range(layers)]
+        tables = torch.randperm(batch * per_seq, generator=gen).to(torch.int32)
+        tables = tables.view(batch, per_seq).contiguous()
+        index = torch.arange(batch, dtype=torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32)
+        q = torch.randn(batch, heads, dim, generator=gen)
+        out = torch.empty_like(q)
+        ms = median_step_ms(op, q, k, v, tables, index, lens, out, block, dim**-0.5)
+        kv_bytes = 2 * batch * context * kv_heads * dim * 4 * layers
+        rows.append({"batch": batch, "context": context, "layers": layers,
+                     "threads": torch.get_num_threads(), "ms": ms,
+                     "kv_gb_per_s": kv_bytes / ms / 1e6,
+                     "floor_ms": kv_bytes / bandwidth * 1e3,
+                     "ms_per_gflop": ms / attention_gflop(model, batch, context)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -120,6 +176,7 @@ def main() -> None:
     report: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "rounds": rounds}
     report["op"] = op_figures(args.model)
+    report["stream"] = stream_figures(args.model)
     report["step"] = side_by_side(args.model, adapters, rounds, 32, 24, 12)
     report["contexts"] = {}
     for length in contexts:
@@ -133,6 +190,11 @@ def main() -> None:
         out(f"  {r['kind']:<6} batch {r['batch']:>2} x {r['tokens']:>2} token(s) over "
             f"{r['context']:>4}: gather {r['gather_ms']:7.3f}  kernel {r['kernel_ms']:7.3f}  "
             f"({r['kernel_ms'] / r['gather_ms']:.2f})\n")
+    out("the kernel alone over a step's layers, each on its own pools, all threads:\n")
+    for r in report["stream"]:
+        out(f"  batch {r['batch']} x context {r['context']:>4}: {r['ms']:6.1f} ms, "
+            f"{r['kv_gb_per_s']:5.1f} GB/s of K/V, {r['ms_per_gflop']:.2f} ms per GFLOP "
+            f"(memory floor {r['floor_ms']:.1f} ms)\n")
     s = report["step"]
     out(f"decode step, batch 32, prompt 24, ms (variants alternating per step, median step's "
         f"parts, best of {rounds} processes):\n")

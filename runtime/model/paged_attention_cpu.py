@@ -38,13 +38,19 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtyp
 
 
 def _flags() -> tuple[str, list[str]]:
-    """A build name and compiler flags for this CPU: AVX2 + FMA where torch reports them
-    (torch's own dispatch probes the CPU), plain x86-64 otherwise, so that a build made on
-    one machine kind is never loaded where its instructions do not exist."""
+    """A build name and compiler flags for this CPU, from torch's own probe of it: AVX-512
+    (the F, BW, VL and DQ subsets torch requires for "AVX512"), AVX2 + FMA, or plain x86-64.
+    The name differs per variant, so that a build made on one machine kind is never loaded
+    where its instructions do not exist. ATEN_CPU_CAPABILITY=avx2 (or default) lowers what
+    torch reports, and so the variant built here."""
     capability = torch.backends.cpu.get_cpu_capability()  # "DEFAULT", "AVX2", "AVX512", ...
-    if capability in ("AVX2", "AVX512"):
-        return "avx2", ["-O3", "-fno-trapping-math", "-mavx2", "-mfma"]
-    return "default", ["-O3", "-fno-trapping-math"]
+    base = ["-O3", "-fno-trapping-math"]
+    if capability == "AVX512":
+        return "avx512", [*base, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                          "-mavx2", "-mfma"]
+    if capability == "AVX2":
+        return "avx2", [*base, "-mavx2", "-mfma"]
+    return "default", base
 
 
 _load_lock = threading.Lock()

@@ -8,7 +8,11 @@ not read hold NaN, so a read past a length shows up as a NaN answer, not as a sm
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,8 +64,8 @@ def pools(
     return k, v
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 16), (8, 8, 32),
-                                                        (16, 2, 128), (6, 3, 48)])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 2, 64), (4, 2, 16),
+                                                        (8, 8, 32), (16, 2, 128), (6, 3, 48)])
 def test_kernel_equals_the_gather_path_on_ragged_gqa_steps(
     kernel: None, heads: int, kv_heads: int, dim: int
 ) -> None:
@@ -86,20 +90,58 @@ def test_kernel_equals_the_gather_path_on_ragged_gqa_steps(
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_nan_in_free_and_other_sequences_blocks_leaves_a_decode_answer_bit_equal(
-    kernel: None,
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 1, 128), (6, 3, 48)])
+def test_long_contexts_split_over_threads_equal_the_gather_path_and_each_other(
+    kernel: None, heads: int, kv_heads: int, dim: int
 ) -> None:
+    """Contexts past the kernel's chunk (256 positions) are cut into chunks run on any thread
+    and merged: lengths 1, on and next to chunk and block boundaries, scattered tables. The
+    answer equals the gather path's and does not depend on the thread count, bit for bit."""
+    rng = random.Random(dim)
+    gen = torch.Generator().manual_seed(heads)
+    steps = [(0, 1), (254, 1), (255, 1), (256, 1), (511, 1), (700, 1), (1030, 1), (16, 1),
+             (600, 3)]
+    num_blocks = 256
+    seqs = make_step(rng, steps, num_blocks)
+    k, v = pools(seqs, num_blocks, kv_heads, dim, gen)
+    q = torch.randn(sum(n for _, _, n in seqs), heads, dim, generator=gen)
+    scale = dim**-0.5
+    meta = build_metadata(seqs, BLOCK, "cpu", paged=True)
+    assert meta.paged is not None and not meta.prefills  # all of them in the kernel
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = paged_attention(q, k, v, meta, scale)
+        torch.set_num_threads(max(2, threads))
+        shared = paged_attention(q, k, v, meta, scale)
+    finally:
+        torch.set_num_threads(threads)
+    want = paged_attention(q, k, v, build_metadata(seqs, BLOCK, "cpu"), scale)
+    assert torch.isfinite(shared).all()
+    torch.testing.assert_close(shared, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(alone, shared)
+
+
+@pytest.mark.parametrize("cached", [20, 700])
+def test_a_nan_in_free_and_other_sequences_blocks_leaves_a_decode_answer_bit_equal(
+    kernel: None, cached: int
+) -> None:
+    """cached 700: both contexts span several of the kernel's chunks, merged per query."""
     gen = torch.Generator().manual_seed(3)
-    num_blocks, kv_heads, dim = 16, 2, 32
-    mine = ([5, 2], 20, 1)  # 21 tokens: block 5 whole, 5 rows of block 2; rows 21-31 stale
-    other = ([7, 0], 25, 1)
+    need = cached // BLOCK + 1
+    num_blocks, kv_heads, dim = 2 * need + 4, 2, 32
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    # cached + 1 tokens: all blocks of the table but the last whole, then (cached + 1) % 16
+    # rows of it; the rest of that block is stale.
+    mine = (order[:need], cached, 1)
+    other = (order[need:2 * need + 1], cached + 5, 1)
     shape = (num_blocks * BLOCK, kv_heads, dim)
     k, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     q = torch.randn(2, 4, dim, generator=gen)
     meta = build_metadata([mine, other], BLOCK, "cpu", paged=True)
     before = paged_attention(q, k, v, meta, 0.2)[0]
 
-    mine_rows = set(range(5 * BLOCK, 6 * BLOCK)) | set(range(2 * BLOCK, 2 * BLOCK + 5))
+    mine_rows = {mine[0][p // BLOCK] * BLOCK + p % BLOCK for p in range(cached + 1)}
     poison = torch.tensor([r for r in range(num_blocks * BLOCK) if r not in mine_rows])
     k[poison], v[poison] = float("nan"), float("inf")  # free, the other's, own stale rows
     after = paged_attention(q, k, v, meta, 0.2)
@@ -123,6 +165,26 @@ def test_a_sequences_own_nan_comes_out_nan_for_the_engines_check(kernel: None) -
     assert torch.isnan(paged_attention(q, k, vv, meta, 0.25)).all()
 
 
+def test_a_nan_in_one_chunk_of_a_split_context_comes_out_nan_after_the_merge(
+    kernel: None,
+) -> None:
+    """600 positions: three chunks merged. A NaN in the middle chunk's K or V, not its max,
+    must still reach every head's answer."""
+    gen = torch.Generator().manual_seed(5)
+    num_blocks = 40
+    table = torch.randperm(num_blocks, generator=gen)[:38].tolist()
+    k, v = torch.randn(num_blocks * BLOCK, 1, 16), torch.randn(num_blocks * BLOCK, 1, 16)
+    meta = build_metadata([(table, 599, 1)], BLOCK, "cpu", paged=True)
+    q = torch.randn(1, 2, 16)
+    assert torch.isfinite(paged_attention(q, k, v, meta, 0.25)).all()
+    row = table[300 // BLOCK] * BLOCK + 300 % BLOCK
+    for pool in (k, v):
+        poisoned = pool.clone()
+        poisoned[row] = float("nan")
+        pair = (poisoned, v) if pool is k else (k, poisoned)
+        assert torch.isnan(paged_attention(q, *pair, meta, 0.25)).all()
+
+
 def test_the_kernel_refuses_tables_and_lengths_outside_the_pool(kernel: None) -> None:
     op = paged_attention_cpu.load()
     assert op is not None
@@ -133,6 +195,29 @@ def test_the_kernel_refuses_tables_and_lengths_outside_the_pool(kernel: None) ->
         with pytest.raises(RuntimeError):
             op(q, k, v, torch.tensor(table, dtype=torch.int32), one, one,
                torch.tensor([length], dtype=torch.int32), out, BLOCK, 1.0)
+
+
+_LOWER_VARIANTS = {"AVX512": ("avx2", "default"), "AVX2": ("default",)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None,
+                    reason="already running one variant")
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
+    """The kernel has one code path per build variant (paged_attention_cpu._flags); a machine
+    runs only its own unless told otherwise. This one runs this file's kernel tests again in a
+    process where torch reports a lesser CPU, which builds and loads that variant."""
+    if capability not in _LOWER_VARIANTS.get(torch.backends.cpu.get_cpu_capability(), ()):
+        pytest.skip(f"this CPU cannot run the {capability} variant or it is the native one")
+    env = os.environ | {"ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "equal or nan"],
+        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+        timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout
 
 
 def test_a_kernel_that_cannot_build_falls_back_to_the_gather_path_and_says_why(
