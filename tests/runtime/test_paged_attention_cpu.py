@@ -64,6 +64,17 @@ def pools(
     return k, v
 
 
+def random_step(
+    rng: random.Random, gen: torch.Generator, steps: list[tuple[int, int]], num_blocks: int,
+    heads: int, kv_heads: int, dim: int,
+) -> tuple[list[tuple[list[int], int, int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step of `steps` (cached, new tokens) over scattered tables: (seqs, q, k, v)."""
+    seqs = make_step(rng, steps, num_blocks)
+    k, v = pools(seqs, num_blocks, kv_heads, dim, gen)
+    q = torch.randn(sum(n for _, _, n in seqs), heads, dim, generator=gen)
+    return seqs, q, k, v
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (8, 2, 64), (4, 2, 16),
                                                         (8, 8, 32), (16, 2, 128), (6, 3, 48)])
 def test_kernel_equals_the_gather_path_on_ragged_gqa_steps(
@@ -73,10 +84,7 @@ def test_kernel_equals_the_gather_path_on_ragged_gqa_steps(
     gen = torch.Generator().manual_seed(dim)
     steps = [(0, 1), (15, 1), (16, 1), (31, 1), (47, 1), (200, 1), (5, 1), (63, 1),
              (20, 2), (33, PAGED_PREFILL_MAX), (40, PAGED_PREFILL_MAX + 1), (0, 9)]
-    num_blocks = 64
-    seqs = make_step(rng, steps, num_blocks)
-    k, v = pools(seqs, num_blocks, kv_heads, dim, gen)
-    q = torch.randn(sum(n for _, _, n in seqs), heads, dim, generator=gen)
+    seqs, q, k, v = random_step(rng, gen, steps, 64, heads, kv_heads, dim)
     scale = dim**-0.5
 
     paged = build_metadata(seqs, BLOCK, "cpu", paged=True)
@@ -101,10 +109,7 @@ def test_long_contexts_split_over_threads_equal_the_gather_path_and_each_other(
     gen = torch.Generator().manual_seed(heads)
     steps = [(0, 1), (254, 1), (255, 1), (256, 1), (511, 1), (700, 1), (1030, 1), (16, 1),
              (600, 3)]
-    num_blocks = 256
-    seqs = make_step(rng, steps, num_blocks)
-    k, v = pools(seqs, num_blocks, kv_heads, dim, gen)
-    q = torch.randn(sum(n for _, _, n in seqs), heads, dim, generator=gen)
+    seqs, q, k, v = random_step(rng, gen, steps, 256, heads, kv_heads, dim)
     scale = dim**-0.5
     meta = build_metadata(seqs, BLOCK, "cpu", paged=True)
     assert meta.paged is not None and not meta.prefills  # all of them in the kernel
