@@ -1,12 +1,12 @@
 """A projection's weight and its GEMM: reordered once for oneDNN on CPU, `F.linear` elsewhere.
 
 Why: torch's CPU `F.linear` calls MKL's sgemm, which repacks the weight on every call and,
-on the development VM's AMD CPU, takes a path that reaches ~100 GFLOPS at batch 32 over
+on the development VM's AMD CPU, takes a path that reaches ~100-165 GFLOPS at batch 32 over
 SmolLM2's projections and ~200 at batch 1,024. oneDNN's GEMM over a weight reordered once
-into its own blocked layout reaches 320-340 at batch 32 and 450-490 at 256, and a batch-1
-pass over all the weights runs ~3x faster (`python -m bench.gemm`). The reorder happens at
-load and replaces the plain weight (no second copy); `dense()` gives the plain one back for
-the few callers that need it (tests, benchmarks).
+into its own blocked layout reaches 320-475 at batch 32 and 450-490 at 256, and a batch-1
+pass over all the weights runs ~3x faster (`python -m bench.gemm` prints them side by
+side). The reorder happens at load and replaces the plain weight (no second copy); `dense()`
+gives the plain one back for the few callers that need it (tests, benchmarks).
 
 Numerics: both are fp32 (bf16) GEMMs with fp32 accumulation that sum in different orders,
 so outputs differ in the last bits (~1e-6 relative), as they already do between batch sizes
