@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,37 @@ QUESTIONS = ("What is the capital of France?", "Write a haiku about the sea.",
 
 def chats(n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The benchmark's chats over the base model and two adapters, round robin: request i is
+    the base model when i % 3 == 0, else adapter (i % 3) - 1."""
+
+    adapters_dir: Path  # the temporary folder make_adapters saved them under
+    refs: list[Any]  # the adapters' runtime references (bench.step_profile.make_adapters)
+    tok: Any  # runtime.model.tokenizer.Tokenizer
+    messages: list[list[dict[str, str]]]
+    prompts: list[list[int]]  # the messages through the chat template
+    which: list[int | None]  # per request: None (base) or an index into refs
+
+    @property
+    def dirs(self) -> list[Path]:
+        """The adapters' PEFT folders, for PEFT and vLLM."""
+        return [self.adapters_dir / r.name for r in self.refs]
+
+
+def workload(model_dir: Path, n: int, prefix: str) -> Workload:
+    """`n` requests; the adapters are made in a fresh temporary folder named `prefix`..."""
+    from runtime.model.tokenizer import Tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    refs = make_adapters(model_dir, work)
+    tok = Tokenizer.load(model_dir)
+    messages = chats(n)
+    return Workload(work, refs, tok, messages,
+                    [tok.apply_chat_template(m) for m in messages],
+                    [None if i % 3 == 0 else (i % 3) - 1 for i in range(n)])
 
 
 def rate(tokens: int, seconds: float) -> float:
@@ -281,18 +313,12 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from runtime.model.tokenizer import Tokenizer
-
     report: dict[str, Any] = {"model": args.model.name, "requests": n,
                               "max_tokens": max_tokens, "threads": torch.get_num_threads(),
                               "load_average": os.getloadavg()}
-    work = Path(tempfile.mkdtemp(prefix="bench-real-model-"))
-    refs = make_adapters(args.model, work)
-    dirs = [work / r.name for r in refs]
-    tok = Tokenizer.load(args.model)
-    messages = chats(n)
-    prompts = [tok.apply_chat_template(m) for m in messages]
-    which = [None if i % 3 == 0 else (i % 3) - 1 for i in range(n)]
+    w = workload(args.model, n, "bench-real-model-")
+    refs, dirs, tok, messages, prompts, which = (w.refs, w.dirs, w.tok, w.messages, w.prompts,
+                                                 w.which)
     mixed_refs = [None if w is None else refs[w] for w in which]
     names = ["__base__" if w is None else refs[w].name for w in which]
     pad = tok.hf.pad_token_id or 0
@@ -352,7 +378,7 @@ def main() -> None:
                                                  pad)["tok_s"]
         sweep["peft one at a time"][c] = one["tok_s"]  # one at a time whatever the load
     report["sweep"] = {k: {str(c): v for c, v in p.items()} for k, p in sweep.items()}
-    report["step"] = step_profiles(args.model, work, 8 if args.quick else 32,
+    report["step"] = step_profiles(args.model, w.adapters_dir, 8 if args.quick else 32,
                                    6 if args.quick else 12, args.step_baseline)
     report["contexts"] = contexts(args.model, refs, 4 if args.quick else 8,
                                   (16, 512) if args.quick else (16, 512, 2048))

@@ -116,9 +116,8 @@ def _tail(path: str, lines: int = 5) -> str:
 def main() -> None:
     """loragate (API and in process) and vLLM alternately on the same 48 chats: base-only
     first, then mixed, so that a change in the machine's load hits both contenders alike."""
-    from bench.real_model import ROOT, api_run, chats, engine_run, make_adapters
+    from bench.real_model import ROOT, api_run, engine_run, workload
     from bench.step_profile import DEFAULT_MODEL
-    from runtime.model.tokenizer import Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vllm-python", required=True)
@@ -128,13 +127,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/vllm_contender.json")
     args = parser.parse_args()
     n, max_tokens = args.requests, args.max_tokens
-    work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-    refs = make_adapters(args.model, work)
-    dirs = [work / r.name for r in refs]
-    tok = Tokenizer.load(args.model)
-    messages = chats(n)
-    prompts = [tok.apply_chat_template(m) for m in messages]
-    which = [None if i % 3 == 0 else (i % 3) - 1 for i in range(n)]
+    w = workload(args.model, n, "bench-vllm-")
+    refs, dirs, tok, messages, prompts, which = (w.refs, w.dirs, w.tok, w.messages, w.prompts,
+                                                 w.which)
     names = [d.name for d in dirs]
     mixed_models = [BASE_NAME if w is None else names[w] for w in which]
     report: dict[str, Any] = {"requests": n, "max_tokens": max_tokens,
