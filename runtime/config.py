@@ -34,6 +34,10 @@ class RuntimeConfig:
     # reordered once at load (runtime/model/linear.py); "torch": F.linear (MKL on CPU), the
     # CUDA path everywhere.
     gemm: str = "auto"
+    # "auto": on CPU in float32, each layer's norms (with the residual add), rotary and KV
+    # write run as fused C++ calls (runtime/model/fused_cpu.py), or torch ops when it cannot
+    # build; "torch": torch ops always (the CUDA and bfloat16 path; the A/B and oracle tests).
+    layer_ops: str = "auto"
     # The engine thread's intra-op (OpenMP) threads; None: torch's default (the cores it
     # sees). On a host whose cores other work shares, fewer threads than cores keeps a team
     # from spinning against that work (bench/README.md measured 2 threads on 2 busy cores
@@ -86,5 +90,7 @@ class RuntimeConfig:
             raise ValueError("num_threads must be in 1..1024")
         if self.gemm not in ("auto", "torch"):
             raise ValueError(f"gemm must be 'auto' or 'torch', not {self.gemm!r}")
+        if self.layer_ops not in ("auto", "torch"):
+            raise ValueError(f"layer_ops must be 'auto' or 'torch', not {self.layer_ops!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"unsupported dtype {self.dtype!r}")

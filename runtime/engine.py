@@ -17,6 +17,7 @@ import torch
 from runtime.config import RuntimeConfig
 from runtime.lora.manager import artifact_scope, build_lora_runtime
 from runtime.lora.protocol import AdapterProvider
+from runtime.model import fused_cpu
 from runtime.model.attention import build_metadata, use_paged_kernel
 from runtime.model.grammar import Grammars
 from runtime.model.kv_cache import KVCache, bytes_per_block
@@ -83,6 +84,8 @@ class LLMEngine:
             config.model_dir, config.device, self.dtype, self.max_model_len, args=args,
             attn_dtype=self.kv_dtype,
             pack_weights=use_onednn(config.gemm, self.device, self.dtype),
+            fused_ops=config.layer_ops == "auto" and fused_cpu.usable(self.device, self.dtype,
+                                                                      self.kv_dtype),
         )
         self.tokenizer = Tokenizer.load(config.model_dir)
         num_blocks = self._num_blocks(args)

@@ -6,6 +6,11 @@ untied embeddings. Numerics follow transformers (norms in float32, rotary in flo
 
 LoRA hook (docs/internals.md): after each of the four base projections a layer calls
 `lora.apply(layer_idx, name, x, y)` in place when a manager is attached and active.
+
+The residual stream carries one pending term between ops: each layer returns its MLP output
+unadded, and the next norm (the next layer's, or the final one) adds it as it normalizes, so
+that on the CPU in float32 the add and the norm are one fused call (fused_cpu.py), as are the
+rotary and the KV write. `fused=False` runs the same steps as torch ops.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from runtime.model import fused_cpu
 from runtime.model.attention import AttentionMetadata, paged_attention
 from runtime.model.kv_cache import KVCache
 from runtime.model.linear import Linear
@@ -41,6 +47,21 @@ def rms_norm(
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    h: torch.Tensor,  # [num_tokens, hidden] residual stream: `delta` is added in place
+    delta: torch.Tensor | None,  # [num_tokens, hidden] the pending term, or None
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    fused: bool,
+) -> torch.Tensor:
+    """rms_norm(h += delta); `fused`: one C++ call (float32 CPU only; fused_cpu.py)."""
+    if fused:
+        return fused_cpu.add_rms_norm(h, delta, weight, eps)
+    if delta is not None:
+        h.add_(delta)
+    return rms_norm(h, weight, eps)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:  # [head_dim // 2] float32
@@ -82,10 +103,13 @@ def apply_rotary(
 class DecoderLayer:
     def __init__(
         self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs, pack: bool = False,
+        fused: bool = False,
     ) -> None:
         """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py),
-        taking each plain weight out of `w` as it goes (LlamaModel says why)."""
+        taking each plain weight out of `w` as it goes (LlamaModel says why). `fused`: the
+        norms, rotary and KV write through fused_cpu.py."""
         self.idx = idx
+        self.fused = fused
         self.args = args
         self.input_norm = w[f"layers.{idx}.input_norm"]
         self.post_norm = w[f"layers.{idx}.post_norm"]
@@ -113,52 +137,67 @@ class DecoderLayer:
 
     def forward(
         self,
-        h: torch.Tensor,  # [num_tokens, hidden] residual stream
+        h: torch.Tensor,  # [num_tokens, hidden] residual stream, before `pending`
+        pending: torch.Tensor | None,  # [num_tokens, hidden] the previous layer's MLP output
         cos: torch.Tensor,  # [num_tokens, 1, head_dim]
         sin: torch.Tensor,  # [num_tokens, 1, head_dim], first half negated (apply_rotary)
         meta: AttentionMetadata,
         kv: KVCache,
-    ) -> torch.Tensor:  # [num_tokens, hidden]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual stream, this layer's MLP output)
         a = self.args
-        x = rms_norm(h, self.input_norm, a.rms_norm_eps)
+        # In place: `h` is this forward's own residual stream (the embedding's output or the
+        # previous layer's), never a tensor the caller holds.
+        x = add_rms_norm(h, pending, self.input_norm, a.rms_norm_eps, self.fused)
         qkv = self._linear("qkv_proj", x, self.qkv_proj)
+        if self.fused:
+            q = fused_cpu.rope_write_kv(qkv, cos, sin, kv.k[self.idx], kv.v[self.idx],
+                                        meta.slot_mapping, a.num_heads, a.num_kv_heads)
+        else:
+            q = self._rope_write_kv(qkv, cos, sin, meta, kv)
+        attn = paged_attention(q, kv.k[self.idx], kv.v[self.idx], meta, self.scale)
+        attn = attn.reshape(-1, self.q_size).to(h.dtype)
+        x = add_rms_norm(h, self._linear("o_proj", attn, self.o_proj), self.post_norm,
+                         a.rms_norm_eps, self.fused)
+        gate, up = self._linear("gate_up_proj", x, self.gate_up_proj).chunk(2, dim=-1)
+        return h, self._linear("down_proj", F.silu(gate).mul_(up), self.down_proj)
+
+    def _rope_write_kv(
+        self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+        kv: KVCache,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]: q after rotary
+        """fused_cpu.rope_write_kv as torch ops (CUDA, bfloat16, layer_ops="torch")."""
+        a = self.args
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
         k = k.view(-1, a.num_kv_heads, a.head_dim)
         v = v.reshape(-1, a.num_kv_heads, a.head_dim)
         if q.dtype != cos.dtype:  # bf16 weights on CPU: rotary, attention and KV in float32
             q, k, v = q.to(cos.dtype), k.to(cos.dtype), v.to(cos.dtype)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        kv.write(self.idx, meta.slot_mapping, k, v)
-        attn = paged_attention(q, kv.k[self.idx], kv.v[self.idx], meta, self.scale)
-        attn = attn.reshape(-1, self.q_size).to(h.dtype)
-        # In place: `h` is this forward's own residual stream (the embedding's output or the
-        # previous layer's), never a tensor the caller holds.
-        h = h.add_(self._linear("o_proj", attn, self.o_proj))
-        x = rms_norm(h, self.post_norm, a.rms_norm_eps)
-        gate, up = self._linear("gate_up_proj", x, self.gate_up_proj).chunk(2, dim=-1)
-        return h.add_(self._linear("down_proj", F.silu(gate).mul_(up), self.down_proj))
+        kv.write(self.idx, meta.slot_mapping, apply_rotary(k, cos, sin), v)
+        return apply_rotary(q, cos, sin)
 
 
 class LlamaModel:
     def __init__(
         self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int,
         attn_dtype: torch.dtype | None = None, pack_weights: bool = False,
+        fused_ops: bool = False,
     ) -> None:
         """`attn_dtype`: of rotary, attention and the KV cache (default: the weights').
         `pack_weights`: reorder every projection and the lm_head for oneDNN (linear.py); a
         tied lm_head then costs a second copy of the embedding, which the lookup reads.
         Packing takes each projection's plain weight out of `weights` before the next one
         is reordered, so that loading peaks at the model's size plus one weight, not twice
-        the model."""
+        the model. `fused_ops`: norms, rotary and KV write through fused_cpu.py (float32 on
+        the CPU only: the caller checks `fused_cpu.usable`)."""
         self.args = args
+        self.fused = fused_ops
         self.embed = weights["embed"]  # [vocab, hidden]
         lm_head = weights.pop("lm_head") if pack_weights else weights["lm_head"]
         self.lm_head = Linear(lm_head, pack=pack_weights)  # [vocab, hidden]
         del lm_head
         self.norm = weights["norm"]
-        self.layers = [DecoderLayer(i, weights, args, pack_weights)
+        self.layers = [DecoderLayer(i, weights, args, pack_weights, fused_ops)
                        for i in range(args.num_layers)]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
@@ -176,13 +215,13 @@ class LlamaModel:
     def load(
         cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None,
         *, args: ModelArgs | None = None, attn_dtype: torch.dtype | None = None,
-        pack_weights: bool = False,
+        pack_weights: bool = False, fused_ops: bool = False,
     ) -> LlamaModel:
         """The checkpoint in `model_dir`; `args`: its config.json, when the caller parsed it."""
         args = args or ModelArgs.from_model_dir(model_dir)
         weights = load_weights(model_dir, args, dtype, device)
         return cls(args, weights, max_positions or args.max_position_embeddings, attn_dtype,
-                   pack_weights)
+                   pack_weights, fused_ops)
 
     def set_lora(self, lora: LoraHook | None) -> None:
         for layer in self.layers:
@@ -199,9 +238,10 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.signed_sin[positions].unsqueeze(1)
+        pending = None
         for layer in self.layers:
-            h = layer.forward(h, cos, sin, meta, kv)
-        return rms_norm(h, self.norm, self.args.rms_norm_eps)
+            h, pending = layer.forward(h, pending, cos, sin, meta, kv)
+        return add_rms_norm(h, pending, self.norm, self.args.rms_norm_eps, self.fused)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]

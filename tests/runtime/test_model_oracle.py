@@ -1,5 +1,6 @@
 """Oracle: our paged forward against transformers on the same weights, fp32, logits within 1e-4,
-with the projections through F.linear and through oneDNN over reordered weights (linear.py)."""
+with the projections through F.linear and through oneDNN over reordered weights (linear.py),
+and the serving default: oneDNN with the norms, rotary and KV write fused (fused_cpu.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime.model import fused_cpu
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache
 from runtime.model.linear import onednn_available
@@ -60,8 +62,10 @@ def _hf_run(model_dir: Path, prompt: list[int]) -> Run:
     return prefill, steps, tokens
 
 
-def _our_run(model_dir: Path, prompt: list[int], pack_weights: bool) -> Run:
-    model = LlamaModel.load(model_dir, "cpu", torch.float32, pack_weights=pack_weights)
+def _our_run(model_dir: Path, prompt: list[int], path: tuple[bool, bool]) -> Run:
+    pack_weights, fused_ops = path
+    model = LlamaModel.load(model_dir, "cpu", torch.float32, pack_weights=pack_weights,
+                            fused_ops=fused_ops)
     kv = KVCache(model.args, num_blocks=12, block_size=16, dtype=torch.float32, device="cpu")
     table = [7, 2, 11, 5]  # scattered on purpose: the block table must be honoured
     # Prefill in two chunks, the second attending over the cached first.
@@ -86,16 +90,19 @@ def _our_run(model_dir: Path, prompt: list[int], pack_weights: bool) -> Run:
     return prefill, steps, tokens
 
 
-GEMMS = [pytest.param(False, id="f_linear"),
-         pytest.param(True, id="onednn", marks=pytest.mark.skipif(
-             not onednn_available(), reason="this torch has no oneDNN linear"))]
+_NO_ONEDNN = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
+# (pack_weights, fused_ops)
+PATHS = [pytest.param((False, False), id="f_linear"),
+         pytest.param((True, False), id="onednn", marks=_NO_ONEDNN),
+         pytest.param((True, True), id="onednn-fused", marks=[_NO_ONEDNN, pytest.mark.skipif(
+             not fused_cpu.load(), reason="the fused CPU ops did not build")])]
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("pack_weights", GEMMS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_and_greedy_tokens_match_transformers(
-    tmp_path: Path, case: str, pack_weights: bool,
+    tmp_path: Path, case: str, path: tuple[bool, bool],
 ) -> None:
     model_dir = _model_dir(tmp_path, case)
     if case == "mistral-sharded":
@@ -103,7 +110,7 @@ def test_logits_and_greedy_tokens_match_transformers(
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(3, 1000, (PROMPT_LEN,), generator=gen).tolist()
     ref_prefill, ref_steps, ref_tokens = _hf_run(model_dir, prompt)
-    prefill, steps, tokens = _our_run(model_dir, prompt, pack_weights)
+    prefill, steps, tokens = _our_run(model_dir, prompt, path)
     assert prefill.shape == ref_prefill.shape
     torch.testing.assert_close(prefill, ref_prefill, atol=TOL, rtol=0)
     assert tokens == ref_tokens

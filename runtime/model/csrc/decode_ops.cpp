@@ -1,0 +1,159 @@
+// The decoder layer's small float32 ops on the CPU, each fused into one call.
+//
+// Why: at batch 32 a SmolLM2 decode step spends its time outside the GEMMs in dozens of tiny
+// torch ops per layer (the norm alone is five: pow, mean, add, rsqrt, mul), each paying
+// dispatch, an allocation and an OpenMP fork for microseconds of arithmetic. Two calls replace
+// them (runtime/model/fused_cpu.py wraps both, runtime/model/llama.py calls them):
+//
+//   add_rms_norm(h, delta, weight, eps) -> x
+//       h += delta (in place; delta may be None), then x = weight * (h * rsqrt(mean(h^2) + eps))
+//   rope_write_kv(qkv, cos, signed_sin, k_pool, v_pool, slot_mapping, heads, kv_heads) -> q
+//       rotary on q and k out of the fused qkv projection, k and v written to their pool rows,
+//       the rotated q returned [tokens, heads, head_dim]
+//
+// Numerics: every product and sum rounds to float32 in the order transformers rounds it (this
+// file is built with -ffp-contract=off, so no a * b + c becomes an FMA), which makes the rotary
+// and the residual add bitwise equal to the torch ops they replace. The norm's sum of squares is
+// one float32 sum in another order than torch's mean, so x can differ from F.rms_norm's in the
+// last bit (tests/runtime/test_fused_cpu.py bounds it; every greedy oracle stays token-equal).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// Rows of `rows` floats each: how many a thread should take so that a fork pays for itself.
+int64_t grain_for(int64_t rows_floats) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, rows_floats));
+}
+
+at::Tensor add_rms_norm(at::Tensor& h, const std::optional<at::Tensor>& delta,
+                        const at::Tensor& weight, double eps) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "h: contiguous float32 [tokens, hidden]");
+  const int64_t tokens = h.size(0), hidden = h.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden && weight.scalar_type() == at::kFloat &&
+                  weight.is_contiguous(),
+              "weight: contiguous float32 [hidden]");
+  const float* d = nullptr;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == at::kFloat &&
+                    delta->is_contiguous(),
+                "delta: contiguous float32 of h's shape");
+    TORCH_CHECK(!delta->is_same(h), "delta must not be h itself");
+    d = delta->data_ptr<float>();
+  }
+  at::Tensor out = at::empty_like(h);
+  float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* row = hp + t * hidden;
+      if (d != nullptr) {
+        const float* dr = d + t * hidden;
+        for (int64_t i = 0; i < hidden; ++i) row[i] += dr[i];
+      }
+      float lanes[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= hidden; i += kLanes) {
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += row[i + j] * row[i + j];
+      }
+      float sum = 0.0f;
+      for (; i < hidden; ++i) sum += row[i] * row[i];
+      for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+      const float mean = sum / static_cast<float>(hidden);
+      const float r = 1.0f / std::sqrt(mean + e);
+      float* o = op + t * hidden;
+      for (int64_t x = 0; x < hidden; ++x) o[x] = w[x] * (row[x] * r);
+    }
+  });
+  return out;
+}
+
+// One head's rotary: out[i] = x[i] * cos[i] + x[i +- half] * signed_sin[i], the products and the
+// sum each rounded (runtime/model/llama.py apply_rotary says why this equals transformers').
+inline void rotate(const float* x, const float* cos, const float* ssin, int64_t dim, float* out) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i] * cos[i];
+    const float b = x[i + half] * ssin[i];
+    out[i] = a + b;
+  }
+  for (int64_t i = half; i < dim; ++i) {
+    const float a = x[i] * cos[i];
+    const float b = x[i - half] * ssin[i];
+    out[i] = a + b;
+  }
+}
+
+at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& ssin,
+                         at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slot_mapping,
+                         int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(),
+              "qkv: contiguous float32 [tokens, (heads + 2 kv_heads) * head_dim]");
+  TORCH_CHECK(heads > 0 && kv_heads > 0, "heads and kv_heads must be positive");
+  TORCH_CHECK(k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes() &&
+                  k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat &&
+                  k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.size(1) == kv_heads,
+              "k_pool, v_pool: contiguous float32 [rows, kv_heads, head_dim]");
+  const int64_t tokens = qkv.size(0), dim = k_pool.size(2), pool_rows = k_pool.size(0);
+  TORCH_CHECK(dim > 0 && dim % 2 == 0 && qkv.size(1) == (heads + 2 * kv_heads) * dim,
+              "qkv's width must be (heads + 2 kv_heads) * head_dim, head_dim even");
+  for (const at::Tensor* t : {&cos, &ssin}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == tokens * dim,
+                "cos, signed_sin: contiguous float32 [tokens, 1, head_dim]");
+  }
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == tokens &&
+                  slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping: contiguous int64 [tokens]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  // Checked before any write: a bad row fails the call and leaves the pools as they were.
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_rows, "slot_mapping points outside the pool");
+  }
+  at::Tensor q = at::empty({tokens, heads, dim}, qkv.options());
+  const float* src = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = ssin.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* kp = k_pool.data_ptr<float>();
+  float* vp = v_pool.data_ptr<float>();
+  const int64_t width = qkv.size(1), kv_width = kv_heads * dim;
+  at::parallel_for(0, tokens, grain_for(width), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = src + t * width;
+      const float* ct = c + t * dim;
+      const float* st = s + t * dim;
+      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, ct, st, dim, qp + (t * heads + h) * dim);
+      float* k_row = kp + slots[t] * kv_width;
+      const float* k_src = row + heads * dim;
+      for (int64_t g = 0; g < kv_heads; ++g) rotate(k_src + g * dim, ct, st, dim, k_row + g * dim);
+      const float* v_src = k_src + kv_width;
+      float* v_row = vp + slots[t] * kv_width;
+      for (int64_t x = 0; x < kv_width; ++x) v_row[x] = v_src[x];
+    }
+  });
+  return q;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loragate_decode, m) {
+  m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor");
+  m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor(a!) k_pool, "
+        "Tensor(b!) v_pool, Tensor slot_mapping, int heads, int kv_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(loragate_decode, CPU, m) {
+  m.impl("add_rms_norm", add_rms_norm);
+  m.impl("rope_write_kv", rope_write_kv);
+}
