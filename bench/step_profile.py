@@ -1,7 +1,7 @@
 """One decode step of the engine on a real checkpoint, timed by part, beside the GEMM roof.
 
     .venv/bin/python -m bench.step_profile [--batch 32] [--legacy] [--dtype bfloat16] [--json]
-        [--attention gather] [--prompt-len 24] [--gemm torch]
+        [--attention gather] [--prompt-len 24] [--gemm torch] [--layer-ops torch]
 
 A batch of `--batch` requests over the base model and two adapters (round robin) decodes;
 after warm-up, `--steps` steps are timed with perf_counter around each part (the CPU runs
@@ -9,10 +9,12 @@ every op synchronously, so the timers are the parts' own costs):
   base_gemm  the four projections of every layer (oneDNN over reordered weights on CPU,
              F.linear with `--gemm torch`; runtime/model/linear.py)
   lora       the LoRA term (`LoraManager.apply`)
-  attention  KV write and paged attention
+  attention  paged attention, and the KV write where torch ops do it (`--layer-ops torch`)
   lm_head    the logits of the sampled rows
   sampler    `runtime.model.sampler.sample`
-  python     the rest of `engine.step` (scheduling, metadata, norms, rotary, residuals)
+  python     the rest of `engine.step` (scheduling, metadata, norms, rotary, residuals; on
+             CPU in float32 the norms and rotary are fused C++ calls, `--layer-ops torch`
+             gives torch ops; runtime/model/fused_cpu.py)
 An adapter is loaded through the runtime's own loader threads before timing. `--legacy`
 reproduces the code before issue 13 in the same tree: loader threads with torch's default
 thread count (a second OpenMP team) and the per-adapter LoRA loop instead of the dense form.
@@ -78,7 +80,7 @@ def make_adapters(model_dir: Path, out: Path) -> list[Any]:
 
 def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model_len: int,
                  attention: str = "auto", kv_cache_bytes: int | None = None,
-                 gemm: str = "auto"):
+                 gemm: str = "auto", layer_ops: str = "auto"):
     from runtime.config import RuntimeConfig
     from runtime.engine import LLMEngine, resolve_dtype
     from runtime.lora.manager import build_lora_runtime
@@ -87,7 +89,7 @@ def build_engine(model_dir: Path, dtype: str | None, max_running: int, max_model
     config = RuntimeConfig(model_dir=model_dir, dtype=dtype, max_running=max_running,
                            max_batch_tokens=4096, max_lora_rank=16, max_gpu_adapters=4,
                            max_model_len=max_model_len, attention=attention,
-                           kv_cache_bytes=kv_cache_bytes, gemm=gemm)
+                           kv_cache_bytes=kv_cache_bytes, gemm=gemm, layer_ops=layer_ops)
     args = ModelArgs.from_model_dir(model_dir)
     lora, cache = build_lora_runtime(config, args, resolve_dtype(config))
     return LLMEngine(config, args=args, lora=lora, adapters=cache)
@@ -165,7 +167,7 @@ _MISSING = object()
 def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
                 dtype: str | None = None, adapters_dir: Path | None = None,
                 attention: str = "auto", prompt_len: int = 24,
-                gemm: str = "auto") -> dict[str, Any]:
+                gemm: str = "auto", layer_ops: str = "auto") -> dict[str, Any]:
     import tempfile
 
     if legacy:
@@ -185,7 +187,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
                                                 torch.float32)
         engine = build_engine(model_dir, dtype, max_running=max(batch, 8), max_model_len=max_len,
                               attention="auto" if attention == "ab" else attention,
-                              kv_cache_bytes=kv_bytes, gemm=gemm)
+                              kv_cache_bytes=kv_bytes, gemm=gemm, layer_ops=layer_ops)
         if legacy:
             engine.lora._dense_ok = False  # the per-adapter segment loop, as before
         # "ab": the kernel and the gather path take turns step by step in this one process
@@ -216,6 +218,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
         common = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
                   "prompt_len": prompt_len, "threads": torch.get_num_threads(),
                   "gemm": "onednn" if engine.model.lm_head.packed else "torch",
+                  "layer_ops": "fused" if engine.model.fused else "torch",
                   "dense_projections": sorted(engine.lora.dense_projections),
                   **roofline(engine, batch, [len(q.token_ids) for q in engine.scheduler.running])}
         out = {v or ("kernel" if engine.paged_kernel else "gather"): summarize(
@@ -243,10 +246,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--gemm", choices=("auto", "torch"), default="auto",
                         help="RuntimeConfig.gemm: oneDNN over reordered weights, or F.linear")
+    parser.add_argument("--layer-ops", choices=("auto", "torch"), default="auto",
+                        help="RuntimeConfig.layer_ops: fused C++ norms and rotary, or torch")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")
     args = parser.parse_args()
     result = run_profile(args.model, args.batch, args.steps, args.legacy, args.dtype,
-                         args.adapters_dir, args.attention, args.prompt_len, args.gemm)
+                         args.adapters_dir, args.attention, args.prompt_len, args.gemm,
+                         args.layer_ops)
     if args.json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--gemm", choices=("auto", "torch"),
                          help="CPU projections: oneDNN over weights reordered at load "
                               "(auto, the default) or torch's F.linear")
+    runtime.add_argument("--layer-ops", choices=("auto", "torch"),
+                         help="CPU float32 norms, rotary and KV writes: fused C++ calls "
+                              "(auto, the default) or torch ops")
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
     runtime.add_argument("--artifacts-dir", type=Path,
                          help="the local artifact store adapters may come from "
@@ -172,6 +175,7 @@ def _runtime(args: argparse.Namespace, settings: Settings) -> int:
         "enable_prefix_caching": args.prefix_caching,
         "num_threads": args.threads,
         "gemm": args.gemm,
+        "layer_ops": args.layer_ops,
     }
     config = RuntimeConfig(
         model_dir=args.base_model,
