@@ -3,7 +3,7 @@
 `load()` builds the C++ source like the paged-attention kernel (paged_attention_cpu.py: same
 cache folder, one build per CPU kind) but as a library of its own, compiled with
 -ffp-contract=off: its rotary and residual add must round like the torch ops they replace,
-which an FMA would not. None (logged once) when it cannot be built: the model keeps the torch
+which an FMA would not. False (logged once) when it cannot be built: the model keeps the torch
 ops. `usable(...)` says whether a forward can take these ops at all.
 """
 
@@ -77,3 +77,9 @@ def rope_write_kv(
 ) -> torch.Tensor:  # [num_tokens, heads, head_dim]: q after rotary
     return torch.ops.loragate_decode.rope_write_kv(qkv, cos, signed_sin, k_pool, v_pool,
                                                    slot_mapping, heads, kv_heads)
+
+
+def silu_mul(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] float32: gate, then up
+) -> torch.Tensor:  # [num_tokens, intermediate]: silu(gate) * up
+    return torch.ops.loragate_decode.silu_mul(gate_up)

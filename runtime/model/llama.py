@@ -10,7 +10,8 @@ LoRA hook (docs/internals.md): after each of the four base projections a layer c
 The residual stream carries one pending term between ops: each layer returns its MLP output
 unadded, and the next norm (the next layer's, or the final one) adds it as it normalizes, so
 that on the CPU in float32 the add and the norm are one fused call (fused_cpu.py), as are the
-rotary and the KV write. `fused=False` runs the same steps as torch ops.
+rotary and the KV write, and the MLP's silu(gate) * up. `fused=False` runs the same steps as
+torch ops.
 """
 
 from __future__ import annotations
@@ -158,8 +159,13 @@ class DecoderLayer:
         attn = attn.reshape(-1, self.q_size).to(h.dtype)
         x = add_rms_norm(h, self._linear("o_proj", attn, self.o_proj), self.post_norm,
                          a.rms_norm_eps, self.fused)
-        gate, up = self._linear("gate_up_proj", x, self.gate_up_proj).chunk(2, dim=-1)
-        return h, self._linear("down_proj", F.silu(gate).mul_(up), self.down_proj)
+        gate_up = self._linear("gate_up_proj", x, self.gate_up_proj)
+        if self.fused:
+            act = fused_cpu.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate).mul_(up)
+        return h, self._linear("down_proj", act, self.down_proj)
 
     def _rope_write_kv(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,

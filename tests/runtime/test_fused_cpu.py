@@ -125,3 +125,24 @@ def test_add_rms_norm_refuses_mismatched_arguments() -> None:
         fused_cpu.add_rms_norm(h.double(), None, torch.ones(64).double(), 1e-6)
     with pytest.raises(RuntimeError, match="h itself"):
         fused_cpu.add_rms_norm(h, h, torch.ones(64), 1e-6)
+
+
+@pytest.mark.parametrize(("tokens", "inter"), [(1, 1536), (32, 1536), (5, 17)])
+def test_silu_mul_matches_torch_within_float32_rounding(tokens: int, inter: int) -> None:
+    gen = torch.Generator().manual_seed(tokens + inter)
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen) * 4
+    gate_up[0, :4] = torch.tensor([0.0, -0.0, 95.0, -95.0])  # exp's range ends and zero
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    got = fused_cpu.silu_mul(gate_up)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-30)
+
+
+def test_silu_mul_keeps_nan_rows_to_themselves() -> None:
+    gate_up = torch.randn(3, 64)
+    gate_up[1, 3] = float("nan")
+    got = fused_cpu.silu_mul(gate_up)
+    assert got[1, 3].isnan()
+    assert got[[0, 2]].isfinite().all()
+    with pytest.raises(RuntimeError):
+        fused_cpu.silu_mul(torch.randn(3, 63))

@@ -10,12 +10,14 @@
 //   rope_write_kv(qkv, cos, signed_sin, k_pool, v_pool, slot_mapping, heads, kv_heads) -> q
 //       rotary on q and k out of the fused qkv projection, k and v written to their pool rows,
 //       the rotated q returned [tokens, heads, head_dim]
+//   silu_mul(gate_up) -> silu(gate) * up, of the fused gate_up projection [tokens, 2 inter]
 //
 // Numerics: every product and sum rounds to float32 in the order transformers rounds it (this
 // file is built with -ffp-contract=off, so no a * b + c becomes an FMA), which makes the rotary
 // and the residual add bitwise equal to the torch ops they replace. The norm's sum of squares is
 // one float32 sum in another order than torch's mean, so x can differ from F.rms_norm's in the
-// last bit (tests/runtime/test_fused_cpu.py bounds it; every greedy oracle stays token-equal).
+// last bit, and silu's exp is a polynomial within ~2 ulp of torch's (tests/runtime/
+// test_fused_cpu.py bounds both; every greedy oracle stays token-equal).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,7 +27,11 @@
 #include <cstdint>
 #include <optional>
 
+#include "exp_nonpositive.h"
+
 namespace {
+
+using loragate_cpu::exp_nonpositive;
 
 constexpr int64_t kLanes = 16;
 
@@ -145,15 +151,44 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
   return q;
 }
 
+// silu(g) * u with silu(g) = g / (1 + exp(-g)), written with e = exp(-|g|) so that the exp's
+// argument is never positive: g / (1 + e) for g >= 0, g * e / (1 + e) below (the same value,
+// e = exp(g) there). A NaN gate stays NaN.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat &&
+                  gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up: contiguous float32 [tokens, 2 * intermediate]");
+  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({tokens, inter}, gate_up.options());
+  const float* src = gate_up.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, tokens, grain_for(2 * inter), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* g = src + t * 2 * inter;
+      const float* u = g + inter;
+      float* o = dst + t * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float x = g[i];
+        const float e = exp_nonpositive(x >= 0.0f ? -x : x);
+        const float silu = (x >= 0.0f ? x : x * e) / (1.0f + e);
+        o[i] = silu * u[i];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loragate_decode, m) {
   m.def("add_rms_norm(Tensor(a!) h, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rope_write_kv(Tensor qkv, Tensor cos, Tensor signed_sin, Tensor(a!) k_pool, "
         "Tensor(b!) v_pool, Tensor slot_mapping, int heads, int kv_heads) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(loragate_decode, CPU, m) {
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("rope_write_kv", rope_write_kv);
+  m.impl("silu_mul", silu_mul);
 }
