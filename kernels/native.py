@@ -59,14 +59,25 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = before
 
 
-def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using the torch path"
-                 ) -> bool:
+def openmp_flags() -> list[str]:
+    """What at::parallel_for needs to run on torch's intra-op pool: in a torch built with
+    OpenMP it is a `#pragma omp parallel` in the header, which without -fopenmp compiles to a
+    plain serial call. Linking -fopenmp names libgomp.so.1, the soname of the libgomp torch
+    ships and has loaded already, so the process keeps one OpenMP runtime (one pool, sized by
+    torch.set_num_threads). Torch's own thread pool (ParallelNative) needs nothing."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+
+
+def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using the torch path",
+                 openmp: bool = True) -> bool:
     """Build (or reuse the build of) `sources` as `<name>_<variant>` and load it: True when
-    its ops are registered; False, with a warning naming `fallback`, when it cannot be."""
+    its ops are registered; False, with a warning naming `fallback`, when it cannot be.
+    `openmp=False` builds at::parallel_for as a serial loop (see `openmp_flags`)."""
     try:
         from torch.utils import cpp_extension
 
         suffix, flags = variant()
+        parallel = openmp_flags() if openmp else []
         full_name = f"{name}_{suffix}"
         build_dir: str | None = None
         with _build_lock:
@@ -76,7 +87,8 @@ def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using t
                 build_dir = str(path)
             with _ninja_on_path():
                 cpp_extension.load(
-                    name=full_name, sources=[str(s) for s in sources], extra_cflags=flags,
+                    name=full_name, sources=[str(s) for s in sources],
+                    extra_cflags=flags + parallel, extra_ldflags=parallel,
                     build_directory=build_dir, is_python_module=False, verbose=False,
                 )
         return True

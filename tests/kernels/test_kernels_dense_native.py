@@ -260,3 +260,12 @@ def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> N
         timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_the_op_runs_on_torchs_own_openmp_runtime(op) -> None:
+    """Built with -fopenmp so that at::parallel_for is parallel at all; the libgomp it names
+    must be the one torch loaded (one pool, sized by torch.set_num_threads), not a second."""
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
