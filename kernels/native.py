@@ -65,7 +65,8 @@ def openmp_flags() -> list[str]:
     plain serial call. Linking -fopenmp names libgomp.so.1, the soname of the libgomp torch
     ships and has loaded already, so the process keeps one OpenMP runtime (one pool, sized by
     torch.set_num_threads). Torch's own thread pool (ParallelNative) needs nothing."""
-    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    with_openmp: bool = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]
+    return ["-fopenmp"] if with_openmp else []
 
 
 def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using the torch path",
