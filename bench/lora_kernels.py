@@ -11,6 +11,14 @@ CPU (float32, in=out=4096 (`--features`), r=16, 256 tokens round-robin over 1..6
 Methods run interleaved in rounds and report the median, so background load hits all alike;
 every method's output is checked against the torch path before timing. See
 bench/kernels_gpu.py for the GPU mode.
+
+    .venv/bin/python -m bench.lora_kernels --dense   # writes bench/results/kernels_dense_cpu.json
+
+`--dense`: `kernels.add_lora_dense` on SmolLM2-135M's four projections as a decode step at
+`--tokens` (32) packs them for bench/step_profile.py's two adapters (r8 on all seven modules,
+r16 on q and v; tokens round robin base / adapter 1 / adapter 2), its torch form (three
+calls) against the native op (kernels/csrc/lora_cpu.cpp), side by side; `step_ms` is the
+four projections times the model's 30 layers.
 """
 
 from __future__ import annotations
@@ -166,20 +174,105 @@ def run_cpu(adapter_counts: list[int], rounds: int, threads: int, features: int)
     )
 
 
+# SmolLM2-135M: projection -> (in, slice sizes); step_profile's adapters: (rank, targets).
+_SMOLLM2 = {"qkv_proj": (576, [576, 192, 192]), "o_proj": (576, [576]),
+            "gate_up_proj": (576, [1536, 1536]), "down_proj": (1536, [576])}
+_SMOLLM2_LAYERS = 30
+_STEP_ADAPTERS = ((8, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}), (16, {"qkv_proj"}))
+
+
+def dense_problem(projection: str, num_tokens: int, seed: int = 0) -> dict:
+    """One layer's packs and mask for `projection`, as runtime/lora/layers.py builds them."""
+    in_features, sizes = _SMOLLM2[projection]
+    g = torch.Generator().manual_seed(seed)
+    slots = [s for s, (_, targets) in enumerate(_STEP_ADAPTERS) if projection in targets]
+    rank = max(_STEP_ADAPTERS[s][0] for s in slots)
+    num_slots, num_slices = len(_STEP_ADAPTERS), len(sizes)
+    lora_a = torch.zeros(1, num_slices, num_slots, rank, in_features)
+    lora_b = torch.zeros(1, num_slices, num_slots, max(sizes), rank)
+    for s in slots:
+        r = _STEP_ADAPTERS[s][0]
+        lora_a[0, :, s, :r] = torch.randn(num_slices, r, in_features, generator=g) / 24
+        lora_b[0, :, s, :, :r] = torch.randn(num_slices, max(sizes), r, generator=g) / 4
+    a_pack, b_pack = kernels.pack_dense(lora_a, lora_b, slots, rank, sizes)
+    # Round robin base / adapter 1 / adapter 2; an adapter not targeting it: base here.
+    t2s = [(i % 3) - 1 for i in range(num_tokens)]
+    t2s = [s if s in slots else -1 for s in t2s]
+    mask = kernels.dense_mask(t2s, slots, rank, [2.0] * num_slots, num_slices)
+    return dict(x=torch.randn(num_tokens, in_features, generator=g),
+                y=torch.randn(num_tokens, sum(sizes), generator=g), a_pack=a_pack[0],
+                b_pack=b_pack[0], mask=mask, slice_sizes=sizes, width=len(slots) * rank)
+
+
+def run_dense(rounds: int, threads: int, num_tokens: int) -> dict:
+    from kernels import torch_lora
+
+    torch.set_num_threads(threads)
+    op = torch_lora._native_op()
+    if op is None:
+        raise SystemExit("bench.lora_kernels --dense: the native op did not build (see the log)")
+
+    def torch_form(p: dict) -> None:  # add_lora_dense's fallback, as it ran before the op
+        torch_lora.add_lora_dense_torch(p["y"], p["x"], p["a_pack"], p["b_pack"], p["mask"])
+
+    def native(p: dict) -> None:
+        op(p["y"], p["x"], p["a_pack"], p["b_pack"], p["mask"], p["slice_sizes"])
+
+    def public(p: dict) -> None:  # the op behind add_lora_dense's checks, as layers.py calls it
+        kernels.add_lora_dense(p["y"], p["x"], p["a_pack"], p["b_pack"], p["mask"],
+                               p["slice_sizes"])
+
+    rows = []
+    print(f"{'projection':>13} {'S':>2} {'W':>4} {'torch us':>9} {'native us':>10} "
+          f"{'ratio':>6} {'add_lora_dense us':>18}")
+    for projection in _SMOLLM2:
+        p = dense_problem(projection, num_tokens)
+        want, got = dict(p, y=p["y"].clone()), dict(p, y=p["y"].clone())
+        torch_form(want)
+        native(got)
+        torch.testing.assert_close(got["y"], want["y"], atol=1e-4, rtol=1e-5)
+        # y grows by the LoRA term every call; it stays finite over these few hundred calls.
+        t = time_side_by_side({"torch": lambda p=p: torch_form(p), "native": lambda p=p: native(p),
+                               "public": lambda p=p: public(p)}, rounds)
+        row = dict(projection=projection, num_slices=len(p["slice_sizes"]), width=p["width"],
+                   torch_us=t["torch"] * 1e6, native_us=t["native"] * 1e6,
+                   torch_min_us=t["torch_min"] * 1e6, native_min_us=t["native_min"] * 1e6,
+                   add_lora_dense_us=t["public"] * 1e6, torch_over_native=t["torch"] / t["native"])
+        rows.append(row)
+        print(f"{projection:>13} {row['num_slices']:>2} {row['width']:>4} {row['torch_us']:>9.1f} "
+              f"{row['native_us']:>10.1f} {row['torch_over_native']:>5.1f}x "
+              f"{row['add_lora_dense_us']:>18.1f}", flush=True)
+    step = {k: sum(r[f"{k}_us"] for r in rows) * _SMOLLM2_LAYERS / 1e3
+            for k in ("torch", "native", "add_lora_dense")}
+    print(f"per step ({_SMOLLM2_LAYERS} layers): torch {step['torch']:.2f} ms, native "
+          f"{step['native']:.2f} ms, add_lora_dense {step['add_lora_dense']:.2f} ms")
+    return dict(device="cpu", dtype="float32", model="SmolLM2-135M", num_tokens=num_tokens,
+                rounds=rounds, threads=threads, torch=torch.__version__,
+                machine=platform.machine(), rows=rows, step_ms_torch=step["torch"],
+                step_ms_native=step["native"], step_ms_add_lora_dense=step["add_lora_dense"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--adapters", default="1,2,4,8,16,32,64",
                         help="CPU mode: comma-separated adapter counts")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=7, help="CPU mode: timed rounds")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="CPU mode: timed rounds (default 7; 200 with --dense)")
     parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads")
     parser.add_argument("--features", type=int, default=4096, help="CPU mode: in = out")
     parser.add_argument("--quick", action="store_true", help="GPU mode: a reduced matrix")
     parser.add_argument("--budget-s", type=float, default=200.0,
                         help="GPU mode: stop starting new configs after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/)")
+    parser.add_argument("--dense", action="store_true",
+                        help="CPU: add_lora_dense's torch form against the native op")
+    parser.add_argument("--tokens", type=int, default=32, help="--dense: tokens in the step")
     args = parser.parse_args(argv)
-    if args.device == "cuda":
+    if args.dense:
+        result = run_dense(args.rounds or 200, args.threads, args.tokens)
+        default_out = ROOT / "bench" / "results" / "kernels_dense_cpu.json"
+    elif args.device == "cuda":
         if not torch.cuda.is_available():
             print("bench.lora_kernels --device cuda: CUDA is not available here; nothing measured.",
                   file=sys.stderr)  # fmt: skip
@@ -190,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         default_out = ROOT / "bench" / "results" / "kernels_gpu.json"
     else:
         counts = [int(c) for c in args.adapters.split(",") if c.strip()]
-        result = run_cpu(counts, args.rounds, args.threads, args.features)
+        result = run_cpu(counts, args.rounds or 7, args.threads, args.features)
         default_out = ROOT / "bench" / "results" / "kernels_cpu.json"
     out = args.out or default_out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,11 @@ does not target, so those contribute nothing. Per step:
 
 `active` is False for a step where no token has an adapter: the model then skips `apply`.
 On the CPU torch path, `prepare` also decides per projection whether the step takes the
-dense form (`kernels.add_lora_dense`: three calls per projection against the active slots
-packed side by side, instead of matmuls per adapter and slice): when its wasted FLOPs (every
-token against every active adapter) cost less than the calls it saves. The packs are built
-once per set of active slots and reused by every step until that set or a slot changes.
+dense form (`kernels.add_lora_dense`: one call per projection against the active slots
+packed side by side, native in float32, instead of matmuls per adapter and slice): when the
+wasted FLOPs of its torch form (every token against every active adapter) cost less than the
+calls it saves. The packs are built once per set of active slots and reused by every step
+until that set or a slot changes.
 Which adapter sits in which slot is the cache's business (runtime/lora/cache.py); reading
 PEFT files is peft.py's; wiring them together is manager.py's.
 """
@@ -235,7 +236,8 @@ class LoraManager:
         mask = self._dense.get(projection)
         if mask is not None:
             a_pack, b_pack = self._pack(projection)
-            kernels.add_lora_dense(y, x, a_pack[layer_idx], b_pack[layer_idx], mask)
+            kernels.add_lora_dense(y, x, a_pack[layer_idx], b_pack[layer_idx], mask,
+                                   self._slice_sizes[projection])
             return
         meta = self.meta
         assert meta is not None  # active implies a token_to_slot to build it from

@@ -22,7 +22,7 @@ def run_dense(case, slots: list[int] | None = None) -> torch.Tensor:
                                         case.slice_sizes)
     mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes))
     y = case.y.clone()
-    kernels.add_lora_dense(y, case.x, a_pack[0], b_pack[0], mask)
+    kernels.add_lora_dense(y, case.x, a_pack[0], b_pack[0], mask, case.slice_sizes)
     return y
 
 

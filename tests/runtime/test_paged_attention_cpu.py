@@ -210,7 +210,7 @@ _LOWER_VARIANTS = {"AVX512": ("avx2", "default"), "AVX2": ("default",)}
                     reason="already running one variant")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
-    """The kernel has one code path per build variant (paged_attention_cpu._flags); a machine
+    """The kernel has one code path per build variant (kernels.native.variant); a machine
     runs only its own unless told otherwise. This one runs this file's kernel tests again in a
     process where torch reports a lesser CPU, which builds and loads that variant."""
     if capability not in _LOWER_VARIANTS.get(torch.backends.cpu.get_cpu_capability(), ()):
