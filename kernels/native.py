@@ -24,6 +24,8 @@ import torch
 
 _log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parents[1]
+# Headers every library may include: omp_parallel.h (why not at::parallel_for).
+_HEADERS = Path(__file__).resolve().with_name("csrc")
 # One build at a time: two engines built on two threads must not run ninja in one folder.
 _build_lock = threading.Lock()
 
@@ -60,9 +62,9 @@ def _ninja_on_path() -> Iterator[None]:
 
 
 def openmp_flags() -> list[str]:
-    """What at::parallel_for needs to run on torch's intra-op pool: in a torch built with
-    OpenMP it is a `#pragma omp parallel` in the header, which without -fopenmp compiles to a
-    plain serial call. Linking -fopenmp names libgomp.so.1, the soname of the libgomp torch
+    """What csrc/omp_parallel.h needs to run on torch's intra-op pool (an OpenMP team):
+    without -fopenmp its `#pragma omp parallel` compiles to a plain serial call, as
+    at::parallel_for's does. Linking -fopenmp names libgomp.so.1, the soname of the libgomp torch
     ships and has loaded already, so the process keeps one OpenMP runtime (one pool, sized by
     torch.set_num_threads). Torch's own thread pool (ParallelNative) needs nothing."""
     with_openmp: bool = torch.backends.openmp.is_available()  # type: ignore[no-untyped-call]
@@ -70,10 +72,11 @@ def openmp_flags() -> list[str]:
 
 
 def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using the torch path",
-                 openmp: bool = True) -> bool:
+                 openmp: bool = True, extra_cflags: Sequence[str] = ()) -> bool:
     """Build (or reuse the build of) `sources` as `<name>_<variant>` and load it: True when
     its ops are registered; False, with a warning naming `fallback`, when it cannot be.
-    `openmp=False` builds at::parallel_for as a serial loop (see `openmp_flags`)."""
+    `openmp=False` builds at::parallel_for as a serial loop (see `openmp_flags`);
+    `extra_cflags` come after the variant's (e.g. -ffp-contract=off)."""
     try:
         from torch.utils import cpp_extension
 
@@ -89,7 +92,8 @@ def load_library(name: str, sources: Sequence[Path], *, fallback: str = "using t
             with _ninja_on_path():
                 cpp_extension.load(
                     name=full_name, sources=[str(s) for s in sources],
-                    extra_cflags=flags + parallel, extra_ldflags=parallel,
+                    extra_cflags=[*flags, *parallel, *extra_cflags], extra_ldflags=parallel,
+                    extra_include_paths=[str(_HEADERS)],
                     build_directory=build_dir, is_python_module=False, verbose=False,
                 )
         return True

@@ -15,9 +15,9 @@
 // How: a scan of the mask lists each token's nonzero columns, and tokens with the same list
 // (in a decode step: the tokens of one adapter) are taken up to kTokens at a time, so that
 // each load of that adapter's rows of a_pack and b_pack serves all of them (read once per
-// group from L2, not once per token). Groups are split over torch's intra-op pool
-// (at::parallel_for, no second pool). Per group and slice, the h of the nonzero columns (at
-// most kGroup at a time) are computed first, a few columns per pass over x so that each
+// group from L2, not once per token). Groups are split over the calling thread's OpenMP team
+// (omp_parallel.h: torch's pool, no second one). Per group and slice, the h of the nonzero
+// columns (at most kGroup at a time) are computed first, a few columns per pass over x so that each
 // load of x serves several; then one pass over the output slice adds sum_i h_i *
 // b_pack[c_i] into y, the sums held in registers: one load and store of y per group of
 // columns, float32 throughout. Every sum runs in one order whatever the group and the
@@ -28,7 +28,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
+#include "omp_parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -359,7 +359,7 @@ void add_lora_dense(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pack
   // Chunks of at least kMinWork multiply-adds, so that a thread's share outweighs the
   // pool's wake-up.
   const int64_t grain = std::max<int64_t>(1, kMinWork * num_groups / std::max<int64_t>(1, work));
-  at::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
+  loragate_cpu::parallel_for(0, num_groups, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int32_t* t = order.data() + groups[i];
       switch (std::min<int64_t>(kTokens, groups[i + 1] - groups[i])) {

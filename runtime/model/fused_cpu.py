@@ -1,7 +1,7 @@
 """The decoder layer's fused float32 CPU ops: `csrc/decode_ops.cpp`, built at first use.
 
-`load()` builds the C++ source like the paged-attention kernel (paged_attention_cpu.py: same
-cache folder, one build per CPU kind) but as a library of its own, compiled with
+`load()` builds the C++ source with `kernels.native.load_library` (the checkout's
+.cache/torch_extensions/, one build per CPU kind) as a library of its own, compiled with
 -ffp-contract=off: its rotary and residual add must round like the torch ops they replace,
 which an FMA would not. False (logged once) when it cannot be built: the model keeps the torch
 ops. `usable(...)` says whether a forward can take these ops at all.
@@ -10,18 +10,14 @@ ops. `usable(...)` says whether a forward can take these ops at all.
 from __future__ import annotations
 
 import functools
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
-from runtime.model import paged_attention_cpu
+from kernels import native
 
-_log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "decode_ops.cpp"
-_ROOT = Path(__file__).resolve().parents[2]
-_load_lock = threading.Lock()
+_BUILD_NAME = "loragate_decode_ops"
 
 
 def usable(device: torch.device, dtype: torch.dtype, attn_dtype: torch.dtype) -> bool:
@@ -32,28 +28,9 @@ def usable(device: torch.device, dtype: torch.dtype, attn_dtype: torch.dtype) ->
 
 @functools.cache
 def load() -> bool:
-    with _load_lock:
-        try:
-            from torch.utils import cpp_extension
-
-            suffix, flags = paged_attention_cpu._flags()
-            name = f"loragate_decode_ops_{suffix}"
-            build_dir: str | None = None
-            if (_ROOT / "pyproject.toml").exists():
-                path = _ROOT / ".cache" / "torch_extensions" / name
-                path.mkdir(parents=True, exist_ok=True)
-                build_dir = str(path)
-            with paged_attention_cpu._ninja_on_path():
-                cpp_extension.load(
-                    name=name, sources=[str(_SOURCE)], extra_cflags=[*flags, "-ffp-contract=off"],
-                    build_directory=build_dir, is_python_module=False, verbose=False,
-                )
-            torch.ops.loragate_decode.add_rms_norm  # noqa: B018 (resolves the op or raises)
-            return True
-        except Exception as exc:  # no build means the torch ops, never a crash
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-            _log.warning("fused CPU decode ops unavailable, using torch ops: %s", why)
-            return False
+    """Whether the library is built and loaded (built on the first call of the process)."""
+    return native.load_library(_BUILD_NAME, [_SOURCE], fallback="using torch ops",
+                               extra_cflags=["-ffp-contract=off"])
 
 
 def add_rms_norm(

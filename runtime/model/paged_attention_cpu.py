@@ -43,10 +43,7 @@ def load() -> PagedAttentionOp | None:
     """The op, built on the first call of the process; None (logged once, with why) when it
     cannot be built or loaded. Engines built on two threads at once build it once."""
     with _load_lock:
-        # openmp=False: built as it always was, where at::parallel_for is a serial loop (no
-        # -fopenmp); the kernel's thread split is therefore unmeasured here.
-        if not native.load_library(_BUILD_NAME, SOURCES, fallback="using the gather path",
-                                   openmp=False):
+        if not native.load_library(_BUILD_NAME, SOURCES, fallback="using the gather path"):
             return None
         op: PagedAttentionOp = torch.ops.loragate.paged_attention
         return op

@@ -8,8 +8,11 @@ on [32, 576] went from ~10 us to 160-290 us once an adapter had loaded, and a de
 batch 32 from ~200 to ~380 ms. So helper threads call `single_threaded()` first, and the
 engine thread `engine_threads(n)` with the count taken before any helper lowered it.
 
-`torch.set_num_threads` also sets the count that threads started later pick up: hence the
-engine thread sets its own explicitly, rather than relying on the default.
+`torch.set_num_threads` also stores a process-wide count, which any thread adopts at its
+first parallel op (torch initializes a thread's count lazily, from that store): hence the
+engine thread sets its own explicitly and has torch initialize it at once, so that a helper
+lowering the store later cannot reach it. The repository's C++ ops never read that store
+(kernels/csrc/omp_parallel.h).
 """
 
 from __future__ import annotations
@@ -35,4 +38,5 @@ def engine_threads(num_threads: int | None = None) -> int:
     """For the engine thread: `num_threads`, else the process's default; returns it."""
     n = num_threads or default_num_threads()
     torch.set_num_threads(n)
+    torch.get_num_threads()  # torch's lazy per-thread init, now, while the store holds n
     return n

@@ -88,3 +88,42 @@ async def test_the_engine_thread_takes_the_runtimes_thread_count(model_dir: Path
             await front.shutdown(drain=False)
         assert outs and outs[-1].finished
         assert seen and set(seen) == {expected}
+
+
+_NATIVE_FIRST_CALLS = """
+import threading, torch
+from runtime.model.threads import engine_threads
+engine_threads(2)  # as the engine thread starts
+from kernels import torch_lora
+from runtime.model import fused_cpu, paged_attention_cpu
+op = paged_attention_cpu.load()
+assert fused_cpu.load() and op is not None and torch_lora._native_op() is not None
+t = threading.Thread(target=torch.set_num_threads, args=(1,))  # a helper, as the loader does
+t.start(); t.join()
+h = torch.randn(64, 256)
+fused_cpu.add_rms_norm(h, torch.randn(64, 256), torch.ones(256), 1e-6)
+fused_cpu.silu_mul(torch.randn(64, 512))
+torch_lora.add_lora_dense(torch.zeros(64, 32), torch.randn(64, 16), torch.randn(8, 16),
+                          torch.randn(8, 32), torch.ones(64, 8), [32])
+q = torch.randn(64, 2, 16)
+pool = torch.randn(128, 1, 16)
+ints = lambda xs: torch.tensor(xs, dtype=torch.int32)
+paged_attention_cpu.paged_attention_cpu(
+    op, q, pool, pool, ints([list(range(8))] * 64), ints(range(64)), ints(range(64)),
+    ints([100] * 64), torch.empty_like(q), 16, 0.25)
+print(torch.get_num_threads())
+"""
+
+
+@pytest.mark.slow
+def test_a_helpers_thread_count_never_reaches_this_thread_through_the_native_ops() -> None:
+    """The first call of each native op on a thread must not adopt the count a helper set
+    (at::parallel_for's lazy init did: kernels/csrc/omp_parallel.h says why), in a fresh
+    process so that these really are the first calls."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _NATIVE_FIRST_CALLS], capture_output=True,
+                          text=True, timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "2"

@@ -20,7 +20,7 @@
 // test_fused_cpu.py bounds both; every greedy oracle stays token-equal).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "omp_parallel.h"
 #include <torch/library.h>
 
 #include <cmath>
@@ -61,7 +61,7 @@ at::Tensor add_rms_norm(at::Tensor& h, const std::optional<at::Tensor>& delta,
   float* op = out.data_ptr<float>();
   const float* w = weight.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, tokens, grain_for(hidden), [&](int64_t begin, int64_t end) {
+  loragate_cpu::parallel_for(0, tokens, grain_for(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float* row = hp + t * hidden;
       if (d != nullptr) {
@@ -134,7 +134,7 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
   float* kp = k_pool.data_ptr<float>();
   float* vp = v_pool.data_ptr<float>();
   const int64_t width = qkv.size(1), kv_width = kv_heads * dim;
-  at::parallel_for(0, tokens, grain_for(width), [&](int64_t begin, int64_t end) {
+  loragate_cpu::parallel_for(0, tokens, grain_for(width), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* row = src + t * width;
       const float* ct = c + t * dim;
@@ -162,7 +162,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   at::Tensor out = at::empty({tokens, inter}, gate_up.options());
   const float* src = gate_up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, tokens, grain_for(2 * inter), [&](int64_t begin, int64_t end) {
+  loragate_cpu::parallel_for(0, tokens, grain_for(2 * inter), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* g = src + t * 2 * inter;
       const float* u = g + inter;

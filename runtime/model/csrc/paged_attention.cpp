@@ -26,7 +26,7 @@
 // with fixed-width lanes so that GCC vectorizes them without -ffast-math).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "omp_parallel.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -511,8 +511,8 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
   }
 
   std::atomic<int64_t> next_item{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  const int64_t workers = std::min<int64_t>(loragate_cpu::max_threads(), num_items);
+  loragate_cpu::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(Scratch::floats(heads, dim));
     const Scratch w(buf.data(), heads, dim);
     for (int64_t worker = begin; worker < end; ++worker) {
@@ -546,7 +546,7 @@ void paged_attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
   // Merge each split query's chunks: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M),
   // M the max of the m_c, in chunk order (the answer does not depend on who ran what). A NaN
   // in any chunk reaches the output through its l_c and acc_c.
-  at::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
+  loragate_cpu::parallel_for(0, num_queries, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> weight(first_item[num_queries]);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c0 = first_item[i], c1 = first_item[i + 1];
