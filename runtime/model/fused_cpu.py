@@ -1,4 +1,7 @@
-"""The decoder layer's fused float32 CPU ops: `csrc/decode_ops.cpp`, built at first use.
+"""The decoder layer's fused CPU ops: `csrc/decode_ops.cpp`, built at first use.
+
+Activations float32, or bfloat16 (`--dtype bfloat16`: each op computes in float32 and rounds
+once to bfloat16, as torch's bf16 kernels do); attention and the KV cache float32 either way.
 
 `load()` builds the C++ source with `kernels.native.load_library` (the checkout's
 .cache/torch_extensions/, one build per CPU kind) as a library of its own, compiled with
@@ -21,9 +24,10 @@ _BUILD_NAME = "loragate_decode_ops"
 
 
 def usable(device: torch.device, dtype: torch.dtype, attn_dtype: torch.dtype) -> bool:
-    """Float32 weights, activations and KV on the CPU, with the library built."""
-    return (device.type == "cpu" and dtype == torch.float32 and attn_dtype == torch.float32
-            and load())
+    """On the CPU, float32 or bfloat16 weights and activations, float32 attention and KV,
+    with the library built."""
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and attn_dtype == torch.float32 and load())
 
 
 @functools.cache
@@ -34,8 +38,8 @@ def load() -> bool:
 
 
 def add_rms_norm(
-    h: torch.Tensor,  # [num_tokens, hidden] float32, the residual stream: += delta in place
-    delta: torch.Tensor | None,  # [num_tokens, hidden] float32
+    h: torch.Tensor,  # [num_tokens, hidden] float32 / bf16, the residual stream: += delta
+    delta: torch.Tensor | None,  # [num_tokens, hidden] of h's dtype
     weight: torch.Tensor,  # [hidden]
     eps: float,
 ) -> torch.Tensor:  # [num_tokens, hidden]: rms_norm(h + delta) * weight
@@ -43,20 +47,20 @@ def add_rms_norm(
 
 
 def rope_write_kv(
-    qkv: torch.Tensor,  # [num_tokens, (heads + 2 * kv_heads) * head_dim] float32
+    qkv: torch.Tensor,  # [num_tokens, (heads + 2 * kv_heads) * head_dim] float32 / bf16
     cos: torch.Tensor,  # [num_tokens, 1, head_dim]
     signed_sin: torch.Tensor,  # [num_tokens, 1, head_dim] (llama.apply_rotary)
-    k_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim] this layer's, rows written
+    k_pool: torch.Tensor,  # [pool_rows, kv_heads, head_dim] float32, this layer's
     v_pool: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int64 pool rows of the new tokens
     heads: int,
     kv_heads: int,
-) -> torch.Tensor:  # [num_tokens, heads, head_dim]: q after rotary
+) -> torch.Tensor:  # [num_tokens, heads, head_dim] float32: q after rotary
     return torch.ops.loragate_decode.rope_write_kv(qkv, cos, signed_sin, k_pool, v_pool,
                                                    slot_mapping, heads, kv_heads)
 
 
 def silu_mul(
-    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] float32: gate, then up
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate] float32 / bf16: gate, then up
 ) -> torch.Tensor:  # [num_tokens, intermediate]: silu(gate) * up
     return torch.ops.loragate_decode.silu_mul(gate_up)

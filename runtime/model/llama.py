@@ -9,9 +9,9 @@ LoRA hook (docs/internals.md): after each of the four base projections a layer c
 
 The residual stream carries one pending term between ops: each layer returns its MLP output
 unadded, and the next norm (the next layer's, or the final one) adds it as it normalizes, so
-that on the CPU in float32 the add and the norm are one fused call (fused_cpu.py), as are the
-rotary and the KV write, and the MLP's silu(gate) * up. `fused=False` runs the same steps as
-torch ops.
+that on the CPU (float32 or bf16) the add and the norm are one fused call (fused_cpu.py), as
+are the rotary and the KV write, and the MLP's silu(gate) * up. `fused=False` runs the same
+steps as torch ops.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def add_rms_norm(
     eps: float,
     fused: bool,
 ) -> torch.Tensor:
-    """rms_norm(h += delta); `fused`: one C++ call (float32 CPU only; fused_cpu.py)."""
+    """rms_norm(h += delta); `fused`: one C++ call (CPU, float32 or bf16; fused_cpu.py)."""
     if fused:
         return fused_cpu.add_rms_norm(h, delta, weight, eps)
     if delta is not None:
@@ -171,7 +171,7 @@ class DecoderLayer:
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
         kv: KVCache,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]: q after rotary
-        """fused_cpu.rope_write_kv as torch ops (CUDA, bfloat16, layer_ops="torch")."""
+        """fused_cpu.rope_write_kv as torch ops (CUDA, float16, layer_ops="torch")."""
         a = self.args
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, a.num_heads, a.head_dim)
@@ -194,8 +194,8 @@ class LlamaModel:
         tied lm_head then costs a second copy of the embedding, which the lookup reads.
         Packing takes each projection's plain weight out of `weights` before the next one
         is reordered, so that loading peaks at the model's size plus one weight, not twice
-        the model. `fused_ops`: norms, rotary and KV write through fused_cpu.py (float32 on
-        the CPU only: the caller checks `fused_cpu.usable`)."""
+        the model. `fused_ops`: norms, rotary, KV write and silu through fused_cpu.py (CPU,
+        float32 or bf16 with float32 attention: the caller checks `fused_cpu.usable`)."""
         self.args = args
         self.fused = fused_ops
         self.embed = weights["embed"]  # [vocab, hidden]

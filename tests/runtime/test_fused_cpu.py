@@ -146,3 +146,49 @@ def test_silu_mul_keeps_nan_rows_to_themselves() -> None:
     assert got[[0, 2]].isfinite().all()
     with pytest.raises(RuntimeError):
         fused_cpu.silu_mul(torch.randn(3, 63))
+
+
+def _bf16_layer_tensors(tokens: int, hidden: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(tokens, hidden, generator=gen) * 3).bfloat16() for _ in range(2)]
+
+
+@pytest.mark.parametrize("tokens", [1, 32])
+def test_bfloat16_norm_and_silu_round_like_the_torch_ops(tokens: int) -> None:
+    """--dtype bfloat16: the residual add is bitwise torch's bf16 add, the norm and silu within
+    one bfloat16 rounding of llama.rms_norm / F.silu(gate).mul_(up) (the float sum and exp
+    differ in the last float bits, which can flip a rounding)."""
+    from runtime.model.llama import rms_norm
+
+    h, delta = _bf16_layer_tensors(tokens, 576, tokens)
+    weight = torch.randn(576).bfloat16()
+    want_h = h.clone().add_(delta)
+    want = rms_norm(want_h, weight, 1e-5)
+    got = fused_cpu.add_rms_norm(h, delta, weight, 1e-5)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(h, want_h)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    assert (got == want).float().mean() > 0.99
+
+    gate_up = torch.cat(_bf16_layer_tensors(tokens, 1536, tokens + 1), dim=-1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want_act = F.silu(gate).mul_(up)
+    got_act = fused_cpu.silu_mul(gate_up)
+    assert got_act.dtype == torch.bfloat16
+    torch.testing.assert_close(got_act.float(), want_act.float(), rtol=2 ** -7, atol=1e-6)
+    assert (got_act == want_act).float().mean() > 0.99
+
+
+def test_bfloat16_qkv_rotates_in_float32_like_the_torch_path() -> None:
+    tokens, heads, kv_heads, dim = 6, 9, 3, 64
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen).bfloat16()
+    cos, sin = _rotary_tables(torch.arange(tokens) * 7, dim)
+    k_pool, v_pool = torch.zeros(16, kv_heads, dim), torch.zeros(16, kv_heads, dim)
+    slots = torch.arange(tokens) + 3
+    q, k, v = qkv.float().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    got = fused_cpu.rope_write_kv(qkv, cos, sin, k_pool, v_pool, slots, heads, kv_heads)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, apply_rotary(q.reshape(tokens, heads, dim), cos, sin))
+    assert torch.equal(k_pool[slots], apply_rotary(k.reshape(tokens, kv_heads, dim), cos, sin))
+    assert torch.equal(v_pool[slots], v.reshape(tokens, kv_heads, dim))

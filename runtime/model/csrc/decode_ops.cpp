@@ -1,4 +1,5 @@
-// The decoder layer's small float32 ops on the CPU, each fused into one call.
+// The decoder layer's small ops on the CPU (float32, or bfloat16 weights and activations with
+// float32 attention), each fused into one call.
 //
 // Why: at batch 32 a SmolLM2 decode step spends its time outside the GEMMs in dozens of tiny
 // torch ops per layer (the norm alone is five: pow, mean, add, rsqrt, mul), each paying
@@ -40,72 +41,119 @@ int64_t grain_for(int64_t rows_floats) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, rows_floats));
 }
 
-at::Tensor add_rms_norm(at::Tensor& h, const std::optional<at::Tensor>& delta,
-                        const at::Tensor& weight, double eps) {
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
-              "h: contiguous float32 [tokens, hidden]");
-  const int64_t tokens = h.size(0), hidden = h.size(1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden && weight.scalar_type() == at::kFloat &&
-                  weight.is_contiguous(),
-              "weight: contiguous float32 [hidden]");
-  const float* d = nullptr;
-  if (delta.has_value()) {
-    TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == at::kFloat &&
-                    delta->is_contiguous(),
-                "delta: contiguous float32 of h's shape");
-    TORCH_CHECK(!delta->is_same(h), "delta must not be h itself");
-    d = delta->data_ptr<float>();
-  }
-  at::Tensor out = at::empty_like(h);
-  float* hp = h.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* w = weight.data_ptr<float>();
-  const float e = static_cast<float>(eps);
+// Float storage types of the activations: float32, or bfloat16 whose every op computes in float
+// and rounds once to bfloat16 (round to nearest even, as torch's kernels do).
+template <typename T>
+inline float up(T v) { return static_cast<float>(v); }
+template <typename T>
+inline T down(float v) { return static_cast<T>(v); }
+
+bool is_activation(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
+
+template <typename T>
+void add_rms_norm_rows(T* hp, const T* d, const T* w, T* op, int64_t tokens, int64_t hidden,
+                       float e) {
   loragate_cpu::parallel_for(0, tokens, grain_for(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      float* row = hp + t * hidden;
+      T* row = hp + t * hidden;
       if (d != nullptr) {
-        const float* dr = d + t * hidden;
-        for (int64_t i = 0; i < hidden; ++i) row[i] += dr[i];
+        const T* dr = d + t * hidden;
+        for (int64_t i = 0; i < hidden; ++i) row[i] = down<T>(up(row[i]) + up(dr[i]));
       }
       float lanes[kLanes] = {};
       int64_t i = 0;
       for (; i + kLanes <= hidden; i += kLanes) {
-        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += row[i + j] * row[i + j];
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += up(row[i + j]) * up(row[i + j]);
       }
       float sum = 0.0f;
-      for (; i < hidden; ++i) sum += row[i] * row[i];
+      for (; i < hidden; ++i) sum += up(row[i]) * up(row[i]);
       for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
       const float mean = sum / static_cast<float>(hidden);
       const float r = 1.0f / std::sqrt(mean + e);
-      float* o = op + t * hidden;
-      for (int64_t x = 0; x < hidden; ++x) o[x] = w[x] * (row[x] * r);
+      T* o = op + t * hidden;
+      // weight * (h * r).to(T): for bfloat16 the normalized row rounds before the weight
+      // multiplies it (runtime/model/llama.py rms_norm); for float32 both casts are no-ops.
+      for (int64_t x = 0; x < hidden; ++x) o[x] = down<T>(up(w[x]) * up(down<T>(up(row[x]) * r)));
     }
   });
+}
+
+at::Tensor add_rms_norm(at::Tensor& h, const std::optional<at::Tensor>& delta,
+                        const at::Tensor& weight, double eps) {
+  TORCH_CHECK(h.dim() == 2 && is_activation(h) && h.is_contiguous(),
+              "h: contiguous float32 or bfloat16 [tokens, hidden]");
+  const int64_t tokens = h.size(0), hidden = h.size(1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden &&
+                  weight.scalar_type() == h.scalar_type() && weight.is_contiguous(),
+              "weight: contiguous [hidden] of h's dtype");
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == h.sizes() && delta->scalar_type() == h.scalar_type() &&
+                    delta->is_contiguous(),
+                "delta: contiguous, of h's shape and dtype");
+    TORCH_CHECK(!delta->is_same(h), "delta must not be h itself");
+  }
+  at::Tensor out = at::empty_like(h);
+  const float e = static_cast<float>(eps);
+  if (h.scalar_type() == at::kFloat) {
+    add_rms_norm_rows<float>(h.data_ptr<float>(),
+                             delta.has_value() ? delta->data_ptr<float>() : nullptr,
+                             weight.data_ptr<float>(), out.data_ptr<float>(), tokens, hidden, e);
+  } else {
+    using B = c10::BFloat16;
+    add_rms_norm_rows<B>(h.data_ptr<B>(), delta.has_value() ? delta->data_ptr<B>() : nullptr,
+                         weight.data_ptr<B>(), out.data_ptr<B>(), tokens, hidden, e);
+  }
   return out;
 }
 
 // One head's rotary: out[i] = x[i] * cos[i] + x[i +- half] * signed_sin[i], the products and the
-// sum each rounded (runtime/model/llama.py apply_rotary says why this equals transformers').
-inline void rotate(const float* x, const float* cos, const float* ssin, int64_t dim, float* out) {
+// sum each rounded (runtime/model/llama.py apply_rotary says why this equals transformers'),
+// x read as float (a bfloat16 projection's q and k go to float32 first, as in llama.py).
+template <typename T>
+inline void rotate(const T* x, const float* cos, const float* ssin, int64_t dim, float* out) {
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i] * cos[i];
-    const float b = x[i + half] * ssin[i];
+    const float a = up(x[i]) * cos[i];
+    const float b = up(x[i + half]) * ssin[i];
     out[i] = a + b;
   }
   for (int64_t i = half; i < dim; ++i) {
-    const float a = x[i] * cos[i];
-    const float b = x[i - half] * ssin[i];
+    const float a = up(x[i]) * cos[i];
+    const float b = up(x[i - half]) * ssin[i];
     out[i] = a + b;
   }
+}
+
+template <typename T>
+void rope_write_rows(const T* src, const float* c, const float* s, const int64_t* slots,
+                     float* qp, float* kp, float* vp, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t dim) {
+  const int64_t width = (heads + 2 * kv_heads) * dim, kv_width = kv_heads * dim;
+  loragate_cpu::parallel_for(0, tokens, grain_for(width), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = src + t * width;
+      const float* ct = c + t * dim;
+      const float* st = s + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        rotate(row + h * dim, ct, st, dim, qp + (t * heads + h) * dim);
+      }
+      float* k_row = kp + slots[t] * kv_width;
+      const T* k_src = row + heads * dim;
+      for (int64_t g = 0; g < kv_heads; ++g) rotate(k_src + g * dim, ct, st, dim, k_row + g * dim);
+      const T* v_src = k_src + kv_width;
+      float* v_row = vp + slots[t] * kv_width;
+      for (int64_t x = 0; x < kv_width; ++x) v_row[x] = up(v_src[x]);
+    }
+  });
 }
 
 at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& ssin,
                          at::Tensor& k_pool, at::Tensor& v_pool, const at::Tensor& slot_mapping,
                          int64_t heads, int64_t kv_heads) {
-  TORCH_CHECK(qkv.dim() == 2 && qkv.scalar_type() == at::kFloat && qkv.is_contiguous(),
-              "qkv: contiguous float32 [tokens, (heads + 2 kv_heads) * head_dim]");
+  TORCH_CHECK(qkv.dim() == 2 && is_activation(qkv) && qkv.is_contiguous(),
+              "qkv: contiguous float32 or bfloat16 [tokens, (heads + 2 kv_heads) * head_dim]");
   TORCH_CHECK(heads > 0 && kv_heads > 0, "heads and kv_heads must be positive");
   TORCH_CHECK(k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes() &&
                   k_pool.scalar_type() == at::kFloat && v_pool.scalar_type() == at::kFloat &&
@@ -126,55 +174,54 @@ at::Tensor rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at:
   for (int64_t t = 0; t < tokens; ++t) {
     TORCH_CHECK(slots[t] >= 0 && slots[t] < pool_rows, "slot_mapping points outside the pool");
   }
-  at::Tensor q = at::empty({tokens, heads, dim}, qkv.options());
-  const float* src = qkv.data_ptr<float>();
+  at::Tensor q = at::empty({tokens, heads, dim}, k_pool.options());
   const float* c = cos.data_ptr<float>();
   const float* s = ssin.data_ptr<float>();
-  float* qp = q.data_ptr<float>();
   float* kp = k_pool.data_ptr<float>();
   float* vp = v_pool.data_ptr<float>();
-  const int64_t width = qkv.size(1), kv_width = kv_heads * dim;
-  loragate_cpu::parallel_for(0, tokens, grain_for(width), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = src + t * width;
-      const float* ct = c + t * dim;
-      const float* st = s + t * dim;
-      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, ct, st, dim, qp + (t * heads + h) * dim);
-      float* k_row = kp + slots[t] * kv_width;
-      const float* k_src = row + heads * dim;
-      for (int64_t g = 0; g < kv_heads; ++g) rotate(k_src + g * dim, ct, st, dim, k_row + g * dim);
-      const float* v_src = k_src + kv_width;
-      float* v_row = vp + slots[t] * kv_width;
-      for (int64_t x = 0; x < kv_width; ++x) v_row[x] = v_src[x];
-    }
-  });
+  if (qkv.scalar_type() == at::kFloat) {
+    rope_write_rows<float>(qkv.data_ptr<float>(), c, s, slots, q.data_ptr<float>(), kp, vp,
+                           tokens, heads, kv_heads, dim);
+  } else {
+    rope_write_rows<c10::BFloat16>(qkv.data_ptr<c10::BFloat16>(), c, s, slots,
+                                   q.data_ptr<float>(), kp, vp, tokens, heads, kv_heads, dim);
+  }
   return q;
 }
 
 // silu(g) * u with silu(g) = g / (1 + exp(-g)), written with e = exp(-|g|) so that the exp's
 // argument is never positive: g / (1 + e) for g >= 0, g * e / (1 + e) below (the same value,
-// e = exp(g) there). A NaN gate stays NaN.
-at::Tensor silu_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat &&
-                  gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
-              "gate_up: contiguous float32 [tokens, 2 * intermediate]");
-  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
-  at::Tensor out = at::empty({tokens, inter}, gate_up.options());
-  const float* src = gate_up.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+// e = exp(g) there). A NaN gate stays NaN. bfloat16: silu rounds to bfloat16 before the
+// product, as F.silu(gate).mul_(up) rounds.
+template <typename T>
+void silu_mul_rows(const T* src, T* dst, int64_t tokens, int64_t inter) {
   loragate_cpu::parallel_for(0, tokens, grain_for(2 * inter), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* g = src + t * 2 * inter;
-      const float* u = g + inter;
-      float* o = dst + t * inter;
+      const T* g = src + t * 2 * inter;
+      const T* u = g + inter;
+      T* o = dst + t * inter;
       for (int64_t i = 0; i < inter; ++i) {
-        const float x = g[i];
+        const float x = up(g[i]);
         const float e = exp_nonpositive(x >= 0.0f ? -x : x);
         const float silu = (x >= 0.0f ? x : x * e) / (1.0f + e);
-        o[i] = silu * u[i];
+        o[i] = down<T>(up(down<T>(silu)) * up(u[i]));
       }
     }
   });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && is_activation(gate_up) && gate_up.is_contiguous() &&
+                  gate_up.size(1) % 2 == 0,
+              "gate_up: contiguous float32 or bfloat16 [tokens, 2 * intermediate]");
+  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({tokens, inter}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat) {
+    silu_mul_rows<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), tokens, inter);
+  } else {
+    using B = c10::BFloat16;
+    silu_mul_rows<B>(gate_up.data_ptr<B>(), out.data_ptr<B>(), tokens, inter);
+  }
   return out;
 }
 
