@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -235,21 +236,30 @@ def step_profiles(model_dir: Path, adapters_dir: Path, batch: int, steps: int,
     return {k: min(v, key=lambda r: r["step_ms_median"]) for k, v in runs.items()}
 
 
-def contexts(model_dir: Path, refs: list[Any], batch: int, lengths: tuple[int, ...]) -> list:
+def contexts(model_dir: Path, refs: list[Any], batch: int, lengths: tuple[int, ...],
+             rounds: int = 12) -> list:
+    """The decode step at each context length: one engine per length, all alive at once and
+    stepped in turn, round after round, so that a load spike on a shared machine hits every
+    length alike (one length after the other, the spikes of this VM moved a length's step by
+    +-20%); the median step of each."""
     from bench.step_profile import fill
 
-    rows = []
+    engines = []
     for length in lengths:
         engine = build_engine(model_dir, None, max_running=batch, max_model_len=length + 64)
-        fill(engine, refs, batch, prompt_len=length, max_tokens=32)
-        times = []
-        for _ in range(6):
+        fill(engine, refs, batch, prompt_len=length, max_tokens=rounds + 16)
+        engines.append(engine)
+    times: list[list[float]] = [[] for _ in lengths]
+    for _ in range(rounds):
+        for i, engine in enumerate(engines):
             start = time.perf_counter()
             engine.step()
-            times.append(time.perf_counter() - start)
+            times[i].append(time.perf_counter() - start)
+    rows = []
+    for length, engine, ts in zip(lengths, engines, times, strict=True):
         a = engine.model.args
         attn_flops = 4 * batch * length * a.num_heads * a.head_dim * a.num_layers
-        rows.append({"context": length, "batch": batch, "step_ms": sorted(times)[3] * 1e3,
+        rows.append({"context": length, "batch": batch, "step_ms": statistics.median(ts) * 1e3,
                      "attention_gflop": attn_flops / 1e9})
     return rows
 
