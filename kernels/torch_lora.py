@@ -287,7 +287,8 @@ def add_lora_dense(
     On the CPU with float32 contiguous tensors this runs the native op (csrc/lora_cpu.cpp)
     when it builds: the same sums, token by token over the nonzero columns of its mask only
     (so within float32 rounding of the torch form, and a column of another adapter never
-    enters a token's row). Otherwise, and as its oracle, the torch form in three calls.
+    enters a token's row); with bfloat16 x and y (`--dtype bfloat16`), the op sums into a
+    float32 term it adds to y once. Otherwise, and as its oracle, the torch form.
     """
     op = _native_op() if _native_fits(y, x, a_pack, b_pack, mask) else None
     if op is not None:
@@ -311,15 +312,22 @@ def add_lora_dense_torch(
         y.add_(torch.mm(h, b_pack))
 
 
-def _native_fits(*tensors: torch.Tensor) -> bool:
-    # A plain loop over cheap attributes: ~1 us for five tensors, where all() over a
-    # generator reading `.device.type` took ~5 us, 120 times per decode step.
-    for t in tensors:
-        if t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
+def _native_fits(y: torch.Tensor, x: torch.Tensor, *packs: torch.Tensor) -> bool:
+    """CPU, contiguous, float32 packs and mask, and y and x both float32 or both bfloat16."""
+    # Plain checks of cheap attributes: ~1 us for five tensors, where all() over a generator
+    # reading `.device.type` took ~5 us, 120 times per decode step.
+    if y.dtype is not x.dtype or y.dtype not in _NATIVE_DTYPES:
+        return False
+    for t in (y, x, *packs):
+        if not t.is_cpu or not t.is_contiguous():
+            return False
+    for t in packs:
+        if t.dtype is not torch.float32:
             return False
     return True
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _NATIVE_SOURCES = [Path(__file__).with_name("csrc") / "lora_cpu.cpp"]
 
 

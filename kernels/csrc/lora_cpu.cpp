@@ -266,9 +266,9 @@ void run_group(const Problem& p, const int32_t* t) {
   }
 }
 
-void add_lora_dense(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pack,
-                    const at::Tensor& b_pack, const at::Tensor& mask,
-                    at::IntArrayRef slice_sizes) {
+void add_lora_dense_float(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pack,
+                          const at::Tensor& b_pack, const at::Tensor& mask,
+                          at::IntArrayRef slice_sizes) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a_pack.dim() == 2 && b_pack.dim() == 2 &&
                   mask.dim() == 2,
               "add_lora_dense: y [tokens, out], x [tokens, in], a_pack [slices * width, in], "
@@ -370,6 +370,26 @@ void add_lora_dense(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pack
       }
     }
   });
+}
+
+// The op. float32 throughout, or (--dtype bfloat16) bfloat16 y and x with the float32 packs
+// and mask: the sums then run in float32 into a zeroed term that is added to y once, one
+// rounding to bfloat16 per element, as the torch form's y.add_(h @ b_pack) rounds.
+void add_lora_dense(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_pack,
+                    const at::Tensor& b_pack, const at::Tensor& mask,
+                    at::IntArrayRef slice_sizes) {
+  if (y.scalar_type() != at::kBFloat16) {
+    add_lora_dense_float(y, x, a_pack, b_pack, mask, slice_sizes);
+    return;
+  }
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16,
+              "add_lora_dense: a bfloat16 y takes a bfloat16 x, got ", x.scalar_type());
+  TORCH_CHECK(y.dim() == 2 && y.device().is_cpu() && y.is_contiguous(),
+              "add_lora_dense: y must be a contiguous 2-D CPU tensor");
+  at::assert_no_overlap(y, x);
+  at::Tensor term = at::zeros(y.sizes(), y.options().dtype(at::kFloat));
+  add_lora_dense_float(term, x.to(at::kFloat), a_pack, b_pack, mask, slice_sizes);
+  y.add_(term);
 }
 
 }  // namespace

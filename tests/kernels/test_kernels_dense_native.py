@@ -159,6 +159,9 @@ def _good() -> dict:
     (dict(y=torch.zeros(4, 30, dtype=torch.float64)), "float32"),
     (dict(x=torch.zeros(4, 16, dtype=torch.bfloat16)), "float32"),
     (dict(mask=torch.ones(4, 16, dtype=torch.int32)), "float32"),
+    (dict(y=torch.zeros(4, 30, dtype=torch.bfloat16)), "bfloat16 x"),
+    (dict(y=torch.zeros(4, 30, dtype=torch.bfloat16), x=torch.zeros(4, 16, dtype=torch.bfloat16),
+          a_pack=torch.zeros(16, 16, dtype=torch.bfloat16)), "float32"),
     (dict(x=torch.zeros(16, 4).t()), "contiguous"),
     (dict(x=torch.zeros(4, 17)), "in=16, x has 17"),
     (dict(x=torch.zeros(3, 16)), "one row per token"),
@@ -187,7 +190,7 @@ def test_y_overlapping_an_input_is_refused(op) -> None:
         op(*args.values())
 
 
-def test_add_lora_dense_takes_the_native_op_on_cpu_float32_only(
+def test_add_lora_dense_takes_the_native_op_on_cpu_float32(
     op, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[list[int]] = []
@@ -217,6 +220,30 @@ def test_add_lora_dense_takes_the_native_op_on_cpu_float32_only(
     kernels.add_lora_dense(strided, wide, a_pack, b_pack, mask)
     assert calls == []
     torch.testing.assert_close(strided, y, **TOL)
+
+
+def test_bfloat16_x_and_y_take_the_op_which_sums_in_float32(
+    op, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--dtype bfloat16: the op sums in float32 and y rounds once, as the torch form's add_
+    does, so both agree to bf16 rounding; a base-only token's row stays bit for bit."""
+    calls: list[torch.dtype] = []
+
+    def spy(y, x, a_pack, b_pack, mask, sizes) -> None:
+        calls.append(y.dtype)
+        op(y, x, a_pack, b_pack, mask, sizes)
+
+    monkeypatch.setattr(torch_lora, "_native_op", lambda: spy)
+    case = make_case(9, 70, SLICES[3], num_slots=3, seed=5, ranks=(8,))
+    a_pack, b_pack, mask = dense_inputs(case)
+    mask[4] = 0.0  # token 4 on the base model
+    y0, x = case.y.to(torch.bfloat16), case.x.to(torch.bfloat16)
+    got, want = y0.clone(), y0.clone()
+    kernels.add_lora_dense(got, x, a_pack, b_pack, mask, case.slice_sizes)
+    assert calls == [torch.bfloat16]
+    torch_lora.add_lora_dense_torch(want, x, a_pack, b_pack, mask)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+    assert torch.equal(got[4], y0[4])
 
 
 def test_an_op_that_cannot_build_leaves_the_torch_form_and_says_why(
