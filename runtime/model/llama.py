@@ -108,7 +108,7 @@ class DecoderLayer:
     ) -> None:
         """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py),
         taking each plain weight out of `w` as it goes (LlamaModel says why). `fused`: the
-        norms, rotary and KV write through fused_cpu.py."""
+        norms, rotary, KV write and silu through fused_cpu.py."""
         self.idx = idx
         self.fused = fused
         self.args = args
