@@ -7,22 +7,16 @@ import pytest
 import torch
 
 import kernels
-from tests.support.lora_cases import assert_close, make_case, naive_loop
+from tests.support.lora_cases import assert_close, dense_inputs, make_case, naive_loop
 
 pytestmark = pytest.mark.unit
 SLICES = {1: [37], 2: [29, 40], 3: [48, 24, 24]}
 
 
 def run_dense(case, slots: list[int] | None = None) -> torch.Tensor:
-    t2s = case.token_to_slot.tolist()
-    slots = slots or sorted({s for s in t2s if s >= 0})
-    rank = max(case.ranks[s] for s in slots)
-    # pack_dense works on every layer at once: one layer here.
-    a_pack, b_pack = kernels.pack_dense(case.lora_a[None], case.lora_b[None], slots, rank,
-                                        case.slice_sizes)
-    mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes))
+    a_pack, b_pack, mask = dense_inputs(case, slots)
     y = case.y.clone()
-    kernels.add_lora_dense(y, case.x, a_pack[0], b_pack[0], mask, case.slice_sizes)
+    kernels.add_lora_dense(y, case.x, a_pack, b_pack, mask, case.slice_sizes)
     return y
 
 

@@ -10,9 +10,6 @@ change at all.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +18,8 @@ import torch
 
 import kernels
 from kernels import torch_lora
-from tests.support.lora_cases import assert_close, make_case, naive_loop
+from tests.support.lora_cases import assert_close, dense_inputs, make_case, naive_loop
+from tests.support.native_variants import not_in_a_rerun, rerun_under_variant
 
 pytestmark = pytest.mark.unit
 SLICES = {1: [37], 2: [29, 40], 3: [48, 24, 24]}
@@ -34,17 +32,6 @@ def op() -> Callable[..., None]:
     if built is None:
         pytest.fail("the native add_lora_dense op did not build (see the log)")
     return built
-
-
-def dense_inputs(case, slots: list[int] | None = None):
-    """(a_pack, b_pack, mask) of one layer for `case`, as the LoRA manager packs them."""
-    t2s = case.token_to_slot.tolist()
-    slots = slots or sorted({s for s in t2s if s >= 0})
-    rank = max(case.ranks[s] for s in slots)
-    a_pack, b_pack = kernels.pack_dense(case.lora_a[None], case.lora_b[None], slots, rank,
-                                        case.slice_sizes)
-    mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes))
-    return a_pack[0], b_pack[0], mask
 
 
 def both(op, y, x, a_pack, b_pack, mask, sizes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,26 +254,13 @@ def test_an_op_that_cannot_build_leaves_the_torch_form_and_says_why(
     assert_close(y, naive_loop(case), torch.float32)
 
 
-_LOWER_VARIANTS = {"AVX512": ("avx2", "default"), "AVX2": ("default",)}
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None,
-                    reason="already running one variant")
+@not_in_a_rerun
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
     """One code path per build variant (kernels.native.variant): this file's op tests again
     in a process where torch reports a lesser CPU, which builds and loads that variant."""
-    if capability not in _LOWER_VARIANTS.get(torch.backends.cpu.get_cpu_capability(), ()):
-        pytest.skip(f"this CPU cannot run the {capability} variant or it is the native one")
-    env = os.environ | {"ATEN_CPU_CAPABILITY": capability}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "equals or mask or poison or depends"],
-        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-        timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout
+    rerun_under_variant(__file__, capability, "equals or mask or poison or depends")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")

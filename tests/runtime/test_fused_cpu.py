@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from runtime.model import fused_cpu
 from runtime.model.llama import apply_rotary
+from tests.support.native_variants import not_in_a_rerun, rerun_under_variant
 
 pytestmark = [pytest.mark.unit, pytest.mark.skipif(
     not fused_cpu.load(), reason="the fused CPU ops did not build")]
@@ -192,3 +193,11 @@ def test_bfloat16_qkv_rotates_in_float32_like_the_torch_path() -> None:
     assert torch.equal(got, apply_rotary(q.reshape(tokens, heads, dim), cos, sin))
     assert torch.equal(k_pool[slots], apply_rotary(k.reshape(tokens, kv_heads, dim), cos, sin))
     assert torch.equal(v_pool[slots], v.reshape(tokens, kv_heads, dim))
+
+
+@pytest.mark.slow
+@not_in_a_rerun
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
+    """The ops' tests again under each lesser CPU variant of the build."""
+    rerun_under_variant(__file__, capability, "not variants")

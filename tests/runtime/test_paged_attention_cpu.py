@@ -8,11 +8,7 @@ not read hold NaN, so a read past a length shows up as a NaN answer, not as a sm
 from __future__ import annotations
 
 import logging
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from runtime.model.attention import (
     paged_attention,
     use_paged_kernel,
 )
+from tests.support.native_variants import not_in_a_rerun, rerun_under_variant
 
 pytestmark = pytest.mark.unit
 BLOCK = 16
@@ -202,27 +199,14 @@ def test_the_kernel_refuses_tables_and_lengths_outside_the_pool(kernel: None) ->
                torch.tensor([length], dtype=torch.int32), out, BLOCK, 1.0)
 
 
-_LOWER_VARIANTS = {"AVX512": ("avx2", "default"), "AVX2": ("default",)}
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None,
-                    reason="already running one variant")
+@not_in_a_rerun
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
     """The kernel has one code path per build variant (kernels.native.variant); a machine
     runs only its own unless told otherwise. This one runs this file's kernel tests again in a
     process where torch reports a lesser CPU, which builds and loads that variant."""
-    if capability not in _LOWER_VARIANTS.get(torch.backends.cpu.get_cpu_capability(), ()):
-        pytest.skip(f"this CPU cannot run the {capability} variant or it is the native one")
-    env = os.environ | {"ATEN_CPU_CAPABILITY": capability}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "equal or nan"],
-        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-        timeout=240, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert " passed" in done.stdout
+    rerun_under_variant(__file__, capability, "equal or nan")
 
 
 def test_a_kernel_that_cannot_build_falls_back_to_the_gather_path_and_says_why(

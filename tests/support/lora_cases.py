@@ -85,3 +85,20 @@ def naive_loop(case: Case) -> torch.Tensor:  # [num_tokens, sum(slice_sizes)] fl
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(actual.double(), expected.double(), **TOLERANCES[dtype])
+
+
+def dense_inputs(
+    case: Case, slots: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_pack, b_pack, mask) of `case`'s one layer, as the LoRA manager packs them: over
+    `slots` (default: the slots its tokens use) at their largest rank."""
+    import kernels
+
+    t2s = case.token_to_slot.tolist()
+    slots = slots or sorted({s for s in t2s if s >= 0})
+    rank = max(case.ranks[s] for s in slots)
+    # pack_dense works on every layer at once: one layer here.
+    a_pack, b_pack = kernels.pack_dense(case.lora_a[None], case.lora_b[None], slots, rank,
+                                        case.slice_sizes)
+    mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes))
+    return a_pack[0], b_pack[0], mask
