@@ -16,7 +16,7 @@ The torch path also has a dense form for steps with few adapters over many token
 `pack_dense` packs the active slots' weights once (for every layer), `dense_mask` holds each
 token's scale, and `add_lora_dense` adds a projection's whole LoRA term in three calls
 (`kernels.torch_lora` explains why it is exact), or in one native op on the CPU in float32
-(`kernels/csrc/lora_cpu.cpp`, built at first use by `kernels.native`). `backend(device)`
+or bf16 (`kernels/csrc/lora_cpu.cpp`, built at first use by `kernels.native`). `backend(device)`
 says which path a device's tensors take, so a caller can choose the dense form only where it
 applies.
 """

@@ -16,10 +16,10 @@ does not target, so those contribute nothing. Per step:
 `active` is False for a step where no token has an adapter: the model then skips `apply`.
 On the CPU torch path, `prepare` also decides per projection whether the step takes the
 dense form (`kernels.add_lora_dense`: one call per projection against the active slots
-packed side by side, native in float32, instead of matmuls per adapter and slice): when the
-wasted FLOPs of its torch form (every token against every active adapter) cost less than the
-calls it saves. The packs are built once per set of active slots and reused by every step
-until that set or a slot changes.
+packed side by side, native on CPU in fp32 and bf16, instead of matmuls per adapter and
+slice): when the wasted FLOPs of its torch form (every token against every active adapter)
+cost less than the calls it saves. The packs are built once per set of active slots and
+reused by every step until that set or a slot changes.
 Which adapter sits in which slot is the cache's business (runtime/lora/cache.py); reading
 PEFT files is peft.py's; wiring them together is manager.py's.
 """
