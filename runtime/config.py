@@ -34,9 +34,10 @@ class RuntimeConfig:
     # reordered once at load (runtime/model/linear.py); "torch": F.linear (MKL on CPU), the
     # CUDA path everywhere.
     gemm: str = "auto"
-    # "auto": on CPU in float32, each layer's norms (with the residual add), rotary and KV
-    # write run as fused C++ calls (runtime/model/fused_cpu.py), or torch ops when it cannot
-    # build; "torch": torch ops always (the CUDA and bfloat16 path; the A/B and oracle tests).
+    # "auto": on CPU (float32, or bf16 with float32 attention), each layer's norms (with the
+    # residual add), rotary with the KV write, and silu(gate) * up run as fused C++ calls
+    # (runtime/model/fused_cpu.py), or torch ops when it cannot build; "torch": torch ops
+    # always (the CUDA path; the A/B and oracle tests).
     layer_ops: str = "auto"
     # The engine thread's intra-op (OpenMP) threads; None: torch's default (the cores it
     # sees). On a host whose cores other work shares, fewer threads than cores keeps a team

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="CPU projections: oneDNN over weights reordered at load "
                               "(auto, the default) or torch's F.linear")
     runtime.add_argument("--layer-ops", choices=("auto", "torch"),
-                         help="CPU float32 norms, rotary and KV writes: fused C++ calls "
+                         help="CPU norms, rotary, KV writes and silu: fused C++ calls "
                               "(auto, the default) or torch ops")
     runtime.add_argument("--public-url", help="URL gateways use for this runtime (registry)")
     runtime.add_argument("--artifacts-dir", type=Path,
