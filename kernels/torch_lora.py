@@ -220,11 +220,11 @@ def lora_expand(
 # token without an adapter gets y + 0 = y. The waste is the zero columns, which the caller
 # keeps small (runtime/lora/layers.py decides per step and projection by FLOPs).
 #
-# On the CPU in float32 and bf16 the three calls are one native op (csrc/lora_cpu.cpp): the same
-# sums
-# over each token's nonzero mask columns only, with no small-GEMM overhead, so neither the
-# zero columns nor b_pack's zero blocks cost anything there (3-4x less time on SmolLM2's
-# decode shapes, bench/lora_kernels.py --dense). The three calls stay its fallback and oracle.
+# On the CPU in float32 and bf16 the three calls are one native op (csrc/lora_cpu.cpp): the
+# same sums over each token's nonzero mask columns only, with no small-GEMM overhead, so
+# neither the zero columns nor b_pack's zero blocks cost anything there (3-4x less time on
+# SmolLM2's decode shapes, bench/lora_kernels.py --dense). The three calls stay its fallback
+# and oracle.
 
 
 def pack_dense(
