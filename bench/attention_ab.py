@@ -13,8 +13,9 @@ On SmolLM2-135M, fp32, base model + two adapters round robin:
   op         paged_attention() alone, one layer of SmolLM2's shapes on random pools, one
              thread, in this process: decode batches and prefill chunks over cached context
              (what PAGED_PREFILL_MAX in runtime/model/attention.py rests on)
-  stream     the kernel alone over all layers, each on its own pools, all threads: K/V read
-             per second against the machine's read bandwidth (the memory floor)
+  stream     the kernel alone over all layers, each on its own pools, on one thread and on
+             all: K/V read per second against the machine's read bandwidth (the memory
+             floor), and what the kernel's thread split buys (`--stream-only`: this alone)
 "gather" is `RuntimeConfig(attention="gather")`: each context gathered out of the paged pool
 per layer, then SDPA; "kernel" reads the block tables directly (runtime/model/csrc/).
 """
@@ -126,7 +127,8 @@ def median_step_ms(op: Any, q: Any, k: list[Any], v: list[Any], tables: Any, ind
 def stream_figures(model: Path) -> list[dict[str, Any]]:
     """The kernel alone over one step's worth of layers, each on its own pools (so, unlike
     `op`, the K/V come from memory, not L3), all threads: K/V bytes read per second against
-    the machine's read bandwidth (bench/roofline.py), the floor no decode step can beat."""
+    the machine's read bandwidth (bench/roofline.py), the floor no decode step can beat; on
+    one thread and on all of them, the same pools."""
     import torch
 
     from bench.roofline import read_bandwidth
@@ -139,6 +141,7 @@ def stream_figures(model: Path) -> list[dict[str, Any]]:
     dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     layers, block, gen = cfg["num_hidden_layers"], 16, torch.Generator().manual_seed(0)
     bandwidth = read_bandwidth()
+    all_threads = torch.get_num_threads()
     rows = []
     for batch, context in ((8, 512), (8, 2048), (1, 2048)):
         per_seq = (context + block - 1) // block
@@ -151,14 +154,22 @@ def stream_figures(model: Path) -> list[dict[str, Any]]:
         lens = torch.full((batch,), context, dtype=torch.int32)
         q = torch.randn(batch, heads, dim, generator=gen)
         out = torch.empty_like(q)
-        ms = median_step_ms(op, q, k, v, tables, index, lens, out, block, dim**-0.5)
         kv_bytes = 2 * batch * context * kv_heads * dim * 4 * layers
-        rows.append({"batch": batch, "context": context, "layers": layers,
-                     "threads": torch.get_num_threads(), "ms": ms,
-                     "kv_gb_per_s": kv_bytes / ms / 1e6,
-                     "floor_ms": kv_bytes / bandwidth * 1e3,
-                     "ms_per_gflop": ms / attention_gflop(model, batch, context)})
+        for threads in sorted({1, all_threads}):
+            torch.set_num_threads(threads)
+            ms = median_step_ms(op, q, k, v, tables, index, lens, out, block, dim**-0.5)
+            rows.append({"batch": batch, "context": context, "layers": layers,
+                         "threads": threads, "ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6,
+                         "floor_ms": kv_bytes / bandwidth * 1e3,
+                         "ms_per_gflop": ms / attention_gflop(model, batch, context)})
+        torch.set_num_threads(all_threads)
     return rows
+
+
+def _stream_line(r: dict[str, Any]) -> str:
+    return (f"  batch {r['batch']} x context {r['context']:>4}, {r['threads']} thread(s): "
+            f"{r['ms']:6.1f} ms, {r['kv_gb_per_s']:5.1f} GB/s of K/V, "
+            f"{r['ms_per_gflop']:.2f} ms per GFLOP (memory floor {r['floor_ms']:.1f} ms)\n")
 
 
 def main() -> None:
@@ -167,7 +178,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/attention_ab.json")
+    parser.add_argument("--stream-only", action="store_true",
+                        help="only the kernel alone over a step's layers, 1 and all threads")
     args = parser.parse_args()
+    if args.stream_only:
+        for r in stream_figures(args.model):
+            sys.stdout.write(_stream_line(r))
+        return
     rounds = args.rounds or (1 if args.quick else 2)
     contexts = (16, 512) if args.quick else (16, 512, 2048)
     tmp = tempfile.TemporaryDirectory()
@@ -190,11 +207,9 @@ def main() -> None:
         out(f"  {r['kind']:<6} batch {r['batch']:>2} x {r['tokens']:>2} token(s) over "
             f"{r['context']:>4}: gather {r['gather_ms']:7.3f}  kernel {r['kernel_ms']:7.3f}  "
             f"({r['kernel_ms'] / r['gather_ms']:.2f})\n")
-    out("the kernel alone over a step's layers, each on its own pools, all threads:\n")
+    out("the kernel alone over a step's layers, each on its own pools:\n")
     for r in report["stream"]:
-        out(f"  batch {r['batch']} x context {r['context']:>4}: {r['ms']:6.1f} ms, "
-            f"{r['kv_gb_per_s']:5.1f} GB/s of K/V, {r['ms_per_gflop']:.2f} ms per GFLOP "
-            f"(memory floor {r['floor_ms']:.1f} ms)\n")
+        out(_stream_line(r))
     s = report["step"]
     out(f"decode step, batch 32, prompt 24, ms (variants alternating per step, median step's "
         f"parts, best of {rounds} processes):\n")
