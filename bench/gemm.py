@@ -62,10 +62,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gemm.json")
     opts = parser.parse_args()
-    if not onednn_available():
-        raise SystemExit("this torch has no oneDNN linear: nothing to compare")
-    args = ModelArgs.from_model_dir(opts.model)
     dtype = getattr(torch, opts.dtype)
+    if not onednn_available(dtype):
+        raise SystemExit(f"this torch has no oneDNN linear for {opts.dtype} on this CPU: "
+                         "nothing to compare")
+    args = ModelArgs.from_model_dir(opts.model)
     gen = torch.Generator().manual_seed(0)
     plain = [torch.randn(n, k, generator=gen).to(dtype) * k**-0.5
              for _ in range(args.num_layers) for n, k in shapes_of(args)]

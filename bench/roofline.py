@@ -53,10 +53,11 @@ def _weights(engine) -> list[Any]:
     return [*out, engine.model.lm_head]
 
 
-def _gemm_paths() -> dict[str, Any]:
-    """name -> (prepare(weight) -> w, run(x, w)) for every GEMM this torch offers on CPU."""
+def _gemm_paths(dtype: torch.dtype) -> dict[str, Any]:
+    """name -> (prepare(weight) -> w, run(x, w)) for every GEMM this torch and CPU offer for
+    `dtype` (oneDNN's bf16 needs avx512bw/vl/dq or avx_ne_convert: runtime/model/linear.py)."""
     paths: dict[str, Any] = {"f_linear": (lambda w: w, F.linear)}
-    if onednn_available():
+    if onednn_available(dtype):
         paths["onednn"] = (reorder_for_onednn, onednn_linear)
     return paths
 
@@ -100,7 +101,7 @@ def roofline(engine, batch: int, contexts: list[int], rounds: int = 20) -> dict[
     for dtype in {torch.float32, engine.dtype}:
         name = str(dtype).removeprefix("torch.")
         best = 0.0
-        for path, (prepare, run) in _gemm_paths().items():
+        for path, (prepare, run) in _gemm_paths(dtype).items():
             gflops = max(best_gflops(shape, batch, dtype, prepare, run, rounds)
                          for shape in shapes)
             out[f"gflops_{name}_{path}"] = gflops

@@ -26,16 +26,23 @@ _LAYOUT_BATCH_HINT = 64
 
 
 @functools.cache
-def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear ops (every x86 and aarch64 CPU build does)."""
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has oneDNN's linear ops for `dtype` weights on this CPU.
+
+    Every x86 and aarch64 CPU build has the ops, but their bf16 path needs CPU support
+    (avx512bw/vl/dq or avx_ne_convert on x86: a Zen 3 has neither) and raises without it, at
+    the first reorder. So this runs the two ops once on a tiny weight: the check is the op's
+    own, whatever CPU or torch version decides it."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        torch.ops.mkldnn._reorder_linear_weight  # noqa: B018 (resolves the op or raises)
-        torch.ops.mkldnn._linear_pointwise  # noqa: B018
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype),
+                                                         _LAYOUT_BATCH_HINT)
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), packed, None,
+                                                 "none", [], "")
     except (AttributeError, RuntimeError):
         return False
-    return True
+    return out.dtype == dtype and bool((out == 8).all())
 
 
 def reorder_for_onednn(weight: torch.Tensor) -> torch.Tensor:
@@ -51,9 +58,10 @@ def onednn_linear(
 
 
 def use_onednn(backend: str, device: torch.device | str, dtype: torch.dtype) -> bool:
-    """`backend`: RuntimeConfig.gemm. "auto" packs on CPU for float32 and bfloat16."""
+    """`backend`: RuntimeConfig.gemm. "auto" packs on CPU for float32, and for bfloat16
+    where this CPU runs oneDNN's bf16 GEMM (elsewhere bf16 weights stay plain for F.linear)."""
     return (backend == "auto" and torch.device(device).type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16) and onednn_available())
+            and dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype))
 
 
 class Linear:

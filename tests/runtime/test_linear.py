@@ -48,7 +48,8 @@ def test_packed_reads_rows_of_a_wider_tensor() -> None:
                                atol=1e-5, rtol=1e-5)
 
 
-@needs_onednn
+@pytest.mark.skipif(not onednn_available(torch.bfloat16),
+                    reason="oneDNN's bf16 GEMM needs avx512bw/vl/dq or avx_ne_convert")
 def test_packed_bfloat16_within_bf16_rounding() -> None:
     w = _weight(128, 256, seed=2)
     x = torch.randn(16, 256)
@@ -75,6 +76,24 @@ def test_use_onednn_only_for_auto_on_cpu_float_weights() -> None:
     assert not use_onednn("torch", "cpu", torch.float32)
     assert not use_onednn("auto", "cuda", torch.float32)
     assert not use_onednn("auto", "cpu", torch.float16)
+    # bf16 packs only where this CPU runs oneDNN's bf16 GEMM (a Zen 3 does not: loading
+    # `--dtype bfloat16` there raised at the first reorder until the probe).
+    assert use_onednn("auto", "cpu", torch.bfloat16) == onednn_available(torch.bfloat16)
+
+
+def test_onednn_probe_runs_the_op_and_says_no_where_it_raises(monkeypatch) -> None:
+    """The probe is the op itself: a CPU (or torch) whose reorder raises gets plain weights."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    onednn_available.cache_clear()
+    try:
+        assert not onednn_available(torch.bfloat16)
+        assert not use_onednn("auto", "cpu", torch.float32)
+    finally:
+        monkeypatch.undo()
+        onednn_available.cache_clear()
 
 
 def test_config_refuses_an_unknown_gemm(tmp_path: Path) -> None:
