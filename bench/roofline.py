@@ -3,9 +3,10 @@ compute-only figure, measured here and printed beside the step (bench/step_profi
 
     compute_ms  the step's GEMM FLOPs (every projection and the lm_head at this batch) over
                 the best GFLOPS any GEMM here reaches on one of the step's shapes in a tight
-                loop (one small weight stays in cache, so this is the arithmetic alone): of
-                F.linear (MKL) and of oneDNN over a reordered weight (runtime/model/linear.py),
-                both printed. Until issue 13's second round this was *the* roof
+                loop (one small weight stays in cache, so this is the arithmetic alone; the
+                best of 5 timings): of F.linear (MKL), of oneDNN over a reordered weight
+                (runtime/model/linear.py) and of our kernel (gemm_cpu.py, float32), each
+                printed. Until issue 13's second round this was *the* roof
                 ("roof_ms_float32"); it is still printed under that name. Until the third it
                 measured F.linear alone, which on the development VM's AMD CPU reaches a third
                 of what oneDNN does ("roof_ms_float32_f_linear").
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from runtime.model import gemm_cpu
 from runtime.model.linear import onednn_available, onednn_linear, reorder_for_onednn
 
 STREAM_BYTES = 512 * 1024 * 1024  # far past any L3: a sum over it runs at memory speed
@@ -59,20 +61,27 @@ def _gemm_paths(dtype: torch.dtype) -> dict[str, Any]:
     paths: dict[str, Any] = {"f_linear": (lambda w: w, F.linear)}
     if onednn_available(dtype):
         paths["onednn"] = (reorder_for_onednn, onednn_linear)
+    if dtype == torch.float32 and gemm_cpu.load():
+        paths["native"] = (lambda w: (gemm_cpu.pack(w), w.shape[0]),
+                           lambda x, pw: gemm_cpu.linear(x, pw[0], None, pw[1]))
     return paths
 
 
 def best_gflops(shape: tuple[int, int], batch: int, dtype: torch.dtype, prepare, run,
-                rounds: int) -> float:
+                rounds: int, repeats: int = 5) -> float:
+    """The GFLOPS of the best of `repeats` timings of `rounds` calls each: the rate the GEMM
+    reaches, where one mean would also hold whatever else this shared VM ran meanwhile."""
     out_features, in_features = shape
     wt = prepare(torch.randn(out_features, in_features).to(dtype))
     x = torch.randn(batch, in_features).to(dtype)
     for _ in range(3):
         run(x, wt)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        run(x, wt)
-    dt = (time.perf_counter() - start) / rounds
+    dt = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(rounds):
+            run(x, wt)
+        dt = min(dt, (time.perf_counter() - start) / rounds)
     return 2 * batch * out_features * in_features / dt / 1e9
 
 

@@ -1,13 +1,14 @@
 """One decode step of the engine on a real checkpoint, timed by part, beside the GEMM roof.
 
     .venv/bin/python -m bench.step_profile [--batch 32] [--legacy] [--dtype bfloat16] [--json]
-        [--attention gather] [--prompt-len 24] [--gemm torch] [--layer-ops torch]
+        [--attention gather] [--prompt-len 24] [--gemm onednn] [--layer-ops torch]
 
 A batch of `--batch` requests over the base model and two adapters (round robin) decodes;
 after warm-up, `--steps` steps are timed with perf_counter around each part (the CPU runs
 every op synchronously, so the timers are the parts' own costs):
-  base_gemm  the four projections of every layer (oneDNN over reordered weights on CPU,
-             F.linear with `--gemm torch`; runtime/model/linear.py)
+  base_gemm  the four projections of every layer (on CPU our kernel or oneDNN over packed
+             weights, `--gemm native|onednn`; F.linear with `--gemm torch`;
+             runtime/model/linear.py)
   lora       the LoRA term (`LoraManager.apply`)
   attention  paged attention, and the KV write where torch ops do it (`--layer-ops torch`)
   lm_head    the logits of the sampled rows
@@ -217,7 +218,7 @@ def run_profile(model_dir: Path, batch: int, steps: int, legacy: bool,
             timer.close()
         common = {"batch": batch, "legacy": legacy, "dtype": str(engine.dtype),
                   "prompt_len": prompt_len, "threads": torch.get_num_threads(),
-                  "gemm": "onednn" if engine.model.lm_head.packed else "torch",
+                  "gemm": engine.model.lm_head.backend,
                   "layer_ops": "fused" if engine.model.fused else "torch",
                   "dense_projections": sorted(engine.lora.dense_projections),
                   **roofline(engine, batch, [len(q.token_ids) for q in engine.scheduler.running])}
@@ -244,8 +245,9 @@ def main() -> None:
     parser.add_argument("--adapters-dir", type=Path)
     parser.add_argument("--attention", choices=("auto", "gather", "ab"), default="auto")
     parser.add_argument("--prompt-len", type=int, default=24)
-    parser.add_argument("--gemm", choices=("auto", "torch"), default="auto",
-                        help="RuntimeConfig.gemm: oneDNN over reordered weights, or F.linear")
+    parser.add_argument("--gemm", choices=("auto", "native", "onednn", "torch"), default="auto",
+                        help="RuntimeConfig.gemm: our kernel or oneDNN over packed weights, "
+                             "or F.linear")
     parser.add_argument("--layer-ops", choices=("auto", "torch"), default="auto",
                         help="RuntimeConfig.layer_ops: fused C++ norms and rotary, or torch")
     parser.add_argument("--json", action="store_true", help="print one JSON line only")

@@ -30,9 +30,11 @@ class RuntimeConfig:
     # (runtime/model/paged_attention_cpu.py), or gathers when it cannot build; "gather":
     # always gather each context and run SDPA (the CUDA path; the A/B and oracle tests).
     attention: str = "auto"
-    # "auto": on CPU, float32 and bfloat16 projections run through oneDNN over weights
-    # reordered once at load (runtime/model/linear.py); "torch": F.linear (MKL on CPU), the
-    # CUDA path everywhere.
+    # "auto": on CPU, projections run over weights packed once at load: float32 through our
+    # kernel where the CPU's best vectors are AVX2 (runtime/model/gemm_cpu.py), else oneDNN
+    # (float32, and bfloat16 where the CPU has its bf16 GEMM); "native" / "onednn": that one
+    # (the engine refuses where it cannot run); "torch": F.linear (MKL on CPU), the CUDA path
+    # everywhere (runtime/model/linear.py).
     gemm: str = "auto"
     # "auto": on CPU (float32, or bf16 with float32 attention), each layer's norms (with the
     # residual add), rotary with the KV write, and silu(gate) * up run as fused C++ calls
@@ -89,8 +91,9 @@ class RuntimeConfig:
             raise ValueError(f"attention must be 'auto' or 'gather', not {self.attention!r}")
         if self.num_threads is not None and not 1 <= self.num_threads <= 1024:
             raise ValueError("num_threads must be in 1..1024")
-        if self.gemm not in ("auto", "torch"):
-            raise ValueError(f"gemm must be 'auto' or 'torch', not {self.gemm!r}")
+        if self.gemm not in ("auto", "native", "onednn", "torch"):
+            raise ValueError("gemm must be 'auto', 'native', 'onednn' or 'torch', "
+                             f"not {self.gemm!r}")
         if self.layer_ops not in ("auto", "torch"):
             raise ValueError(f"layer_ops must be 'auto' or 'torch', not {self.layer_ops!r}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

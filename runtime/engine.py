@@ -21,7 +21,7 @@ from runtime.model import fused_cpu
 from runtime.model.attention import build_metadata, use_paged_kernel
 from runtime.model.grammar import Grammars
 from runtime.model.kv_cache import KVCache, bytes_per_block
-from runtime.model.linear import use_onednn
+from runtime.model.linear import gemm_backend
 from runtime.model.llama import LlamaModel
 from runtime.model.sampler import Batch, SamplerState, make_generator, sample
 from runtime.model.tokenizer import TextStream, Tokenizer
@@ -83,7 +83,7 @@ class LLMEngine:
         self.model = LlamaModel.load(
             config.model_dir, config.device, self.dtype, self.max_model_len, args=args,
             attn_dtype=self.kv_dtype,
-            pack_weights=use_onednn(config.gemm, self.device, self.dtype),
+            gemm=gemm_backend(config.gemm, self.device, self.dtype),
             fused_ops=config.layer_ops == "auto" and fused_cpu.usable(self.device, self.dtype,
                                                                       self.kv_dtype),
         )

@@ -46,9 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     runtime.add_argument("--threads", type=int,
                          help="torch threads of the engine (default: torch's, the cores it "
                               "sees); fewer than the cores where other work shares them")
-    runtime.add_argument("--gemm", choices=("auto", "torch"),
-                         help="CPU projections: oneDNN over weights reordered at load "
-                              "(auto, the default) or torch's F.linear")
+    runtime.add_argument("--gemm", choices=("auto", "native", "onednn", "torch"),
+                         help="CPU projections over weights packed at load: auto (the "
+                              "default: our kernel on AVX2 CPUs, else oneDNN), native, onednn; "
+                              "or torch's F.linear")
     runtime.add_argument("--layer-ops", choices=("auto", "torch"),
                          help="CPU norms, rotary, KV writes and silu: fused C++ calls "
                               "(auto, the default) or torch ops")

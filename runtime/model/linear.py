@@ -1,16 +1,24 @@
-"""A projection's weight and its GEMM: reordered once for oneDNN on CPU, `F.linear` elsewhere.
+"""A projection's weight and its GEMM on CPU: packed once at load for our kernel or for
+oneDNN; `F.linear` elsewhere.
 
-Why: torch's CPU `F.linear` calls MKL's sgemm, which repacks the weight on every call and,
-on the development VM's AMD CPU, takes a path that reaches ~100-165 GFLOPS at batch 32 over
-SmolLM2's projections and ~200 at batch 1,024. oneDNN's GEMM over a weight reordered once
-into its own blocked layout reaches 320-475 at batch 32 and 450-490 at 256, and a batch-1
-pass over all the weights runs ~3x faster (`python -m bench.gemm` prints them side by
-side). The reorder happens at load and replaces the plain weight (no second copy); `dense()`
-gives the plain one back for the few callers that need it (tests, benchmarks).
+Why not plain `F.linear`: torch's CPU `F.linear` calls MKL's sgemm, which repacks the weight
+on every call and, on the development VMs' AMD CPUs, reaches ~100-165 GFLOPS at batch 32 over
+SmolLM2's projections where oneDNN over a weight reordered once into its blocked layout
+reaches 320-475 (Zen 4, AVX-512), and a batch-1 pass over all the weights runs ~3x faster
+(`python -m bench.gemm` prints them side by side).
 
-Numerics: both are fp32 (bf16) GEMMs with fp32 accumulation that sum in different orders,
-so outputs differ in the last bits (~1e-6 relative), as they already do between batch sizes
-of one library; greedy tokens stay equal to transformers + PEFT on every oracle test.
+Why our kernel (runtime/model/gemm_cpu.py) before oneDNN where the CPU's vectors are AVX2: a
+decode step streams every weight from memory for a few dozen rows, and there oneDNN's time
+was its arithmetic plus the reads, where ours overlaps them (measured on a Zen 3: the step's
+GEMMs ~25% faster, bench/README.md). Where AVX-512 exists, oneDNN's 512-bit kernels stay the
+default ("native" can still be asked for): ours is 256-bit, and unmeasured there.
+
+The packing happens at load and replaces the plain weight (no second copy); `dense()` gives
+the plain one back for the few callers that need it (tests, benchmarks).
+
+Numerics: all are fp32 (bf16) GEMMs with fp32 accumulation that sum in different orders, so
+outputs differ in the last bits (~1e-6 relative), as they already do between batch sizes of
+one library; greedy tokens stay equal to transformers + PEFT on every oracle test.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from kernels import native
+from runtime.model import gemm_cpu
 
 # The batch size oneDNN picks its weight layout for. Measured on SmolLM2: hints 32 and 128
 # run every batch from 1 to 256 within 5% of each other, so one fixed value serves all.
@@ -57,35 +68,71 @@ def onednn_linear(
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def use_onednn(backend: str, device: torch.device | str, dtype: torch.dtype) -> bool:
-    """`backend`: RuntimeConfig.gemm. "auto" packs on CPU for float32, and for bfloat16
-    where this CPU runs oneDNN's bf16 GEMM (elsewhere bf16 weights stay plain for F.linear)."""
-    return (backend == "auto" and torch.device(device).type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype))
+GEMMS = ("auto", "native", "onednn", "torch")  # RuntimeConfig.gemm
+
+
+def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The `Linear` backend for RuntimeConfig.gemm `choice`: "native", "onednn" or "plain".
+
+    "auto" on CPU: float32 on our kernel where the CPU's best vectors are AVX2 (the build
+    variant, kernels/native.py) and the library builds; else oneDNN for float32, and for
+    bfloat16 where this CPU runs oneDNN's bf16 GEMM; else F.linear. "native" and "onednn"
+    ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
+    on_cpu = torch.device(device).type == "cpu"
+    if choice == "torch" or not on_cpu:
+        return "plain"
+    native_ok = dtype == torch.float32 and gemm_cpu.load()
+    onednn_ok = dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype)
+    if choice == "native":
+        if not native_ok:
+            raise ValueError(f"gemm 'native' runs float32 on CPU with its C++ library built "
+                             f"(dtype {dtype}; see the log for a build error)")
+        return "native"
+    if choice == "onednn":
+        if not onednn_ok:
+            raise ValueError(f"gemm 'onednn': this torch or CPU has no oneDNN linear for {dtype}")
+        return "onednn"
+    if native_ok and native.variant()[0] == "avx2":
+        return "native"
+    return "onednn" if onednn_ok else "plain"
 
 
 class Linear:
     """y = x @ weight.T (+ bias), for x [num_tokens, in_features]."""
 
-    __slots__ = ("bias", "dtype", "in_features", "out_features", "packed", "weight")
+    __slots__ = ("backend", "bias", "dtype", "in_features", "out_features", "weight")
 
     def __init__(
         self,
         weight: torch.Tensor,  # [out_features, in_features]
         bias: torch.Tensor | None = None,  # [out_features]
         *,
-        pack: bool = False,
+        backend: str = "plain",  # gemm_backend(): "native", "onednn" or "plain"
     ) -> None:
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.bias = bias
-        self.packed = pack
-        self.weight = reorder_for_onednn(weight) if pack else weight
+        self.backend = backend
+        if backend == "native":
+            self.weight = gemm_cpu.pack(weight)
+        elif backend == "onednn":
+            self.weight = reorder_for_onednn(weight)
+        elif backend == "plain":
+            self.weight = weight
+        else:
+            raise ValueError(f"unknown Linear backend {backend!r}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
+        if self.backend == "native":
+            return gemm_cpu.linear(x, self.weight, self.bias, self.out_features)
+        if self.backend == "onednn":
             return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weight is held in a packed layout (not a plain [out, in] tensor)."""
+        return self.backend != "plain"
 
     @property
     def shape(self) -> torch.Size:
@@ -93,8 +140,10 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.out_features * self.in_features * self.weight.element_size()
+        return self.out_features * self.in_features * self.dtype.itemsize
 
     def dense(self) -> torch.Tensor:
         """The plain [out_features, in_features] weight (a copy when packed)."""
-        return self.weight.to_dense() if self.packed else self.weight
+        if self.backend == "native":
+            return gemm_cpu.unpack(self.weight, self.out_features)
+        return self.weight.to_dense() if self.backend == "onednn" else self.weight

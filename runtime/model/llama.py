@@ -103,11 +103,11 @@ def apply_rotary(
 
 class DecoderLayer:
     def __init__(
-        self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs, pack: bool = False,
+        self, idx: int, w: dict[str, torch.Tensor], args: ModelArgs, gemm: str = "plain",
         fused: bool = False,
     ) -> None:
-        """`pack`: reorder the projections' weights for oneDNN (runtime/model/linear.py),
-        taking each plain weight out of `w` as it goes (LlamaModel says why). `fused`: the
+        """`gemm`: the projections' Linear backend (runtime/model/linear.py); a packed one
+        takes each plain weight out of `w` as it goes (LlamaModel says why). `fused`: the
         norms, rotary, KV write and silu through fused_cpu.py."""
         self.idx = idx
         self.fused = fused
@@ -115,16 +115,17 @@ class DecoderLayer:
         self.input_norm = w[f"layers.{idx}.input_norm"]
         self.post_norm = w[f"layers.{idx}.post_norm"]
         p = f"layers.{idx}."
+        pack = gemm != "plain"
 
         def take(name: str) -> torch.Tensor:
             return w.pop(p + name) if pack else w[p + name]
 
         bias = w.pop(p + "qkv_bias", None) if pack else w.get(p + "qkv_bias")
         # [q + 2 * kv, hidden], with the q/k/v bias [q + 2 * kv] when the model has one
-        self.qkv_proj = Linear(take("qkv_proj"), bias, pack=pack)
-        self.o_proj = Linear(take("o_proj"), pack=pack)  # [hidden, q]
-        self.gate_up_proj = Linear(take("gate_up_proj"), pack=pack)  # [2 * inter, hidden]
-        self.down_proj = Linear(take("down_proj"), pack=pack)  # [hidden, inter]
+        self.qkv_proj = Linear(take("qkv_proj"), bias, backend=gemm)
+        self.o_proj = Linear(take("o_proj"), backend=gemm)  # [hidden, q]
+        self.gate_up_proj = Linear(take("gate_up_proj"), backend=gemm)  # [2 * inter, hidden]
+        self.down_proj = Linear(take("down_proj"), backend=gemm)  # [hidden, inter]
         self.q_size = args.num_heads * args.head_dim
         self.kv_size = args.num_kv_heads * args.head_dim
         self.scale = args.head_dim**-0.5
@@ -186,12 +187,12 @@ class DecoderLayer:
 class LlamaModel:
     def __init__(
         self, args: ModelArgs, weights: dict[str, torch.Tensor], max_positions: int,
-        attn_dtype: torch.dtype | None = None, pack_weights: bool = False,
+        attn_dtype: torch.dtype | None = None, gemm: str = "plain",
         fused_ops: bool = False,
     ) -> None:
         """`attn_dtype`: of rotary, attention and the KV cache (default: the weights').
-        `pack_weights`: reorder every projection and the lm_head for oneDNN (linear.py); a
-        tied lm_head then costs a second copy of the embedding, which the lookup reads.
+        `gemm`: the Linear backend of every projection and the lm_head (linear.py); packed,
+        a tied lm_head costs a second copy of the embedding, which the lookup reads.
         Packing takes each projection's plain weight out of `weights` before the next one
         is reordered, so that loading peaks at the model's size plus one weight, not twice
         the model. `fused_ops`: norms, rotary, KV write and silu through fused_cpu.py (CPU,
@@ -199,11 +200,12 @@ class LlamaModel:
         self.args = args
         self.fused = fused_ops
         self.embed = weights["embed"]  # [vocab, hidden]
-        lm_head = weights.pop("lm_head") if pack_weights else weights["lm_head"]
-        self.lm_head = Linear(lm_head, pack=pack_weights)  # [vocab, hidden]
+        pack = gemm != "plain"
+        lm_head = weights.pop("lm_head") if pack else weights["lm_head"]
+        self.lm_head = Linear(lm_head, backend=gemm)  # [vocab, hidden]
         del lm_head
         self.norm = weights["norm"]
-        self.layers = [DecoderLayer(i, weights, args, pack_weights, fused_ops)
+        self.layers = [DecoderLayer(i, weights, args, gemm, fused_ops)
                        for i in range(args.num_layers)]
         self.device = self.embed.device
         self.dtype = self.embed.dtype
@@ -221,13 +223,13 @@ class LlamaModel:
     def load(
         cls, model_dir: Path, device: str, dtype: torch.dtype, max_positions: int | None = None,
         *, args: ModelArgs | None = None, attn_dtype: torch.dtype | None = None,
-        pack_weights: bool = False, fused_ops: bool = False,
+        gemm: str = "plain", fused_ops: bool = False,
     ) -> LlamaModel:
         """The checkpoint in `model_dir`; `args`: its config.json, when the caller parsed it."""
         args = args or ModelArgs.from_model_dir(model_dir)
         weights = load_weights(model_dir, args, dtype, device)
         return cls(args, weights, max_positions or args.max_position_embeddings, attn_dtype,
-                   pack_weights, fused_ops)
+                   gemm, fused_ops)
 
     def set_lora(self, lora: LoraHook | None) -> None:
         for layer in self.layers:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.model import fused_cpu
+from runtime.model import fused_cpu, gemm_cpu
 from runtime.model.attention import build_metadata
 from runtime.model.kv_cache import KVCache
 from runtime.model.linear import onednn_available
@@ -62,10 +62,9 @@ def _hf_run(model_dir: Path, prompt: list[int]) -> Run:
     return prefill, steps, tokens
 
 
-def _our_run(model_dir: Path, prompt: list[int], path: tuple[bool, bool]) -> Run:
-    pack_weights, fused_ops = path
-    model = LlamaModel.load(model_dir, "cpu", torch.float32, pack_weights=pack_weights,
-                            fused_ops=fused_ops)
+def _our_run(model_dir: Path, prompt: list[int], path: tuple[str, bool]) -> Run:
+    gemm, fused_ops = path
+    model = LlamaModel.load(model_dir, "cpu", torch.float32, gemm=gemm, fused_ops=fused_ops)
     kv = KVCache(model.args, num_blocks=12, block_size=16, dtype=torch.float32, device="cpu")
     table = [7, 2, 11, 5]  # scattered on purpose: the block table must be honoured
     # Prefill in two chunks, the second attending over the cached first.
@@ -91,18 +90,20 @@ def _our_run(model_dir: Path, prompt: list[int], path: tuple[bool, bool]) -> Run
 
 
 _NO_ONEDNN = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN linear")
-# (pack_weights, fused_ops)
-PATHS = [pytest.param((False, False), id="f_linear"),
-         pytest.param((True, False), id="onednn", marks=_NO_ONEDNN),
-         pytest.param((True, True), id="onednn-fused", marks=[_NO_ONEDNN, pytest.mark.skipif(
-             not fused_cpu.load(), reason="the fused CPU ops did not build")])]
+_NO_FUSED = pytest.mark.skipif(not fused_cpu.load(), reason="the fused CPU ops did not build")
+_NO_NATIVE = pytest.mark.skipif(not gemm_cpu.load(), reason="the CPU GEMM did not build")
+# (Linear backend, fused_ops)
+PATHS = [pytest.param(("plain", False), id="f_linear"),
+         pytest.param(("onednn", False), id="onednn", marks=_NO_ONEDNN),
+         pytest.param(("onednn", True), id="onednn-fused", marks=[_NO_ONEDNN, _NO_FUSED]),
+         pytest.param(("native", True), id="native-fused", marks=[_NO_NATIVE, _NO_FUSED])]
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_and_greedy_tokens_match_transformers(
-    tmp_path: Path, case: str, path: tuple[bool, bool],
+    tmp_path: Path, case: str, path: tuple[str, bool],
 ) -> None:
     model_dir = _model_dir(tmp_path, case)
     if case == "mistral-sharded":

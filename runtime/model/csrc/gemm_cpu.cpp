@@ -1,0 +1,216 @@
+// The CPU projection GEMM for decode-sized batches: y[m, n] = x[m, k] @ w[n, k]^T (+ bias),
+// over a weight packed once into panels of kPanel output columns (runtime/model/gemm_cpu.py).
+//
+// Why a kernel of our own: a decode step at batch 32 reads each of SmolLM2's ~540 MB of fp32
+// weights once, for only 32 rows. oneDNN's GEMM reaches its in-cache rate only when the weight
+// is cached; over weights streamed from memory its time was compute plus memory, not the larger
+// of the two (on the AVX2 VM: 73 ms of arithmetic + 25 ms of reads = 98 ms measured). Here each
+// panel is one contiguous run of memory, read front to back, so the hardware prefetcher keeps
+// it ahead of the FMAs, and one thread's panels are one sequential stream.
+//
+// Numerics: every output is one chain of fused multiply-adds over k in ascending order, in
+// float32, then + bias. Blocking never splits the chain (a partial sum goes to y and comes back
+// unchanged), so a row's result does not depend on the batch size or on the other rows (unlike
+// oneDNN or MKL, whose split of k depends on the shape). It differs from those libraries in the
+// last bits, as they differ from each other; greedy tokens equal transformers' on every oracle.
+//
+// 256-bit vectors on every build that has AVX2 and FMA (the avx512 build included, so that the
+// code that runs is the code CI runs); plain C++ of the same order otherwise.
+#include <torch/library.h>
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "omp_parallel.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LORAGATE_GEMM_AVX2 1
+#endif
+
+namespace {
+
+#ifdef LORAGATE_GEMM_AVX2
+constexpr int kLanes = 8;
+using vec = __m256;
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vzero() { return _mm256_setzero_ps(); }
+#else
+constexpr int kLanes = 4;
+struct vec {
+  float v[4];
+};
+inline vec vload(const float* p) {
+  vec r;
+  std::memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+inline void vstore(float* p, vec a) { std::memcpy(p, a.v, sizeof(a.v)); }
+inline vec vbroadcast(const float* p) { return vec{{*p, *p, *p, *p}}; }
+inline vec vfma(vec a, vec b, vec c) {
+  for (int i = 0; i < 4; ++i) c.v[i] = std::fma(a.v[i], b.v[i], c.v[i]);
+  return c;
+}
+inline vec vadd(vec a, vec b) {
+  for (int i = 0; i < 4; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline vec vzero() { return vec{{0.f, 0.f, 0.f, 0.f}}; }
+#endif
+
+constexpr int kVectors = 2;                 // vectors per panel row
+constexpr int kPanel = kVectors * kLanes;   // output columns per panel
+constexpr int kMaxRows = 6;                 // rows per micro-kernel call: 12 accumulators
+constexpr int64_t kKBlock = 4096 / kPanel;  // 16 KB of a panel per pass: stays in L1
+constexpr int64_t kRowChunk = 48;           // rows of x kept in L2 while the panels stream
+
+// acc[r] (+)= sum over kk < kc of x[r, kk] * b[kk, :] for MR rows and one panel's kc rows;
+// `first`: start from zero, else from y; `bias`: added at the store (the chain's last block).
+template <int MR>
+inline void micro(const float* x, int64_t ldx, const float* b, int64_t kc, float* y,
+                  int64_t ldy, bool first, const float* bias) {
+  vec acc[MR][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v)
+      acc[r][v] = first ? vzero() : vload(y + r * ldy + v * kLanes);
+  for (int64_t kk = 0; kk < kc; ++kk) {
+    vec bv[kVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v) bv[v] = vload(b + kk * kPanel + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vec a = vbroadcast(x + r * ldx + kk);
+#pragma GCC unroll 4
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = vfma(a, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kVectors; ++v) {
+      const vec out = bias ? vadd(acc[r][v], vload(bias + v * kLanes)) : acc[r][v];
+      vstore(y + r * ldy + v * kLanes, out);
+    }
+}
+
+void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t kc, float* y,
+          int64_t ldy, bool first, const float* bias) {
+  switch (mr) {
+    case 1: return micro<1>(x, ldx, b, kc, y, ldy, first, bias);
+    case 2: return micro<2>(x, ldx, b, kc, y, ldy, first, bias);
+    case 3: return micro<3>(x, ldx, b, kc, y, ldy, first, bias);
+    case 4: return micro<4>(x, ldx, b, kc, y, ldy, first, bias);
+    case 5: return micro<5>(x, ldx, b, kc, y, ldy, first, bias);
+    default: return micro<6>(x, ldx, b, kc, y, ldy, first, bias);
+  }
+}
+
+// One panel over `mlen` rows of x: out[r, :kPanel] for r < mlen (ldo apart).
+void panel_rows(const float* x, int64_t ldx, int64_t mlen, int64_t k, const float* panel,
+                float* out, int64_t ldo, const float* bias) {
+  // As few calls as ceil(mlen / 6) allows, their sizes as even as possible: 32 rows are
+  // 6+6+5+5+5+5, never a 2-row tail whose 4 accumulators cannot hide the FMA latency.
+  const int64_t calls = (mlen + kMaxRows - 1) / kMaxRows;
+  for (int64_t kb = 0; kb < k; kb += kKBlock) {
+    const int64_t kc = std::min(kKBlock, k - kb);
+    const bool last = kb + kc == k;
+    int64_t row = 0;
+    for (int64_t c = 0; c < calls; ++c) {
+      const int64_t left = mlen - row, mr = (left + (calls - c) - 1) / (calls - c);
+      rows(mr, x + row * ldx + kb, ldx, panel + kb * kPanel, kc, out + row * ldo, ldo,
+           kb == 0, last ? bias : nullptr);
+      row += mr;
+    }
+  }
+}
+
+at::Tensor pack_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "pack_weight: a 2-D float32 CPU weight [out_features, in_features]");
+  const auto w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), panels = (n + kPanel - 1) / kPanel;
+  auto packed = at::zeros({panels, k, kPanel}, w.options());  // columns past n stay 0
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  loragate_cpu::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c) {
+        const float* row = src + (p * kPanel + c) * k;
+        for (int64_t kk = 0; kk < k; ++kk) dst[(p * k + kk) * kPanel + c] = row[kk];
+      }
+  });
+  return packed;
+}
+
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
+                  const std::optional<at::Tensor>& bias_in, int64_t out_features) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "linear: x must be a 2-D float32 CPU tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kFloat,
+              "linear: packed must come from pack_weight of this build");
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = out_features, panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == k, "linear: x has ", k, " features, the weight ",
+              packed.size(1));
+  TORCH_CHECK(n > (panels - 1) * kPanel && n <= panels * kPanel,
+              "linear: out_features ", n, " does not match the packed weight");
+  // Rows may be a wider tensor's columns (the model feeds split views): only unit column
+  // stride is needed.
+  const auto x = x_in.stride(1) == 1 && x_in.stride(0) >= k ? x_in : x_in.contiguous();
+  const int64_t ldx = m > 1 ? x.stride(0) : k;
+  at::Tensor bias_padded;
+  if (bias_in.has_value()) {
+    const auto& b = *bias_in;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == at::kFloat,
+                "linear: bias must be float32 [out_features]");
+    bias_padded = at::zeros({panels * kPanel}, b.options());
+    bias_padded.narrow(0, 0, n).copy_(b);
+  }
+  auto y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  const float* bp = bias_padded.defined() ? bias_padded.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  // Threads split the panels (each streams its contiguous share of the weight); each walks
+  // x in chunks of kRowChunk rows so a chunk stays in L2 while its panels pass.
+  loragate_cpu::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    alignas(64) float tile[kRowChunk * kPanel];  // the last panel, when n is not a multiple
+    for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
+      const int64_t mlen = std::min(kRowChunk, m - m0);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t col = p * kPanel, width = std::min<int64_t>(kPanel, n - col);
+        const float* panel = wp + p * k * kPanel;
+        const float* bias = bp ? bp + col : nullptr;
+        if (width == kPanel) {
+          panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, yp + m0 * n + col, n, bias);
+          continue;
+        }
+        panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, tile, kPanel, bias);
+        for (int64_t r = 0; r < mlen; ++r)
+          std::memcpy(yp + (m0 + r) * n + col, tile + r * kPanel, width * sizeof(float));
+      }
+    }
+  });
+  return y;
+}
+
+int64_t panel_width() { return kPanel; }
+
+}  // namespace
+
+TORCH_LIBRARY(loragate_gemm, m) {
+  m.def("pack_weight(Tensor weight) -> Tensor", &pack_weight);
+  m.def("linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor", &linear);
+  m.def("panel_width() -> int", &panel_width);
+}
