@@ -1,4 +1,4 @@
-"""The step's projections through F.linear against oneDNN over reordered weights, side by side.
+"""The step's projections through F.linear, oneDNN and our kernel over packed weights, side by side.
 
     .venv/bin/python -m bench.gemm [--model DIR] [--batches 1,8,32,48,64,256] [--dtype float32]
         -> bench/results/gemm.json
@@ -9,8 +9,12 @@ step runs them: each weight streams from memory, not from cache. Per batch the b
 `--rounds` passes of each path, interleaved, so that a load spike hits both alike:
   f_linear   torch's F.linear (MKL's sgemm on x86 CPU builds)
   mkl_packed MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, weights packed for that batch)
-  onednn     oneDNN's linear over weights reordered once (runtime/model/linear.py: the engine)
-and the largest difference between oneDNN's outputs and F.linear's on one projection.
+  onednn     oneDNN's linear over weights reordered once (runtime/model/linear.py: the
+             engine's default on AVX-512 CPUs)
+  native     our kernel over weights packed once (runtime/model/gemm_cpu.py, float32: the
+             engine's default on AVX2 CPUs)
+and the largest difference between oneDNN's outputs and F.linear's on one projection, and
+between ours and F.linear's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from runtime.model import gemm_cpu
 from runtime.model.linear import onednn_available, onednn_linear, reorder_for_onednn
 from runtime.model.weights import ModelArgs
 
@@ -75,6 +80,11 @@ def main() -> None:
     flop_per_row = sum(2 * w.shape[0] * w.shape[1] for w in plain)
     x = torch.randn(5, args.hidden_size, generator=gen).to(dtype)
     max_diff = (onednn_linear(x, packed[0]) - F.linear(x, plain[0])).abs().max().item()
+    ours = ([gemm_cpu.pack(w) for w in plain]
+            if dtype == torch.float32 and gemm_cpu.load() else None)
+    native_diff = None if ours is None else (
+        gemm_cpu.linear(x, ours[0], None, plain[0].shape[0]) - F.linear(x, plain[0])
+    ).abs().max().item()
 
     rows: list[dict[str, Any]] = []
     for batch in (int(b) for b in opts.batches.split(",")):
@@ -85,6 +95,10 @@ def main() -> None:
             "onednn": [functools.partial(onednn_linear, xs[w.shape[1]], p)
                        for w, p in zip(plain, packed, strict=True)],
         }
+        if ours is not None:
+            paths["native"] = [functools.partial(gemm_cpu.linear, xs[w.shape[1]], p, None,
+                                                 w.shape[0])
+                               for w, p in zip(plain, ours, strict=True)]
         if dtype == torch.float32 and torch.backends.mkl.is_available():
             paths["mkl_packed"] = [
                 functools.partial(torch.ops.mkl._mkl_linear, xs[w.shape[1]],
@@ -98,16 +112,23 @@ def main() -> None:
         row = {"batch": batch, "ms": ms,
                "gflops": {n: flop_per_row * batch / (t * 1e6) for n, t in ms.items()},
                "onednn_speedup": ms["f_linear"] / ms["onednn"]}
+        if "native" in ms:
+            row["native_vs_onednn"] = ms["onednn"] / ms["native"]
         rows.append(row)
         cells = "  ".join(f"{n} {t:7.1f} ms ({row['gflops'][n]:4.0f} GFLOPS)"
                           for n, t in ms.items())
-        print(f"batch {batch:4d}: {cells}  oneDNN {row['onednn_speedup']:.2f}x F.linear",
-              flush=True)
+        ours_cell = (f", ours {row['native_vs_onednn']:.2f}x oneDNN"
+                     if "native_vs_onednn" in row else "")
+        print(f"batch {batch:4d}: {cells}  oneDNN {row['onednn_speedup']:.2f}x F.linear"
+              f"{ours_cell}", flush=True)
     report = {"model": opts.model.name, "dtype": opts.dtype,
               "threads": torch.get_num_threads(), "weights_mb": sum(
                   w.numel() * w.element_size() for w in plain) / 1e6,
-              "onednn_max_abs_diff_vs_f_linear": max_diff, "rows": rows}
+              "onednn_max_abs_diff_vs_f_linear": max_diff,
+              "native_max_abs_diff_vs_f_linear": native_diff, "rows": rows}
     print(f"oneDNN - F.linear, largest difference on one projection: {max_diff:.2e}")
+    if native_diff is not None:
+        print(f"ours - F.linear, largest difference on one projection: {native_diff:.2e}")
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {opts.out}")

@@ -204,9 +204,11 @@ class LoraManager:
             loop_calls = 2 * k * len(slots)
             if dense - needed > loop_calls * _CALL_FLOPS:
                 continue
-            mask_key = (k, tuple(slots), rank)
+            ranks = tuple(self._targets[s][proj] for s in slots)
+            mask_key = (k, tuple(slots), rank, ranks)
             if mask_key not in masks:
-                masks[mask_key] = kernels.dense_mask(own, slots, rank, self._scales, k)
+                masks[mask_key] = kernels.dense_mask(own, slots, rank, self._scales, k,
+                                                     list(ranks))
             self._dense[proj] = masks[mask_key].to(self.device)
             key = (tuple(slots), rank, self._version)
             if self._pack_keys.get(proj) != key:

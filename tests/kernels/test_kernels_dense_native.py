@@ -61,6 +61,27 @@ def test_native_equals_the_torch_form_on_packed_adapters(
     assert torch.equal(native[base], case.y[base])  # bit for bit: never written
 
 
+def test_mask_columns_past_a_slots_own_rank_are_zero_and_change_no_bit(op) -> None:
+    """An r4 adapter packed beside an r16 one: its rows 4..15 are zero in the packs, so the
+    mask zeroes them (the op skips them) and y is bitwise what the full-rank mask gives."""
+    case = make_case(24, 70, SLICES[3], num_slots=2, seed=11, ranks=(4, 16),
+                     no_adapter_fraction=0.2)
+    slots, rank = [0, 1], 16
+    a_pack, b_pack, mask = dense_inputs(case, slots=slots)
+    full = kernels.dense_mask(case.token_to_slot.tolist(), slots, rank, case.scales.tolist(), 3)
+    per_slot = mask.view(24, 3, 2, rank)
+    r4_tokens = case.token_to_slot == 0
+    assert r4_tokens.any() and (case.token_to_slot == 1).any()
+    assert (per_slot[r4_tokens][:, :, 0, :4] != 0).all()
+    assert (per_slot[:, :, 0, 4:] == 0).all()  # past slot 0's own rank
+    assert torch.equal(mask != 0, (full != 0) & (mask != 0)) and (mask != full).any()
+    native, with_full = case.y.clone(), case.y.clone()
+    op(native, case.x, a_pack, b_pack, mask, case.slice_sizes)
+    op(with_full, case.x, a_pack, b_pack, full, case.slice_sizes)
+    assert torch.equal(native, with_full)
+    assert_close(native, naive_loop(case), torch.float32)
+
+
 @pytest.mark.parametrize(("num_slices", "width", "density"),
                          [(1, 8, 0.5), (3, 160, 0.7), (2, 96, 1.0), (2, 17, 0.2)])
 def test_any_mask_not_only_one_slot_per_token(

@@ -91,7 +91,8 @@ def dense_inputs(
     case: Case, slots: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a_pack, b_pack, mask) of `case`'s one layer, as the LoRA manager packs them: over
-    `slots` (default: the slots its tokens use) at their largest rank."""
+    `slots` (default: the slots its tokens use) at their largest rank, each slot's mask
+    columns past its own rank zero."""
     import kernels
 
     t2s = case.token_to_slot.tolist()
@@ -100,5 +101,6 @@ def dense_inputs(
     # pack_dense works on every layer at once: one layer here.
     a_pack, b_pack = kernels.pack_dense(case.lora_a[None], case.lora_b[None], slots, rank,
                                         case.slice_sizes)
-    mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes))
+    mask = kernels.dense_mask(t2s, slots, rank, case.scales.tolist(), len(case.slice_sizes),
+                              [case.ranks[s] for s in slots])
     return a_pack[0], b_pack[0], mask
