@@ -157,11 +157,12 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
               "linear: x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat,
+                  packed.scalar_type() == at::kFloat && packed.device().is_cpu(),
               "linear: packed must come from pack_weight of this build");
   const int64_t m = x_in.size(0), k = x_in.size(1), n = out_features, panels = packed.size(0);
   TORCH_CHECK(packed.size(1) == k, "linear: x has ", k, " features, the weight ",
               packed.size(1));
+  TORCH_CHECK(k > 0, "linear: in_features must be positive");
   TORCH_CHECK(n > (panels - 1) * kPanel && n <= panels * kPanel,
               "linear: out_features ", n, " does not match the packed weight");
   // Rows may be a wider tensor's columns (the model feeds split views): only unit column
@@ -171,8 +172,9 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
   at::Tensor bias_padded;
   if (bias_in.has_value()) {
     const auto& b = *bias_in;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == at::kFloat,
-                "linear: bias must be float32 [out_features]");
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == at::kFloat &&
+                    b.device().is_cpu(),
+                "linear: bias must be a float32 CPU tensor [out_features]");
     bias_padded = at::zeros({panels * kPanel}, b.options());
     bias_padded.narrow(0, 0, n).copy_(b);
   }
