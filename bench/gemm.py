@@ -11,8 +11,8 @@ step runs them: each weight streams from memory, not from cache. Per batch the b
   mkl_packed MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, weights packed for that batch)
   onednn     oneDNN's linear over weights reordered once (runtime/model/linear.py: the
              engine's default on AVX-512 CPUs)
-  native     our kernel over weights packed once (runtime/model/gemm_cpu.py, float32: the
-             engine's default on AVX2 CPUs)
+  native     our kernel over weights packed once (runtime/model/gemm_cpu.py: the engine's
+             default on AVX2 CPUs)
 and the largest difference between oneDNN's outputs and F.linear's on one projection, and
 between ours and F.linear's.
 """
@@ -81,7 +81,7 @@ def main() -> None:
     x = torch.randn(5, args.hidden_size, generator=gen).to(dtype)
     max_diff = (onednn_linear(x, packed[0]) - F.linear(x, plain[0])).abs().max().item()
     ours = ([gemm_cpu.pack(w) for w in plain]
-            if dtype == torch.float32 and gemm_cpu.load() else None)
+            if gemm_cpu.load() else None)
     native_diff = None if ours is None else (
         gemm_cpu.linear(x, ours[0], None, plain[0].shape[0]) - F.linear(x, plain[0])
     ).abs().max().item()

@@ -5,9 +5,9 @@ compute-only figure, measured here and printed beside the step (bench/step_profi
                 the best GFLOPS any GEMM here reaches on one of the step's shapes in a tight
                 loop (one small weight stays in cache, so this is the arithmetic alone; the
                 best of 5 timings): of F.linear (MKL), of oneDNN over a reordered weight
-                (runtime/model/linear.py) and of our kernel (gemm_cpu.py, float32), each
-                printed. Until issue 13's second round this was *the* roof
-                ("roof_ms_float32"); it is still printed under that name. Until the third it
+                (runtime/model/linear.py) and of our kernel (gemm_cpu.py), each printed.
+                Until issue 13's second round this was *the* roof ("roof_ms_float32"); it
+                is still printed under that name. Until the third it
                 measured F.linear alone, which on the development VM's AMD CPU reaches a third
                 of what oneDNN does ("roof_ms_float32_f_linear").
     memory_ms   the bytes a step must read once: every weight matrix the GEMMs stream (a
@@ -61,7 +61,7 @@ def _gemm_paths(dtype: torch.dtype) -> dict[str, Any]:
     paths: dict[str, Any] = {"f_linear": (lambda w: w, F.linear)}
     if onednn_available(dtype):
         paths["onednn"] = (reorder_for_onednn, onednn_linear)
-    if dtype == torch.float32 and gemm_cpu.load():
+    if gemm_cpu.load():  # float32 and bfloat16
         paths["native"] = (lambda w: (gemm_cpu.pack(w), w.shape[0]),
                            lambda x, pw: gemm_cpu.linear(x, pw[0], None, pw[1]))
     return paths

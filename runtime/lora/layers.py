@@ -182,7 +182,7 @@ class LoraManager:
         r8 adapter beside an r16 one on q and v is not padded to 16 where it is alone."""
         active = sorted({s for s in token_to_slot if s >= 0})
         num_tokens = len(token_to_slot)
-        masks: dict[tuple[int, tuple[int, ...], int], torch.Tensor] = {}
+        masks: dict[tuple[int, tuple[int, ...], int, tuple[int, ...]], torch.Tensor] = {}
         for proj in PROJECTIONS:
             slots = [s for s in active if proj in self._targets[s]]
             if not slots:

@@ -1,11 +1,13 @@
 """The CPU projection GEMM of our own: `csrc/gemm_cpu.cpp`, built at first use.
 
-`pack(weight)` lays a float32 [out_features, in_features] weight out in panels of
+`pack(weight)` lays a float32 or bfloat16 [out_features, in_features] weight out in panels of
 `panel_width()` output columns, each a contiguous [in_features, panel] run; `linear(x, packed,
 bias, out_features)` is x @ weight.T (+ bias) over it. Why it exists and its numerics (one
 FMA chain per output over k in order, so a row's result does not depend on the batch): the
-C++ file's header. runtime/model/linear.py decides where it runs ("auto": float32 on CPUs
-whose best vectors are AVX2, where it measured faster than oneDNN; `RuntimeConfig.gemm`).
+C++ file's header; bfloat16 weights load widened to float32, sum in float32 and round y once.
+runtime/model/linear.py decides where it runs ("auto": float32 on CPUs whose best vectors are
+AVX2, where it measured faster than oneDNN, and bfloat16 where oneDNN has no bf16 GEMM;
+`RuntimeConfig.gemm`).
 
 `load()` is False (logged once) when the library cannot be built: callers keep oneDNN or
 F.linear.
@@ -35,16 +37,16 @@ def panel_width() -> int:
     return int(torch.ops.loragate_gemm.panel_width())
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:  # [out, in] float32 -> [panels, in, width]
+def pack(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> [panels, in, width], same dtype
     return torch.ops.loragate_gemm.pack_weight(weight)
 
 
 def linear(
-    x: torch.Tensor,  # [num_tokens, in_features] float32, unit column stride
+    x: torch.Tensor,  # [num_tokens, in_features] of the weight's dtype, unit column stride
     packed: torch.Tensor,  # from pack()
-    bias: torch.Tensor | None,  # [out_features] float32
+    bias: torch.Tensor | None,  # [out_features] of the weight's dtype
     out_features: int,
-) -> torch.Tensor:  # [num_tokens, out_features] float32
+) -> torch.Tensor:  # [num_tokens, out_features] of the weight's dtype
     return torch.ops.loragate_gemm.linear(x, packed, bias, out_features)
 
 

@@ -74,27 +74,30 @@ GEMMS = ("auto", "native", "onednn", "torch")  # RuntimeConfig.gemm
 def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The `Linear` backend for RuntimeConfig.gemm `choice`: "native", "onednn" or "plain".
 
-    "auto" on CPU: float32 on our kernel where the CPU's best vectors are AVX2 (the build
-    variant, kernels/native.py) and the library builds; else oneDNN for float32, and for
-    bfloat16 where this CPU runs oneDNN's bf16 GEMM; else F.linear. "native" and "onednn"
+    "auto" on CPU, where the library builds: float32 on our kernel where the CPU's best
+    vectors are AVX2 (the build variant, kernels/native.py), else oneDNN; bfloat16 on
+    oneDNN where this CPU runs its bf16 GEMM (avx512bw/vl/dq or avx_ne_convert), else on ours
+    (F.linear's bf16 there reached 8 GFLOPS on a Zen 3); else F.linear. "native" and "onednn"
     ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
     on_cpu = torch.device(device).type == "cpu"
     if choice == "torch" or not on_cpu:
         return "plain"
-    native_ok = dtype == torch.float32 and gemm_cpu.load()
+    native_ok = dtype in (torch.float32, torch.bfloat16) and gemm_cpu.load()
     onednn_ok = dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype)
     if choice == "native":
         if not native_ok:
-            raise ValueError(f"gemm 'native' runs float32 on CPU with its C++ library built "
-                             f"(dtype {dtype}; see the log for a build error)")
+            raise ValueError(f"gemm 'native' runs float32 or bfloat16 on CPU with its C++ "
+                             f"library built (dtype {dtype}; see the log for a build error)")
         return "native"
     if choice == "onednn":
         if not onednn_ok:
             raise ValueError(f"gemm 'onednn': this torch or CPU has no oneDNN linear for {dtype}")
         return "onednn"
-    if native_ok and native.variant()[0] == "avx2":
+    if dtype == torch.float32 and native_ok and native.variant()[0] == "avx2":
         return "native"
-    return "onednn" if onednn_ok else "plain"
+    if onednn_ok:
+        return "onednn"
+    return "native" if native_ok else "plain"
 
 
 class Linear:

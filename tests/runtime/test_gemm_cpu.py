@@ -1,7 +1,7 @@
 """Our CPU projection GEMM (runtime/model/gemm_cpu.py, csrc/gemm_cpu.cpp) against a float64
-reference: every shape the model meets (edge panels, a bias, rows of a wider tensor, prefill
-batches past the row chunk), results independent of the batch, the plain weight given back,
-and bad arguments refused with a clear error."""
+reference, float32 and bfloat16: every shape the model meets (edge panels, a bias, rows of a
+wider tensor, prefill batches past the row chunk), results independent of the batch, the
+plain weight given back, and bad arguments refused with a clear error."""
 
 from __future__ import annotations
 
@@ -51,6 +51,27 @@ def test_matches_float64_within_float32_rounding(m: int, n: int, k: int, with_bi
     _assert_near_float64(got, x, w, bias)
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(32, 960, 576), (7, 100, 33), (50, 130, 300)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_sums_in_float32_and_rounds_once(m: int, n: int, k: int,
+                                                 with_bias: bool) -> None:
+    """bf16 weights, x and bias: the float32 sums over the bf16 values (within the float32
+    bound), then one rounding to bfloat16: every output within half a bf16 ulp (at most
+    2**-8 relative) of that, and bitwise what the float32 kernel over the same values rounds to."""
+    x, w, b = (t.bfloat16() for t in _case(m, n, k, seed=m + n))
+    bias = b if with_bias else None
+    got = Linear(w, bias, backend="native")(x)
+    assert got.dtype == torch.bfloat16
+    wide = Linear(w.float(), None if bias is None else bias.float(), backend="native")
+    assert torch.equal(got, wide(x.float()).bfloat16())
+    ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    bound = ((k + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T
+                                   + (0 if bias is None else bias.double().abs()))
+             + 2.0**-8 * ref.abs() * (1 + 2.0**-7))
+    assert ((got.double() - ref).abs() <= bound).all()
+    assert torch.equal(Linear(w, bias, backend="native").dense(), w)
+
+
 def test_a_row_does_not_depend_on_the_batch_it_runs_in() -> None:
     """One FMA chain per output: the same row gives the same bits alone, at the head of a
     6-row call, in a 5-row call, or past the row chunk (oneDNN's split of k varies)."""
@@ -91,12 +112,14 @@ def test_bad_arguments_are_refused_with_a_clear_error() -> None:
         gemm_cpu.linear(x, packed, None, 40 + gemm_cpu.panel_width())
     with pytest.raises(RuntimeError, match="bias"):
         gemm_cpu.linear(x, packed, b[:39], 40)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="dtype"):
         gemm_cpu.linear(x.double(), packed, None, 40)
     with pytest.raises(RuntimeError, match="pack_weight"):
         gemm_cpu.linear(x, w, None, 40)  # a plain weight, not a packed one
-    with pytest.raises(RuntimeError, match="float32"):
-        gemm_cpu.pack(w.bfloat16())
+    with pytest.raises(RuntimeError, match="dtype"):
+        gemm_cpu.linear(x.bfloat16(), packed, None, 40)  # bf16 x over a float32 weight
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        gemm_cpu.pack(w.half())
 
 
 def test_a_non_finite_input_row_stays_in_its_row() -> None:

@@ -80,12 +80,13 @@ def test_backend_choice_by_device_dtype_and_cpu() -> None:
     assert gemm_backend("auto", "cuda", torch.float32) == "plain"
     assert gemm_backend("native", "cuda", torch.float32) == "plain"  # CUDA is F.linear
     assert gemm_backend("auto", "cpu", torch.float16) == "plain"
-    # bf16 packs only where this CPU runs oneDNN's bf16 GEMM (a Zen 3 does not: loading
-    # `--dtype bfloat16` there raised at the first reorder until the probe); never ours.
+    # bf16 on oneDNN only where this CPU runs its bf16 GEMM (a Zen 3 does not: loading
+    # `--dtype bfloat16` there raised at the first reorder until the probe), else ours.
     assert gemm_backend("auto", "cpu", torch.bfloat16) == (
-        "onednn" if onednn_available(torch.bfloat16) else "plain")
+        "onednn" if onednn_available(torch.bfloat16)
+        else "native" if gemm_cpu.load() else "plain")
     with pytest.raises(ValueError, match="native"):
-        gemm_backend("native", "cpu", torch.bfloat16)
+        gemm_backend("native", "cpu", torch.float16)
     if onednn_available():
         assert gemm_backend("onednn", "cpu", torch.float32) == "onednn"
     with pytest.raises(ValueError, match="onednn"):
@@ -101,7 +102,8 @@ def test_onednn_probe_runs_the_op_and_says_no_where_it_raises(monkeypatch) -> No
     onednn_available.cache_clear()
     try:
         assert not onednn_available(torch.bfloat16)
-        assert gemm_backend("auto", "cpu", torch.bfloat16) == "plain"
+        assert gemm_backend("auto", "cpu", torch.bfloat16) == (
+            "native" if gemm_cpu.load() else "plain")
     finally:
         monkeypatch.undo()
         onednn_available.cache_clear()

@@ -13,6 +13,9 @@
 // unchanged), so a row's result does not depend on the batch size or on the other rows (unlike
 // oneDNN or MKL, whose split of k depends on the shape). It differs from those libraries in the
 // last bits, as they differ from each other; greedy tokens equal transformers' on every oracle.
+// bfloat16 weights (`--dtype bfloat16` on a CPU without oneDNN's bf16 GEMM) are widened to
+// float32 as they load (exact), so the sums are the float32 ones over the bf16 values, and each
+// output rounds once to bfloat16; the weights stream at half the bytes.
 //
 // 256-bit vectors on every build that has AVX2 and FMA (the avx512 build included, so that the
 // code that runs is the code CI runs); plain C++ of the same order otherwise.
@@ -38,6 +41,11 @@ namespace {
 constexpr int kLanes = 8;
 using vec = __m256;
 inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+// 8 bfloat16 (their bits) as float32: exact, a bf16 is a float32's upper half.
+inline vec vload(const uint16_t* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vbroadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
@@ -51,6 +59,14 @@ struct vec {
 inline vec vload(const float* p) {
   vec r;
   std::memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+inline vec vload(const uint16_t* p) {
+  vec r;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+    std::memcpy(&r.v[i], &bits, sizeof(float));
+  }
   return r;
 }
 inline void vstore(float* p, vec a) { std::memcpy(p, a.v, sizeof(a.v)); }
@@ -74,8 +90,8 @@ constexpr int64_t kRowChunk = 48;           // rows of x kept in L2 while the pa
 
 // acc[r] (+)= sum over kk < kc of x[r, kk] * b[kk, :] for MR rows and one panel's kc rows;
 // `first`: start from zero, else from y; `bias`: added at the store (the chain's last block).
-template <int MR>
-inline void micro(const float* x, int64_t ldx, const float* b, int64_t kc, float* y,
+template <int MR, typename W>
+inline void micro(const float* x, int64_t ldx, const W* b, int64_t kc, float* y,
                   int64_t ldy, bool first, const float* bias) {
   vec acc[MR][kVectors];
 #pragma GCC unroll 8
@@ -103,7 +119,8 @@ inline void micro(const float* x, int64_t ldx, const float* b, int64_t kc, float
     }
 }
 
-void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t kc, float* y,
+template <typename W>
+void rows(int64_t mr, const float* x, int64_t ldx, const W* b, int64_t kc, float* y,
           int64_t ldy, bool first, const float* bias) {
   switch (mr) {
     case 1: return micro<1>(x, ldx, b, kc, y, ldy, first, bias);
@@ -116,7 +133,8 @@ void rows(int64_t mr, const float* x, int64_t ldx, const float* b, int64_t kc, f
 }
 
 // One panel over `mlen` rows of x: out[r, :kPanel] for r < mlen (ldo apart).
-void panel_rows(const float* x, int64_t ldx, int64_t mlen, int64_t k, const float* panel,
+template <typename W>
+void panel_rows(const float* x, int64_t ldx, int64_t mlen, int64_t k, const W* panel,
                 float* out, int64_t ldo, const float* bias) {
   // As few calls as ceil(mlen / 6) allows, their sizes as even as possible: 32 rows are
   // 6+6+5+5+5+5, never a 2-row tail whose 4 accumulators cannot hide the FMA latency.
@@ -134,56 +152,38 @@ void panel_rows(const float* x, int64_t ldx, int64_t mlen, int64_t k, const floa
   }
 }
 
-at::Tensor pack_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
-              "pack_weight: a 2-D float32 CPU weight [out_features, in_features]");
-  const auto w = weight.contiguous();
-  const int64_t n = w.size(0), k = w.size(1), panels = (n + kPanel - 1) / kPanel;
-  auto packed = at::zeros({panels, k, kPanel}, w.options());  // columns past n stay 0
-  const float* src = w.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
+// W: float (float32 weights) or uint16_t (bfloat16 weights, by their bits).
+template <typename W>
+void pack_panels(const W* src, W* dst, int64_t n, int64_t k, int64_t panels) {
   loragate_cpu::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t c = 0; c < kPanel && p * kPanel + c < n; ++c) {
-        const float* row = src + (p * kPanel + c) * k;
+        const W* row = src + (p * kPanel + c) * k;
         for (int64_t kk = 0; kk < k; ++kk) dst[(p * k + kk) * kPanel + c] = row[kk];
       }
   });
+}
+
+at::Tensor pack_weight(const at::Tensor& weight) {
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(weight.dim() == 2 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+                  weight.device().is_cpu(),
+              "pack_weight: a 2-D float32 or bfloat16 CPU weight [out_features, in_features]");
+  const auto w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), panels = (n + kPanel - 1) / kPanel;
+  auto packed = at::zeros({panels, k, kPanel}, w.options());  // columns past n stay 0
+  if (dtype == at::kFloat) {
+    pack_panels(w.data_ptr<float>(), packed.data_ptr<float>(), n, k, panels);
+  } else {
+    pack_panels(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()), n, k, panels);
+  }
   return packed;
 }
 
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
-                  const std::optional<at::Tensor>& bias_in, int64_t out_features) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
-              "linear: x must be a 2-D float32 CPU tensor");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat && packed.device().is_cpu(),
-              "linear: packed must come from pack_weight of this build");
-  const int64_t m = x_in.size(0), k = x_in.size(1), n = out_features, panels = packed.size(0);
-  TORCH_CHECK(packed.size(1) == k, "linear: x has ", k, " features, the weight ",
-              packed.size(1));
-  TORCH_CHECK(k > 0, "linear: in_features must be positive");
-  TORCH_CHECK(n > (panels - 1) * kPanel && n <= panels * kPanel,
-              "linear: out_features ", n, " does not match the packed weight");
-  // Rows may be a wider tensor's columns (the model feeds split views): only unit column
-  // stride is needed.
-  const auto x = x_in.stride(1) == 1 && x_in.stride(0) >= k ? x_in : x_in.contiguous();
-  const int64_t ldx = m > 1 ? x.stride(0) : k;
-  at::Tensor bias_padded;
-  if (bias_in.has_value()) {
-    const auto& b = *bias_in;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == at::kFloat &&
-                    b.device().is_cpu(),
-                "linear: bias must be a float32 CPU tensor [out_features]");
-    bias_padded = at::zeros({panels * kPanel}, b.options());
-    bias_padded.narrow(0, 0, n).copy_(b);
-  }
-  auto y = at::empty({m, n}, x.options());
-  if (m == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  const float* bp = bias_padded.defined() ? bias_padded.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
+template <typename W>
+void run_panels(const float* xp, int64_t ldx, int64_t m, int64_t k, int64_t n, int64_t panels,
+                const W* wp, const float* bp, float* yp) {
   // Threads split the panels (each streams its contiguous share of the weight); each walks
   // x in chunks of kRowChunk rows so a chunk stays in L2 while its panels pass.
   loragate_cpu::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -192,7 +192,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
       const int64_t mlen = std::min(kRowChunk, m - m0);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t col = p * kPanel, width = std::min<int64_t>(kPanel, n - col);
-        const float* panel = wp + p * k * kPanel;
+        const W* panel = wp + p * k * kPanel;
         const float* bias = bp ? bp + col : nullptr;
         if (width == kPanel) {
           panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, yp + m0 * n + col, n, bias);
@@ -204,7 +204,53 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
       }
     }
   });
-  return y;
+}
+
+// float32: x, weight, bias and y float32. bfloat16 (`--dtype bfloat16`): x, weight, bias and
+// y bfloat16; x and bias are widened to float32 (exactly), the sums run in float32 as for
+// float32 weights, and y rounds once to bfloat16 (to nearest even, as torch rounds), which is
+// torch's bf16 linear's contract (float32 accumulation, one rounding).
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
+                  const std::optional<at::Tensor>& bias_in, int64_t out_features) {
+  const auto dtype = packed.scalar_type();
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPanel && packed.is_contiguous() &&
+                  (dtype == at::kFloat || dtype == at::kBFloat16) && packed.device().is_cpu(),
+              "linear: packed must come from pack_weight of this build");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == dtype && x_in.device().is_cpu(),
+              "linear: x must be a 2-D CPU tensor of the weight's dtype (float32 or bfloat16)");
+  const int64_t m = x_in.size(0), k = x_in.size(1), n = out_features, panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == k, "linear: x has ", k, " features, the weight ",
+              packed.size(1));
+  TORCH_CHECK(k > 0, "linear: in_features must be positive");
+  TORCH_CHECK(n > (panels - 1) * kPanel && n <= panels * kPanel,
+              "linear: out_features ", n, " does not match the packed weight");
+  // Rows may be a wider tensor's columns (the model feeds split views): only unit column
+  // stride is needed.
+  at::Tensor x = x_in.stride(1) == 1 && x_in.stride(0) >= k ? x_in : x_in.contiguous();
+  if (dtype == at::kBFloat16) x = x.to(at::kFloat);
+  const int64_t ldx = m > 1 ? x.stride(0) : k;
+  at::Tensor bias_padded;
+  if (bias_in.has_value()) {
+    const auto& b = *bias_in;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == dtype &&
+                    b.device().is_cpu(),
+                "linear: bias must be a CPU tensor [out_features] of the weight's dtype");
+    bias_padded = at::zeros({panels * kPanel}, b.options().dtype(at::kFloat));
+    bias_padded.narrow(0, 0, n).copy_(b);
+  }
+  auto y = at::empty({m, n}, x.options());  // float32
+  if (m > 0) {
+    const float* bp = bias_padded.defined() ? bias_padded.data_ptr<float>() : nullptr;
+    if (dtype == at::kFloat) {
+      run_panels(x.data_ptr<float>(), ldx, m, k, n, panels, packed.data_ptr<float>(), bp,
+                 y.data_ptr<float>());
+    } else {
+      run_panels(x.data_ptr<float>(), ldx, m, k, n, panels,
+                 reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bp,
+                 y.data_ptr<float>());
+    }
+  }
+  return dtype == at::kFloat ? y : y.to(at::kBFloat16);
 }
 
 int64_t panel_width() { return kPanel; }
