@@ -31,10 +31,10 @@ class RuntimeConfig:
     # always gather each context and run SDPA (the CUDA path; the A/B and oracle tests).
     attention: str = "auto"
     # "auto": on CPU, projections run over weights packed once at load: float32 through our
-    # kernel where the CPU's best vectors are AVX2 (runtime/model/gemm_cpu.py), else oneDNN
-    # (float32, and bfloat16 where the CPU has its bf16 GEMM); "native" / "onednn": that one
-    # (the engine refuses where it cannot run); "torch": F.linear (MKL on CPU), the CUDA path
-    # everywhere (runtime/model/linear.py).
+    # kernel where the CPU's best vectors are AVX2 (runtime/model/gemm_cpu.py), else oneDNN;
+    # bfloat16 through oneDNN where the CPU has its bf16 GEMM, else ours; "native" /
+    # "onednn": that one (the engine refuses where it cannot run); "torch": F.linear (MKL on
+    # CPU), the CUDA path everywhere (runtime/model/linear.py).
     gemm: str = "auto"
     # "auto": on CPU (float32, or bf16 with float32 attention), each layer's norms (with the
     # residual add), rotary with the KV write, and silu(gate) * up run as fused C++ calls

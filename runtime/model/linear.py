@@ -11,7 +11,9 @@ Why our kernel (runtime/model/gemm_cpu.py) before oneDNN where the CPU's vectors
 decode step streams every weight from memory for a few dozen rows, and there oneDNN's time
 was its arithmetic plus the reads, where ours overlaps them (measured on a Zen 3: the step's
 GEMMs ~25% faster, bench/README.md). Where AVX-512 exists, oneDNN's 512-bit kernels stay the
-default ("native" can still be asked for): ours is 256-bit, and unmeasured there.
+default ("native" can still be asked for): ours is 256-bit, and unmeasured there. bf16
+weights go to ours wherever oneDNN has no bf16 GEMM for this CPU (F.linear's bf16 there is
+an order of magnitude slower than float32).
 
 The packing happens at load and replaces the plain weight (no second copy); `dense()` gives
 the plain one back for the few callers that need it (tests, benchmarks).
@@ -68,9 +70,6 @@ def onednn_linear(
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-GEMMS = ("auto", "native", "onednn", "torch")  # RuntimeConfig.gemm
-
-
 def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The `Linear` backend for RuntimeConfig.gemm `choice`: "native", "onednn" or "plain".
 
@@ -79,13 +78,16 @@ def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) ->
     oneDNN where this CPU runs its bf16 GEMM (avx512bw/vl/dq or avx_ne_convert), else on ours
     (F.linear's bf16 there reached 8 GFLOPS on a Zen 3); else F.linear. "native" and "onednn"
     ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
-    on_cpu = torch.device(device).type == "cpu"
-    if choice == "torch" or not on_cpu:
+    if choice == "torch" or torch.device(device).type != "cpu":
         return "plain"
-    native_ok = dtype in (torch.float32, torch.bfloat16) and gemm_cpu.load()
-    onednn_ok = dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype)
+    packable = dtype in (torch.float32, torch.bfloat16)
+
+    def native_ok() -> bool:  # builds the library on first use: only where it may run
+        return packable and gemm_cpu.load()
+
+    onednn_ok = packable and onednn_available(dtype)
     if choice == "native":
-        if not native_ok:
+        if not native_ok():
             raise ValueError(f"gemm 'native' runs float32 or bfloat16 on CPU with its C++ "
                              f"library built (dtype {dtype}; see the log for a build error)")
         return "native"
@@ -93,11 +95,11 @@ def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) ->
         if not onednn_ok:
             raise ValueError(f"gemm 'onednn': this torch or CPU has no oneDNN linear for {dtype}")
         return "onednn"
-    if dtype == torch.float32 and native_ok and native.variant()[0] == "avx2":
+    if dtype == torch.float32 and native.variant()[0] == "avx2" and native_ok():
         return "native"
     if onednn_ok:
         return "onednn"
-    return "native" if native_ok else "plain"
+    return "native" if native_ok() else "plain"
 
 
 class Linear:
