@@ -76,7 +76,8 @@ def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) ->
     "auto" on CPU, where the library builds: float32 on our kernel where the CPU's best
     vectors are AVX2 (the build variant, kernels/native.py), else oneDNN; bfloat16 on
     oneDNN where this CPU runs its bf16 GEMM (avx512bw/vl/dq or avx_ne_convert), else on ours
-    (F.linear's bf16 there reached 8 GFLOPS on a Zen 3); else F.linear. "native" and "onednn"
+    where the CPU has AVX2 (F.linear's bf16 there reached 8 GFLOPS on a Zen 3); else
+    F.linear. "native" and "onednn"
     ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
     if choice == "torch" or torch.device(device).type != "cpu":
         return "plain"
@@ -95,11 +96,14 @@ def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) ->
         if not onednn_ok:
             raise ValueError(f"gemm 'onednn': this torch or CPU has no oneDNN linear for {dtype}")
         return "onednn"
-    if dtype == torch.float32 and native.variant()[0] == "avx2" and native_ok():
+    # Our kernel's vector path needs AVX2 + FMA (both x86 variants that have them); the
+    # plain build's scalar std::fma would be slower than F.linear.
+    variant = native.variant()[0]
+    if dtype == torch.float32 and variant == "avx2" and native_ok():
         return "native"
     if onednn_ok:
         return "onednn"
-    return "native" if native_ok() else "plain"
+    return "native" if variant in ("avx2", "avx512") and native_ok() else "plain"
 
 
 class Linear:
