@@ -188,17 +188,19 @@ void run_panels(const float* xp, int64_t ldx, int64_t m, int64_t k, int64_t n, i
   // x in chunks of kRowChunk rows so a chunk stays in L2 while its panels pass.
   loragate_cpu::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     alignas(64) float tile[kRowChunk * kPanel];  // the last panel, when n is not a multiple
+    alignas(64) float tail_bias[kPanel] = {};     // its bias, zero past n
     for (int64_t m0 = 0; m0 < m; m0 += kRowChunk) {
       const int64_t mlen = std::min(kRowChunk, m - m0);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t col = p * kPanel, width = std::min<int64_t>(kPanel, n - col);
         const W* panel = wp + p * k * kPanel;
-        const float* bias = bp ? bp + col : nullptr;
         if (width == kPanel) {
-          panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, yp + m0 * n + col, n, bias);
+          panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, yp + m0 * n + col, n,
+                     bp ? bp + col : nullptr);
           continue;
         }
-        panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, tile, kPanel, bias);
+        if (bp) std::memcpy(tail_bias, bp + col, width * sizeof(float));
+        panel_rows(xp + m0 * ldx, ldx, mlen, k, panel, tile, kPanel, bp ? tail_bias : nullptr);
         for (int64_t r = 0; r < mlen; ++r)
           std::memcpy(yp + (m0 + r) * n + col, tile + r * kPanel, width * sizeof(float));
       }
@@ -229,18 +231,19 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed,
   at::Tensor x = x_in.stride(1) == 1 && x_in.stride(0) >= k ? x_in : x_in.contiguous();
   if (dtype == at::kBFloat16) x = x.to(at::kFloat);
   const int64_t ldx = m > 1 ? x.stride(0) : k;
-  at::Tensor bias_padded;
+  // The bias as float32 [n]: a float32 one as it is (no copy on the decode path), a bf16 one
+  // widened once per call; the last panel's few values are padded on the stack.
+  at::Tensor bias;
   if (bias_in.has_value()) {
     const auto& b = *bias_in;
     TORCH_CHECK(b.dim() == 1 && b.size(0) == n && b.scalar_type() == dtype &&
                     b.device().is_cpu(),
                 "linear: bias must be a CPU tensor [out_features] of the weight's dtype");
-    bias_padded = at::zeros({panels * kPanel}, b.options().dtype(at::kFloat));
-    bias_padded.narrow(0, 0, n).copy_(b);
+    bias = b.to(at::kFloat).contiguous();
   }
   auto y = at::empty({m, n}, x.options());  // float32
   if (m > 0) {
-    const float* bp = bias_padded.defined() ? bias_padded.data_ptr<float>() : nullptr;
+    const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
     if (dtype == at::kFloat) {
       run_panels(x.data_ptr<float>(), ldx, m, k, n, panels, packed.data_ptr<float>(), bp,
                  y.data_ptr<float>());
