@@ -10,9 +10,10 @@ step runs them: each weight streams from memory, not from cache. Per batch the b
   f_linear   torch's F.linear (MKL's sgemm on x86 CPU builds)
   mkl_packed MKL's packed GEMM (`torch.ops.mkl._mkl_linear`, weights packed for that batch)
   onednn     oneDNN's linear over weights reordered once (runtime/model/linear.py: the
-             engine's default on AVX-512 CPUs)
+             engine's default for bf16 where the CPU runs oneDNN's bf16 GEMM, and for
+             float32 where ours has no vector build)
   native     our kernel over weights packed once (runtime/model/gemm_cpu.py: the engine's
-             default on AVX2 CPUs)
+             default for float32 on AVX2 and AVX-512 CPUs)
 and the largest difference between oneDNN's outputs and F.linear's on one projection, and
 between ours and F.linear's.
 """

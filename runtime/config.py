@@ -31,7 +31,7 @@ class RuntimeConfig:
     # always gather each context and run SDPA (the CUDA path; the A/B and oracle tests).
     attention: str = "auto"
     # "auto": on CPU, projections run over weights packed once at load: float32 through our
-    # kernel where the CPU's best vectors are AVX2 (runtime/model/gemm_cpu.py), else oneDNN;
+    # kernel where the CPU has AVX2 and FMA (runtime/model/gemm_cpu.py), else oneDNN;
     # bfloat16 through oneDNN where the CPU has its bf16 GEMM, else ours; "native" /
     # "onednn": that one (the engine refuses where it cannot run); "torch": F.linear (MKL on
     # CPU), the CUDA path everywhere (runtime/model/linear.py).

@@ -7,12 +7,14 @@ SmolLM2's projections where oneDNN over a weight reordered once into its blocked
 reaches 320-475 (Zen 4, AVX-512), and a batch-1 pass over all the weights runs ~3x faster
 (`python -m bench.gemm` prints them side by side).
 
-Why our kernel (runtime/model/gemm_cpu.py) before oneDNN where the CPU's vectors are AVX2: a
-decode step streams every weight from memory for a few dozen rows, and there oneDNN's time
-was its arithmetic plus the reads, where ours overlaps them (measured on a Zen 3: the step's
-GEMMs ~20% faster, bench/README.md). Where AVX-512 exists, oneDNN's 512-bit kernels stay the
-default ("native" can still be asked for): ours is 256-bit, and unmeasured there. bf16
-weights go to ours wherever oneDNN has no bf16 GEMM for this CPU (F.linear's bf16 there is
+Why our kernel (runtime/model/gemm_cpu.py) before oneDNN for float32: a decode step streams
+every weight from memory for a few dozen rows, and there oneDNN's time was its arithmetic
+plus the reads, where ours fetches the next block of its weight stream while it computes on
+the current one. Measured over SmolLM2's weights at batch 32 (`python -m bench.gemm`): on a
+Zen 3 (AVX2) the step's GEMMs ~20% faster; on a Zen 5 (AVX-512, 512-bit kernel) 1.32x
+oneDNN, 1.1-1.4x from batch 1 to 64 (0.9x on 256-row prefill chunks). bfloat16 stays on
+oneDNN where this CPU runs its bf16 GEMM (avx512_bf16 dot products: 0.6x ours' time at batch
+32 on the Zen 5), and goes to ours wherever oneDNN has no bf16 GEMM (F.linear's bf16 there is
 an order of magnitude slower than float32).
 
 The packing happens at load and replaces the plain weight (no second copy); `dense()` gives
@@ -73,13 +75,12 @@ def onednn_linear(
 def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) -> str:
     """The `Linear` backend for RuntimeConfig.gemm `choice`: "native", "onednn" or "plain".
 
-    "auto" on CPU, where the library builds: float32 on our kernel where the CPU's best
-    vectors are AVX2 (the build variant, kernels/native.py), else oneDNN; bfloat16 on
-    oneDNN where this CPU runs its bf16 GEMM (avx512bw/vl/dq or avx_ne_convert), else on ours
-    where the CPU has AVX2 (F.linear's bf16 there reached 16 GFLOPS at batch 32 on a Zen 3,
-    ours 96: `python -m bench.gemm --dtype bfloat16`); else
-    F.linear. "native" and "onednn"
-    ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
+    "auto" on CPU, where the library builds: float32 on our kernel where the CPU has AVX2
+    and FMA (the avx2 and avx512 build variants, kernels/native.py), else oneDNN; bfloat16
+    on oneDNN where this CPU runs its bf16 GEMM (avx512bw/vl/dq or avx_ne_convert), else on
+    ours where the CPU has AVX2 (F.linear's bf16 there reached 16 GFLOPS at batch 32 on a
+    Zen 3, ours 96: `python -m bench.gemm --dtype bfloat16`); else F.linear. "native" and
+    "onednn" ask for one (ValueError where it cannot run); "torch" is F.linear everywhere."""
     if choice == "torch" or torch.device(device).type != "cpu":
         return "plain"
     packable = dtype in (torch.float32, torch.bfloat16)
@@ -97,14 +98,14 @@ def gemm_backend(choice: str, device: torch.device | str, dtype: torch.dtype) ->
         if not onednn_ok:
             raise ValueError(f"gemm 'onednn': this torch or CPU has no oneDNN linear for {dtype}")
         return "onednn"
-    # Our kernel's vector path needs AVX2 + FMA (both x86 variants that have them); the
+    # Our kernel's vector paths need AVX2 + FMA (both x86 variants that have them); the
     # plain build's scalar std::fma would be slower than F.linear.
-    variant = native.variant()[0]
-    if dtype == torch.float32 and variant == "avx2" and native_ok():
+    vectors = native.variant()[0] in ("avx2", "avx512")
+    if dtype == torch.float32 and vectors and native_ok():
         return "native"
     if onednn_ok:
         return "onednn"
-    return "native" if variant in ("avx2", "avx512") and native_ok() else "plain"
+    return "native" if vectors and native_ok() else "plain"
 
 
 class Linear:

@@ -5,12 +5,18 @@ plain weight given back, and bad arguments refused with a clear error."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from runtime.model import gemm_cpu
 from runtime.model.linear import Linear
-from tests.support.native_variants import not_in_a_rerun, rerun_under_variant
+from tests.support.native_variants import LOWER_VARIANTS, ROOT, not_in_a_rerun, rerun_under_variant
 
 pytestmark = [pytest.mark.unit, pytest.mark.skipif(
     not gemm_cpu.load(), reason="the CPU GEMM library did not build")]
@@ -137,3 +143,50 @@ def test_a_non_finite_input_row_stays_in_its_row() -> None:
 def test_the_variants_for_lesser_cpus_pass_these_tests_too(capability: str) -> None:
     """The kernel's tests again under each lesser CPU variant (the plain C++ path included)."""
     rerun_under_variant(__file__, capability, "not variants")
+
+
+# Shapes that take every path of every build: full and partial panels of 8, 16 and 32
+# columns, 1 to 12 rows per call, several k blocks and row chunks, with and without a bias.
+_SAME_BITS_CASES = [(32, 960, 576), (11, 100, 300), (50, 37, 700), (1, 33, 1536), (97, 64, 19)]
+
+
+def _same_bits_outputs(inputs: Path, outputs: Path) -> None:
+    """Every case's x @ w.T and x @ w.T + b through our kernel, from the inputs saved in
+    `inputs` (torch.randn's bits depend on the CPU variant too, so they are made once)."""
+    t = load_file(str(inputs))
+    out = {}
+    for m, n, k in _SAME_BITS_CASES:
+        x, w, b = (t[f"{m}x{n}x{k}.{part}"] for part in "xwb")
+        out[f"{m}x{n}x{k}"] = Linear(w, backend="native")(x)
+        out[f"{m}x{n}x{k}+bias"] = Linear(w, b, backend="native")(x)
+    save_file(out, str(outputs))
+
+
+@pytest.mark.slow
+@not_in_a_rerun
+def test_every_build_variant_gives_the_same_bits(tmp_path: Path) -> None:
+    """512-bit, 256-bit and plain C++: one FMA chain per output in the same order, so the bits
+    agree across the builds this CPU can run (a model's tokens do not depend on the CPU kind)."""
+    lesser = LOWER_VARIANTS.get(torch.backends.cpu.get_cpu_capability(), ())
+    if not lesser:
+        pytest.skip("this CPU runs only one build variant")
+    inputs = tmp_path / "inputs.safetensors"
+    save_file({f"{m}x{n}x{k}.{part}": tensor for m, n, k in _SAME_BITS_CASES
+               for part, tensor in zip("xwb", _case(m, n, k, seed=m + n + k), strict=True)},
+              str(inputs))
+    _same_bits_outputs(inputs, tmp_path / "own.safetensors")
+    own = load_file(str(tmp_path / "own.safetensors"))
+    script = ("import sys; from pathlib import Path; "
+              "from tests.runtime.test_gemm_cpu import _same_bits_outputs; "
+              "_same_bits_outputs(Path(sys.argv[1]), Path(sys.argv[2]))")
+    for capability in lesser:
+        path = tmp_path / f"{capability}.safetensors"
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(inputs), str(path)], cwd=ROOT,
+            capture_output=True, text=True, timeout=240, check=False,
+            env=os.environ | {"ATEN_CPU_CAPABILITY": capability})
+        assert done.returncode == 0, done.stderr[-3000:]
+        theirs = load_file(str(path))
+        assert theirs.keys() == own.keys()
+        for name, tensor in own.items():
+            assert torch.equal(theirs[name], tensor), (capability, name)
