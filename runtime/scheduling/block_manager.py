@@ -8,10 +8,18 @@ copy of the partial last block, the only one either side will write next.
 Prefix cache: a full block whose K/V are computed is `register`ed under its hash (the chain
 of `prefix_hashes.py`: tenant, adapter version and every token up to the block's end), so a
 later sequence whose first blocks hash the same takes them (`lookup`, then `acquire`) instead
-of prefilling them. A block nobody holds any more keeps its K/V and its hash: it waits in an
-LRU of evictable blocks and is reused by whichever comes first, a sequence whose prefix hits
-it or an allocation that finds the free list empty (which evicts the least recently freed).
-A block never registered goes back to the free list, which allocation prefers.
+of prefilling them. A block nobody holds any more keeps its K/V and its hash: it waits among
+the evictable blocks and is reused by whichever comes first, a sequence whose prefix hits it
+or an allocation that finds the free list empty. A block never registered goes back to the
+free list, which allocation prefers.
+
+Eviction is fair between tenants: it takes the least recently freed block of the tenant that
+has the most evictable blocks (ties: the least recently freed of theirs). Under one tenant
+that is plain LRU. Under a global LRU, a tenant that streamed unique prompts would push every
+other tenant's cached prefixes out (their first tokens slowed by a stranger's traffic); here
+it evicts its own once it holds more of the cache than anyone, so each tenant keeps at least
+an equal share of the evictable blocks whatever the others send. The choice scans the
+tenants that have evictable blocks, once per evicted block.
 """
 
 from __future__ import annotations
@@ -29,8 +37,12 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.cached: dict[bytes, int] = {}  # block hash -> the block holding its K/V
         self.block_hashes: dict[int, bytes] = {}  # the inverse, for the blocks in `cached`
-        self.block_tenants: dict[int, str] = {}  # who computed a cached block: eviction figures
-        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unheld; LRU first
+        self.block_tenants: dict[int, str] = {}  # who computed a cached block
+        # Cached, unheld blocks, least recently freed first: all of them, and per tenant.
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+        self._evictable_of: dict[str, OrderedDict[int, None]] = {}
+        self._freed_at: dict[int, int] = {}  # evictable block -> when it was freed (a tick)
+        self._tick = 0
         self.evictions: dict[str, int] = {}  # tenant -> cached blocks evicted
 
     @property
@@ -41,6 +53,11 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         return len(self.cached)
+
+    @property
+    def evictable_by_tenant(self) -> dict[str, int]:
+        """tenant -> its evictable blocks: the shares eviction balances."""
+        return {tenant: len(blocks) for tenant, blocks in self._evictable_of.items()}
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -66,11 +83,32 @@ class BlockManager:
             block_table.append(block)
 
     def _evict(self) -> int:
-        block, _ = self.evictable.popitem(last=False)
-        tenant = self.block_tenants.get(block, "")
+        """Take an evictable block for reuse: the fair choice of the module docstring."""
+        tenant = max(self._evictable_of, key=lambda t: (
+            len(self._evictable_of[t]), -self._freed_at[next(iter(self._evictable_of[t]))]))
+        block = next(iter(self._evictable_of[tenant]))
+        self._unpark(block)
         self.evictions[tenant] = self.evictions.get(tenant, 0) + 1
         self._unregister(block)
         return block
+
+    def _park(self, block: int) -> None:
+        """A cached block nobody holds any more: evictable, most recently freed."""
+        tenant = self.block_tenants.get(block, "")
+        self.evictable[block] = None
+        self._evictable_of.setdefault(tenant, OrderedDict())[block] = None
+        self._freed_at[block] = self._tick
+        self._tick += 1
+
+    def _unpark(self, block: int) -> None:
+        """An evictable block held again, forgotten or evicted."""
+        tenant = self.block_tenants.get(block, "")
+        del self.evictable[block]
+        del self._freed_at[block]
+        mine = self._evictable_of[tenant]
+        del mine[block]
+        if not mine:
+            del self._evictable_of[tenant]
 
     def free(self, block_table: list[int]) -> None:
         """Drop the table's hold on each of its blocks and empty the table. A block nobody
@@ -82,7 +120,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 if block in self.block_hashes:
-                    self.evictable[block] = None
+                    self._park(block)
                 else:
                     released.append(block)
         # Recently used blocks go to the front: they are likelier to be warm in cache.
@@ -105,7 +143,7 @@ class BlockManager:
         """Hold each cached block of a `lookup` (refcount + 1; out of the LRU if unheld)."""
         for block in blocks:
             if self.ref_counts[block] == 0:
-                del self.evictable[block]
+                self._unpark(block)
             self.ref_counts[block] += 1
 
     def register(self, block: int, digest: bytes, tenant: str) -> None:
@@ -124,10 +162,10 @@ class BlockManager:
         for block in blocks:
             if block not in self.block_hashes:
                 continue
-            self._unregister(block)
             if self.ref_counts[block] == 0:
-                del self.evictable[block]
+                self._unpark(block)  # while its tenant is still on record
                 self.free_blocks.append(block)
+            self._unregister(block)
 
     def _unregister(self, block: int) -> None:
         digest = self.block_hashes.pop(block)

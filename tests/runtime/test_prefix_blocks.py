@@ -38,7 +38,7 @@ def test_a_block_hash_stands_for_every_token_before_it() -> None:
     assert a.upto([1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0], 3)[:2] == same_first  # memoized prefix
 
 
-def test_unheld_cached_blocks_are_reused_last_and_evicted_lru() -> None:
+def test_unheld_cached_blocks_are_reused_last_and_evicted_fairly() -> None:
     bm = BlockManager(num_blocks=4, block_size=2)
     first, second = [], []
     bm.allocate(first, 4)  # blocks 0, 1
@@ -51,16 +51,47 @@ def test_unheld_cached_blocks_are_reused_last_and_evicted_lru() -> None:
     bm.free(second)
     assert bm.num_free_blocks == 4 and bm.num_cached_blocks == 4
     assert list(bm.free_blocks) == []  # all four keep their K/V, evictable
-    # Least recently freed first, and of one table its tail first.
+    # Equal shares: the least recently freed first, and of one table its tail first.
     grown: list[int] = []
     bm.allocate(grown, 2)
     assert grown == [1]
     assert bm.evictions == {"acme": 1}
     assert bm.lookup([bytes([1, 0]), bytes([1, 1])]) == [0]  # its head is still there
-    bm.allocate(grown, 6)
-    assert grown == [1, 0, 3]
+    # globex now holds more of the cache: its tail goes before acme's older head.
+    bm.allocate(grown, 4)
+    assert grown == [1, 3]
+    assert bm.evictions == {"acme": 1, "globex": 1}
+    bm.allocate(grown, 6)  # equal again: the least recently freed of the two
+    assert grown == [1, 3, 0]
     assert bm.evictions == {"acme": 2, "globex": 1}
     assert bm.lookup([bytes([2, 0])]) == [2]
+
+
+def test_a_tenant_streaming_unique_prompts_evicts_its_own_blocks_not_others() -> None:
+    """A stranger's traffic must not push a tenant's cached prefix out: once the flooding
+    tenant holds the larger share of the evictable blocks, it evicts its own (a global LRU
+    would take the victim's, the oldest, first)."""
+    bm = BlockManager(num_blocks=10, block_size=2)
+    prefix: list[int] = []
+    bm.allocate(prefix, 8)  # the victim's 4-block system prompt
+    victim = [bytes([0, i]) for i in range(4)]
+    for block, digest in zip(prefix, victim, strict=True):
+        bm.register(block, digest, "victim")
+    bm.free(prefix)
+    for n in range(30):  # unique 2-block prompts, one after another
+        table: list[int] = []
+        bm.allocate(table, 4)
+        for i, block in enumerate(table):
+            bm.register(block, bytes([1, n, i]), "flood")
+        bm.free(table)
+    assert bm.lookup(victim) == [bm.cached[d] for d in victim]  # all four still cached
+    assert "victim" not in bm.evictions and bm.evictions["flood"] == 2 * 30 - 6
+    assert bm.evictable_by_tenant == {"victim": 4, "flood": 6}
+    # Its share is the larger one's bound, not a reservation: a tenant that needs the
+    # blocks for a running prompt still gets them, the larger share evicted first.
+    big: list[int] = []
+    bm.allocate(big, 20)
+    assert sorted(bm.evictions.items()) == [("flood", 2 * 30), ("victim", 4)]
 
 
 def test_holding_a_hit_takes_it_out_of_the_lru_and_can_admit_counts_it() -> None:

@@ -294,6 +294,9 @@ def test_random_traffic_keeps_the_books_balanced() -> None:
             assert len(holders) + bm.num_free_blocks == num_blocks
             assert all(bm.ref_counts[b] == n for b, n in holders.items())
             assert not set(holders) & (set(bm.free_blocks) | set(bm.evictable))
+            # The per-tenant shares that eviction balances are the evictable blocks, split.
+            by_tenant = Counter(bm.block_tenants[b] for b in bm.evictable)
+            assert bm.evictable_by_tenant == dict(by_tenant)
             assert all(q.block_table == [] for q in seqs if q.is_finished)
             assert s.num_waiting == sum(len(d) for d in s.waiting.values())
         run_until_done(s)  # whatever happened, everything finishes: no starvation, no deadlock
