@@ -11,8 +11,8 @@ Why our kernel (runtime/model/gemm_cpu.py) before oneDNN for float32: a decode s
 every weight from memory for a few dozen rows, and there oneDNN's time was its arithmetic
 plus the reads, where ours fetches the next block of its weight stream while it computes on
 the current one. Measured over SmolLM2's weights at batch 32 (`python -m bench.gemm`): on a
-Zen 3 (AVX2) the step's GEMMs ~20% faster; on a Zen 5 (AVX-512, 512-bit kernel) 1.32x
-oneDNN, 1.1-1.4x from batch 1 to 64 (0.9x on 256-row prefill chunks). bfloat16 stays on
+Zen 3 (AVX2) the step's GEMMs ~20% faster; on a Zen 5 (AVX-512, 512-bit kernel) 1.2-1.5x
+oneDNN from batch 1 to 32, ~1.0x at 64, 0.8-0.9x on 256-row prefill chunks. bfloat16 stays on
 oneDNN where this CPU runs its bf16 GEMM (avx512_bf16 dot products: 0.6x ours' time at batch
 32 on the Zen 5), and goes to ours wherever oneDNN has no bf16 GEMM (F.linear's bf16 there is
 an order of magnitude slower than float32).

@@ -68,7 +68,7 @@ class BlockManager:
 
     def can_admit(self, hits: list[int], num_tokens: int) -> bool:
         """Whether a sequence that takes the cached blocks `hits` can then grow to
-        `num_tokens` tokens: the hits that sit unheld in the LRU stop counting as free."""
+        `num_tokens` tokens: the hits that sit unheld (evictable) stop counting as free."""
         unheld = sum(1 for block in hits if self.ref_counts[block] == 0)
         return self.num_blocks_for(num_tokens) - len(hits) <= self.num_free_blocks - unheld
 
@@ -112,7 +112,7 @@ class BlockManager:
 
     def free(self, block_table: list[int]) -> None:
         """Drop the table's hold on each of its blocks and empty the table. A block nobody
-        holds any more returns to the free list, or, if registered, to the evictable LRU."""
+        holds any more returns to the free list, or, if registered, to the evictable blocks."""
         released = []
         # Last block first: of one sequence's cached blocks, its tail is the least likely to
         # be shared by a later prompt, so it is the first to go.
@@ -140,7 +140,7 @@ class BlockManager:
         return blocks
 
     def acquire(self, blocks: list[int]) -> None:
-        """Hold each cached block of a `lookup` (refcount + 1; out of the LRU if unheld)."""
+        """Hold each cached block of a `lookup` (refcount + 1; no longer evictable if unheld)."""
         for block in blocks:
             if self.ref_counts[block] == 0:
                 self._unpark(block)

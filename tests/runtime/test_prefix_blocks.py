@@ -84,11 +84,10 @@ def test_a_tenant_streaming_unique_prompts_evicts_its_own_blocks_not_others() ->
         for i, block in enumerate(table):
             bm.register(block, bytes([1, n, i]), "flood")
         bm.free(table)
-    assert bm.lookup(victim) == [bm.cached[d] for d in victim]  # all four still cached
+    assert len(bm.lookup(victim)) == 4  # all four still cached
     assert "victim" not in bm.evictions and bm.evictions["flood"] == 2 * 30 - 6
     assert bm.evictable_by_tenant == {"victim": 4, "flood": 6}
-    # Its share is the larger one's bound, not a reservation: a tenant that needs the
-    # blocks for a running prompt still gets them, the larger share evicted first.
+    # A share is no reservation: a prompt that needs every block still gets them.
     big: list[int] = []
     bm.allocate(big, 20)
     assert sorted(bm.evictions.items()) == [("flood", 2 * 30), ("victim", 4)]
