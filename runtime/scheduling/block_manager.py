@@ -38,10 +38,10 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}  # block hash -> the block holding its K/V
         self.block_hashes: dict[int, bytes] = {}  # the inverse, for the blocks in `cached`
         self.block_tenants: dict[int, str] = {}  # who computed a cached block
-        # Cached, unheld blocks, least recently freed first: all of them, and per tenant.
-        self.evictable: OrderedDict[int, None] = OrderedDict()
+        # Cached, unheld blocks: each with when it was freed (a tick), and per tenant in that
+        # order, least recently freed first.
+        self.evictable: dict[int, int] = {}
         self._evictable_of: dict[str, OrderedDict[int, None]] = {}
-        self._freed_at: dict[int, int] = {}  # evictable block -> when it was freed (a tick)
         self._tick = 0
         self.evictions: dict[str, int] = {}  # tenant -> cached blocks evicted
 
@@ -85,7 +85,7 @@ class BlockManager:
     def _evict(self) -> int:
         """Take an evictable block for reuse: the fair choice of the module docstring."""
         tenant = max(self._evictable_of, key=lambda t: (
-            len(self._evictable_of[t]), -self._freed_at[next(iter(self._evictable_of[t]))]))
+            len(self._evictable_of[t]), -self.evictable[next(iter(self._evictable_of[t]))]))
         block = next(iter(self._evictable_of[tenant]))
         self._unpark(block)
         self.evictions[tenant] = self.evictions.get(tenant, 0) + 1
@@ -95,16 +95,14 @@ class BlockManager:
     def _park(self, block: int) -> None:
         """A cached block nobody holds any more: evictable, most recently freed."""
         tenant = self.block_tenants.get(block, "")
-        self.evictable[block] = None
+        self.evictable[block] = self._tick
         self._evictable_of.setdefault(tenant, OrderedDict())[block] = None
-        self._freed_at[block] = self._tick
         self._tick += 1
 
     def _unpark(self, block: int) -> None:
         """An evictable block held again, forgotten or evicted."""
         tenant = self.block_tenants.get(block, "")
         del self.evictable[block]
-        del self._freed_at[block]
         mine = self._evictable_of[tenant]
         del mine[block]
         if not mine:
